@@ -1,0 +1,44 @@
+# Two entry points (see README): `make demo` runs the main job, `make test` runs the test suite.
+# Both create .venv and install what they need first; re-running them re-installs nothing.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU build by default (it lies on disk on the project's machines). GPU users: TORCH_SPEC="torch==2.13.0" with
+# their CUDA index, and see README "GPU install" for faiss-gpu.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo tiny test lint format bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[autofaiss,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: tiny
+
+tiny: $(STAMP)
+	$(BIN)/reco prepare-tiny --out artifacts/tiny
+	$(BIN)/reco fit --config configs/tiny.yaml
+
+test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: $(STAMP)
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/memory_backends.py --out bench_out
+
+clean:
+	rm -rf artifacts runs bench_out .pytest_cache

@@ -1,0 +1,148 @@
+"""The `reco` command: LightningCLI for fit/validate/test/predict, plus memory and setup commands.
+
+reco fit --config configs/tiny.yaml
+reco memory build --source pairs.csv --out mem --backbone DIR [--backend ivfpq ...]
+reco memory concat A B --out C
+reco memory info DIR
+reco prepare-tiny --out artifacts/tiny
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+
+from reco_lightning.data.pairs import ImageTextDataModule
+from reco_lightning.model import RecoModule
+
+__all__ = ["RecoCLI", "main"]
+
+
+class RecoCLI(LightningCLI):
+    """LightningCLI with the data module's backbone tied to the model's, so the two never disagree."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("model.backbone", "data.init_args.backbone")
+
+
+def lightning_main(args: Sequence[str] | None = None, run: bool = True) -> RecoCLI:
+    return RecoCLI(
+        RecoModule,
+        ImageTextDataModule,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=list(args) if args is not None else None,
+        run=run,
+    )
+
+
+def memory_main(args: Sequence[str]) -> None:
+    from jsonargparse import ArgumentParser
+
+    from reco_lightning.memory.build import build_memory
+    from reco_lightning.memory.store import MemoryStore
+
+    parser = ArgumentParser(prog="reco memory", description="Build, combine and inspect RECO memories.")
+    commands = parser.add_subcommands()
+
+    build = ArgumentParser(description="Encode an image-text source into a memory (resumable).")
+    build.add_argument("--config", action="config")
+    build.add_argument(
+        "--source", required=True, help="CSV/TSV (filepath, caption) or image folder with .txt captions"
+    )
+    build.add_argument("--out", required=True, help="memory directory to create")
+    build.add_argument("--backbone", required=True, help="CLIP hub name or local directory")
+    build.add_argument(
+        "--backend",
+        type=Any,
+        default="exact",
+        help="'exact', 'ivfpq', 'autofaiss', a class path, or {class_path, init_args}",
+    )
+    build.add_argument("--batch_size", type=int, default=256)
+    build.add_argument("--num_workers", type=int, default=0)
+    build.add_argument("--chunk_size", type=int, default=100_000)
+    build.add_argument("--train_size", type=int, default=200_000)
+    build.add_argument("--image_column", default="filepath")
+    build.add_argument("--caption_column", default="caption")
+    build.add_argument("--id_column", type=str | None, default=None)
+    build.add_argument("--accelerator", default="auto")
+    build.add_argument("--devices", type=Any, default="auto")
+    build.add_argument("--overwrite", type=bool, default=False)
+    commands.add_subcommand("build", build)
+
+    concat = ArgumentParser(description="Concatenate memories built with one backbone, without re-encoding.")
+    concat.add_argument("paths", nargs="+")
+    concat.add_argument("--out", required=True)
+    concat.add_argument("--backend", type=Any, default=None)
+    concat.add_argument("--overwrite", type=bool, default=False)
+    commands.add_subcommand("concat", concat)
+
+    info = ArgumentParser(description="Print a memory's manifest and sizes.")
+    info.add_argument("path")
+    commands.add_subcommand("info", info)
+
+    cfg = parser.parse_args(list(args))
+    sub = cfg.subcommand
+    c = cfg[sub]
+    if sub == "build":
+        out = build_memory(
+            c.source,
+            c.out,
+            backbone=c.backbone,
+            backend=_plain(c.backend),
+            batch_size=c.batch_size,
+            num_workers=c.num_workers,
+            chunk_size=c.chunk_size,
+            train_size=c.train_size,
+            image_column=c.image_column,
+            caption_column=c.caption_column,
+            id_column=c.id_column,
+            trainer_kwargs={"accelerator": c.accelerator, "devices": c.devices},
+            overwrite=c.overwrite,
+        )
+        print(f"memory written to {out}")
+    elif sub == "concat":
+        out = MemoryStore.concat(c.paths, c.out, backend=_plain(c.backend), overwrite=c.overwrite)
+        print(f"memory written to {out}")
+    else:
+        store = MemoryStore.open(c.path)
+        print(json.dumps({**store.manifest, "bytes": store.nbytes()}, indent=2))
+
+
+def _plain(value: Any) -> Any:
+    """jsonargparse Namespaces -> dicts, so backend specs reach the registry as plain data."""
+    return value.as_dict() if hasattr(value, "as_dict") else value
+
+
+def prepare_tiny_main(args: Sequence[str]) -> None:
+    from jsonargparse import ArgumentParser
+
+    from reco_lightning.tiny import prepare_tiny
+
+    parser = ArgumentParser(
+        prog="reco prepare-tiny", description="Create the tiny backbone, pairs and memory."
+    )
+    parser.add_argument("--out", default="artifacts/tiny")
+    parser.add_argument("--n_train", type=int, default=256)
+    parser.add_argument("--n_val", type=int, default=64)
+    cfg = parser.parse_args(list(args))
+    print(f"tiny setup ready in {prepare_tiny(cfg.out, cfg.n_train, cfg.n_val)}")
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Entry point of the `reco` console script."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] == "memory":
+        memory_main(argv[1:])
+    elif argv and argv[0] == "prepare-tiny":
+        prepare_tiny_main(argv[1:])
+    else:
+        lightning_main(None if args is None else argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The fusion model: one shallow transformer that refines an embedding with its retrieved neighbours.
+
+It reads the token sequence [query, r_1 .. r_k] (the r_i are embeddings of the other modality under
+cross-modal fusion) and outputs the refined, L2-normalised embedding at the query position. It is the
+only trained part of RECO, and it knows nothing about how the neighbours were found.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["FusionTransformer"]
+
+
+class FusionTransformer(nn.Module):
+    """Pre-LN transformer encoder over [query, k retrieved], output at the query token.
+
+    Args:
+        dim: embedding dim of the backbone (input and output).
+        width: transformer width; ``None`` uses ``dim`` (the paper's choice); otherwise linear
+            projections map in and out.
+        num_layers: encoder layers (paper: 1).
+        num_heads: attention heads; must divide ``width``.
+        mlp_ratio: hidden size of the feed-forward block relative to ``width``.
+        dropout: dropout in attention and feed-forward.
+        residual: add the original query embedding to the output before normalising, so an untrained
+            or uninformative memory starts from the frozen embedding instead of noise.
+    """
+
+    QUERY, RETRIEVED = 0, 1
+
+    def __init__(
+        self,
+        dim: int,
+        width: int | None = None,
+        num_layers: int = 1,
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        residual: bool = False,
+    ) -> None:
+        super().__init__()
+        width = width or dim
+        if width % num_heads:
+            raise ValueError(f"fusion width {width} is not divisible by num_heads={num_heads}: change either")
+        self.dim, self.width, self.residual = dim, width, residual
+        self.proj_in = nn.Identity() if width == dim else nn.Linear(dim, width)
+        self.type_embedding = nn.Embedding(2, width)
+        layer = nn.TransformerEncoderLayer(
+            d_model=width,
+            nhead=num_heads,
+            dim_feedforward=int(width * mlp_ratio),
+            dropout=dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.encoder = nn.TransformerEncoder(layer, num_layers=num_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.proj_out = nn.Identity() if width == dim else nn.Linear(width, dim)
+        nn.init.normal_(self.type_embedding.weight, std=0.02)
+
+    def forward(self, query: Tensor, retrieved: Tensor, retrieved_mask: Tensor | None = None) -> Tensor:
+        """Refine ``query`` [B, D] with ``retrieved`` [B, k, D].
+
+        ``retrieved_mask`` [B, k] is True for valid neighbours; invalid ones (fewer than k left after
+        excluding self and near-duplicates) are not attended to. The query always is.
+        """
+        if query.ndim != 2 or retrieved.ndim != 3 or retrieved.shape[0] != query.shape[0]:
+            raise ValueError(
+                f"expected query [B, D] and retrieved [B, k, D], got {tuple(query.shape)} and {tuple(retrieved.shape)}"
+            )
+        tokens = self.proj_in(torch.cat([query.unsqueeze(1), retrieved.to(query.dtype)], dim=1))
+        types = torch.full(tokens.shape[1:2], self.RETRIEVED, dtype=torch.long, device=tokens.device)
+        types[0] = self.QUERY
+        tokens = tokens + self.type_embedding(types)
+        padding = None
+        if retrieved_mask is not None:
+            padding = F.pad(~retrieved_mask.bool(), (1, 0), value=False)  # True = ignore; query never ignored
+        out = self.proj_out(self.norm(self.encoder(tokens, src_key_padding_mask=padding)[:, 0]))
+        if self.residual:
+            out = out + query
+        return F.normalize(out, dim=-1)

@@ -1,0 +1,76 @@
+"""RECO's contrastive loss over the global batch.
+
+L = NCE(v_bar, t_bar) + NCE(v_bar, t) + NCE(v, t_bar): the mixed terms keep refined embeddings in the
+frozen space, so either side can be refined or left alone at inference.
+
+Under DDP every rank gathers all ranks' embeddings with gradients and computes the same global loss.
+The gather's backward sums the gradient from every rank's copy of the loss and DDP then averages over
+ranks, so parameters receive exactly the gradient of the single-process loss on the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["RecoContrastiveLoss", "gather_with_grad", "info_nce"]
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """Concatenate ``x`` from all ranks in rank order, keeping the autograd graph to every rank's input."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0)
+
+
+def info_nce(a: Tensor, b: Tensor, logit_scale: Tensor) -> Tensor:
+    """Symmetric InfoNCE (the CLIP loss): row i of ``a`` matches row i of ``b``."""
+    logits = logit_scale * a @ b.t()
+    labels = torch.arange(a.shape[0], device=a.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+
+
+class RecoContrastiveLoss(nn.Module):
+    """The three-term RECO loss with a learnable temperature (CLIP init 1/0.07, capped at 100).
+
+    Args:
+        init_temperature: initial softmax temperature.
+        max_logit_scale: upper bound on 1/temperature, as in CLIP, for stability.
+        learn_temperature: train the temperature (the paper's setting) or keep it fixed.
+        mixed_terms: include NCE(v_bar, t) and NCE(v, t_bar); off trains only refined-vs-refined.
+    """
+
+    def __init__(
+        self,
+        init_temperature: float = 0.07,
+        max_logit_scale: float = 100.0,
+        learn_temperature: bool = True,
+        mixed_terms: bool = True,
+    ) -> None:
+        super().__init__()
+        self.log_scale = nn.Parameter(
+            torch.tensor(math.log(1.0 / init_temperature)), requires_grad=learn_temperature
+        )
+        self.max_log_scale = math.log(max_logit_scale)
+        self.mixed_terms = mixed_terms
+
+    @property
+    def logit_scale(self) -> Tensor:
+        return self.log_scale.clamp(max=self.max_log_scale).exp()
+
+    def forward(self, v: Tensor, t: Tensor, v_bar: Tensor, t_bar: Tensor) -> dict[str, Tensor]:
+        """Local [B, D] embeddings in, global-batch loss out (plus its parts, for logging)."""
+        v, t, v_bar, t_bar = (gather_with_grad(x) for x in (v, t, v_bar, t_bar))
+        scale = self.logit_scale
+        parts = {"refined": info_nce(v_bar, t_bar, scale)}
+        if self.mixed_terms:
+            parts["refined_image"] = info_nce(v_bar, t, scale)
+            parts["refined_text"] = info_nce(v, t_bar, scale)
+        parts["loss"] = sum(parts.values())
+        return parts

@@ -1,0 +1,224 @@
+"""The MemoryBackend interface: a k-NN index over one modality of a memory.
+
+Row ids returned by a backend are positions in the memory store (row i of every store file is pair i),
+so a backend never needs to know about captions, pairs or the other modality. Backends are chosen by
+class path (``reco_lightning.memory.IVFPQBackend``) or by a registered short name (``ivfpq``), so users
+can plug in their own by subclassing and pointing the YAML at their class.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+__all__ = [
+    "BACKENDS",
+    "MemoryBackend",
+    "RecoMemoryError",
+    "backend_class",
+    "backend_from_spec",
+    "register_backend",
+]
+
+
+class RecoMemoryError(RuntimeError):
+    """Raised for any memory that cannot be built, opened or searched; the message names the file and the fix."""
+
+
+BACKENDS: dict[str, type[MemoryBackend]] = {}
+
+
+def register_backend(name: str):
+    """Class decorator: make a backend selectable by a short name in configs and manifests."""
+
+    def wrap(cls: type[MemoryBackend]) -> type[MemoryBackend]:
+        cls.name = name
+        BACKENDS[name] = cls
+        return cls
+
+    return wrap
+
+
+def backend_class(name_or_path: str) -> type[MemoryBackend]:
+    """Resolve a registered short name or a dotted class path to a MemoryBackend subclass."""
+    if name_or_path in BACKENDS:
+        return BACKENDS[name_or_path]
+    module_name, _, attr = name_or_path.rpartition(".")
+    if not module_name:
+        raise RecoMemoryError(
+            f"unknown memory backend {name_or_path!r}: use one of {sorted(BACKENDS)} or a class path like "
+            "'my_pkg.my_module.MyBackend'"
+        )
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise RecoMemoryError(f"cannot import memory backend {name_or_path!r}: {err}") from err
+    if not (isinstance(cls, type) and issubclass(cls, MemoryBackend)):
+        raise RecoMemoryError(f"{name_or_path!r} is not a MemoryBackend subclass")
+    return cls
+
+
+def backend_from_spec(spec: str | dict[str, Any] | MemoryBackend, dim: int) -> MemoryBackend:
+    """Build a backend from a name, ``{"class_path": ..., "init_args": {...}}``, or pass an instance through."""
+    if isinstance(spec, MemoryBackend):
+        return spec
+    if isinstance(spec, str):
+        return backend_class(spec)(dim=dim)
+    if "class_path" not in spec:
+        raise RecoMemoryError(
+            f"backend spec {spec!r} needs a 'class_path' (a name like 'exact' or a class path)"
+        )
+    return backend_class(spec["class_path"])(dim=dim, **dict(spec.get("init_args") or {}))
+
+
+class MemoryBackend(ABC):
+    """k-NN search by inner product over L2-normalised float32 vectors.
+
+    Lifecycle: ``train(sample)`` (no-op for indexes that need none) -> ``add(vectors)`` in chunks ->
+    ``save(dir)``; later ``load(dir)`` -> optional ``attach(store_rows)`` / ``to_device(...)`` ->
+    ``search(queries, k)``.
+    """
+
+    name: ClassVar[str] = "base"
+
+    def __init__(self, dim: int) -> None:
+        if dim <= 0:
+            raise RecoMemoryError(f"backend dim must be positive, got {dim}")
+        self.dim = int(dim)
+
+    # --- building -------------------------------------------------------------------------------------
+    @property
+    def needs_training(self) -> bool:
+        """Whether ``train`` must see data before ``add`` (IVF/PQ quantisers)."""
+        return False
+
+    def train(self, vectors: np.ndarray) -> None:  # noqa: B027 - intentional no-op default
+        """Fit quantisers on a sample of the vectors that will be added."""
+
+    @abstractmethod
+    def add(self, vectors: np.ndarray) -> None:
+        """Append rows; their ids continue from ``ntotal``."""
+
+    def build(self, vectors: np.ndarray, train_size: int | None = None, seed: int = 0) -> None:
+        """Train on (a sample of) ``vectors`` when needed, then add them all in chunks."""
+        vectors = self._check(vectors, "vectors")
+        if self.needs_training:
+            sample = vectors
+            if train_size is not None and train_size < len(vectors):
+                rows = np.sort(np.random.default_rng(seed).choice(len(vectors), train_size, replace=False))
+                sample = vectors[rows]
+            self.train(np.ascontiguousarray(sample, dtype=np.float32))
+        for start in range(0, len(vectors), 65536):
+            self.add(np.ascontiguousarray(vectors[start : start + 65536], dtype=np.float32))
+
+    # --- searching ------------------------------------------------------------------------------------
+    @abstractmethod
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Return (scores float32 [B, k], row ids int64 [B, k]), best first; id -1 where fewer than k exist."""
+
+    def attach(self, rows: np.ndarray) -> None:  # noqa: B027 - intentional no-op default
+        """Give read access to the store's full-precision rows (fp16 memmap) for exact re-ranking."""
+
+    def to_device(self, device: int | None) -> None:  # noqa: B027 - CPU-only backends ignore it
+        """Move the index to GPU ``device`` (an int) when faiss has GPUs; ``None`` keeps it on CPU."""
+
+    # --- persistence and accounting -------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def ntotal(self) -> int:
+        """Number of vectors in the index."""
+
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Bytes the index itself occupies (not counting the store's fp16 rows)."""
+
+    @abstractmethod
+    def _save_index(self, path: Path) -> None:
+        """Write the index to the file ``path``."""
+
+    @abstractmethod
+    def _load_index(self, path: Path) -> None:
+        """Read the index from the file ``path`` into this (freshly constructed) backend."""
+
+    def init_args(self) -> dict[str, Any]:
+        """Constructor arguments (besides dim) that rebuild this backend; recorded in the manifest."""
+        return {}
+
+    def spec(self) -> dict[str, Any]:
+        cls = type(self)
+        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": self.init_args()}
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write ``index.faiss`` + ``backend.json`` into ``directory`` atomically (temp file, then rename)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".index.", suffix=".tmp")
+        os.close(fd)
+        try:
+            self._save_index(Path(tmp))
+            os.replace(tmp, directory / "index.faiss")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        meta = {**self.spec(), "dim": self.dim, "ntotal": self.ntotal}
+        atomic_write_text(directory / "backend.json", json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, **overrides: Any) -> MemoryBackend:
+        """Rebuild the backend recorded in ``directory/backend.json``; ``overrides`` change search-time args."""
+        directory = Path(directory)
+        meta_path, index_path = directory / "backend.json", directory / "index.faiss"
+        for p in (meta_path, index_path):
+            if not p.is_file():
+                raise RecoMemoryError(f"missing index file {p}: rebuild the memory with `reco memory build`")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as err:
+            raise RecoMemoryError(f"corrupt {meta_path}: {err}; rebuild the memory") from err
+        klass = backend_class(meta["class_path"]) if cls is MemoryBackend else cls
+        backend = klass(dim=meta["dim"], **{**meta.get("init_args", {}), **overrides})
+        try:
+            backend._load_index(index_path)
+        except Exception as err:  # faiss raises RuntimeError with C++ text on truncated files
+            raise RecoMemoryError(
+                f"cannot read index {index_path} ({err}); the file is truncated or corrupt, rebuild it"
+            ) from err
+        if backend.ntotal != meta["ntotal"]:
+            raise RecoMemoryError(
+                f"{index_path} holds {backend.ntotal} vectors but {meta_path} records {meta['ntotal']}: rebuild it"
+            )
+        return backend
+
+    # --- helpers --------------------------------------------------------------------------------------
+    def _check(self, x: np.ndarray, what: str) -> np.ndarray:
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise RecoMemoryError(f"{what} must have shape [n, {self.dim}], got {tuple(x.shape)}")
+        return x
+
+    def _check_k(self, k: int) -> None:
+        if self.ntotal == 0:
+            raise RecoMemoryError("cannot search an empty memory: build it from at least one image-text pair")
+        if not 0 < k <= self.ntotal:
+            raise RecoMemoryError(
+                f"k={k} but the memory holds {self.ntotal} vectors: use 0 < k <= {self.ntotal}"
+            )
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a small text file so readers see either the old or the new content, never half of it."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

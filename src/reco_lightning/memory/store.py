@@ -1,0 +1,387 @@
+"""MemoryStore: the on-disk memory of image-text pairs, row-aligned, memory-mapped, with one index per modality.
+
+Layout of a memory directory (row i of every file is pair i)::
+
+    manifest.json        format, backbone fingerprint, dim, count, dtype, backend spec, creation time
+    image_emb.npy        float16 [N, dim], L2-normalised (memory-mapped on open)
+    text_emb.npy         float16 [N, dim]
+    ids.npy              int64 [N]: pair ids, used to exclude a training pair's own row
+    metadata.parquet     id, caption, key per row
+    index_image/         MemoryBackend over image_emb (index.faiss + backend.json)
+    index_text/          MemoryBackend over text_emb
+
+A directory is written under a temporary name and renamed into place only when complete, so a memory
+that opens is always whole. Opening validates every file against the manifest before anything is used.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from reco_lightning.memory.base import MemoryBackend, RecoMemoryError, atomic_write_text, backend_from_spec
+
+__all__ = ["MODALITIES", "MemoryStore", "Modality", "replace_directory"]
+
+Modality = Literal["image", "text"]
+MODALITIES: tuple[Modality, Modality] = ("image", "text")
+FORMAT, VERSION = "reco-memory", 1
+
+
+def replace_directory(tmp: Path, final: Path) -> None:
+    """Move a completed ``tmp`` directory to ``final``, replacing any old one without a moment of absence."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+class MemoryStore:
+    """Row-aligned image/text embeddings of N pairs plus a k-NN index per modality.
+
+    Build one with :meth:`write` (from arrays), :func:`reco_lightning.memory.build.build_memory` (from a
+    dataset, resumable) or :meth:`concat`; open one with :meth:`open`; or keep one in RAM with
+    :meth:`from_arrays` (tests, small experiments).
+    """
+
+    def __init__(
+        self,
+        image_embeddings: np.ndarray,
+        text_embeddings: np.ndarray,
+        ids: np.ndarray,
+        indexes: dict[str, MemoryBackend],
+        manifest: dict[str, Any],
+        path: Path | None = None,
+    ) -> None:
+        self.image_embeddings, self.text_embeddings, self.ids = image_embeddings, text_embeddings, ids
+        self.indexes, self.manifest, self.path = indexes, manifest, path
+
+    # --- accessors ------------------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    def __len__(self) -> int:
+        return int(self.manifest["count"])
+
+    @property
+    def fingerprint(self) -> dict[str, Any] | None:
+        return self.manifest.get("fingerprint")
+
+    @property
+    def identity(self) -> str:
+        """What a feature cache records to know it was computed against this exact memory."""
+        return f"{self.manifest.get('created', '')}:{len(self)}:{self.manifest.get('backend', {}).get('class_path', '')}"
+
+    def embeddings(self, modality: Modality) -> np.ndarray:
+        return self.image_embeddings if modality == "image" else self.text_embeddings
+
+    def index(self, modality: Modality) -> MemoryBackend:
+        return self.indexes[modality]
+
+    def nbytes(self) -> dict[str, int]:
+        return {
+            "embeddings": int(self.image_embeddings.nbytes + self.text_embeddings.nbytes),
+            **{f"index_{m}": self.indexes[m].nbytes() for m in MODALITIES},
+        }
+
+    def to_device(self, device: int | None) -> None:
+        for backend in self.indexes.values():
+            backend.to_device(device)
+
+    # --- construction ---------------------------------------------------------------------------------
+    @classmethod
+    def from_arrays(
+        cls,
+        image_embeddings: np.ndarray,
+        text_embeddings: np.ndarray,
+        ids: np.ndarray | None = None,
+        backend: str | dict[str, Any] = "exact",
+        fingerprint: dict[str, Any] | None = None,
+        train_size: int | None = None,
+    ) -> MemoryStore:
+        """An in-RAM memory over given (normalised) embeddings; indexes built here."""
+        image, text, ids = _validated_arrays(image_embeddings, text_embeddings, ids)
+        indexes = {}
+        for modality, rows in zip(MODALITIES, (image, text), strict=True):
+            index = backend_from_spec(backend, image.shape[1])
+            index.build(rows, train_size=train_size)
+            index.attach(rows)
+            indexes[modality] = index
+        manifest = _manifest(len(ids), image.shape[1], fingerprint, indexes["image"], source="arrays")
+        return cls(image, text, ids, indexes, manifest)
+
+    @classmethod
+    def write(
+        cls,
+        path: str | os.PathLike,
+        image_embeddings: np.ndarray,
+        text_embeddings: np.ndarray,
+        ids: np.ndarray | None = None,
+        captions: Sequence[str] | None = None,
+        keys: Sequence[str] | None = None,
+        backend: str | dict[str, Any] = "exact",
+        fingerprint: dict[str, Any] | None = None,
+        source: str = "arrays",
+        train_size: int | None = None,
+        overwrite: bool = False,
+    ) -> Path:
+        """Write a complete memory directory atomically and return its path."""
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise RecoMemoryError(f"memory {path} already exists: choose another path or pass overwrite=True")
+        image, text, ids = _validated_arrays(image_embeddings, text_embeddings, ids)
+        tmp = Path(tempfile.mkdtemp(dir=_parent(path), prefix=f".{path.name}.partial-"))
+        try:
+            np.save(tmp / "image_emb.npy", image.astype(np.float16))
+            np.save(tmp / "text_emb.npy", text.astype(np.float16))
+            np.save(tmp / "ids.npy", ids)
+            write_metadata(tmp / "metadata.parquet", ids, captions, keys)
+            finish_memory(tmp, backend, fingerprint, source, train_size)
+            replace_directory(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return path
+
+    @classmethod
+    def concat(
+        cls,
+        paths: Sequence[str | os.PathLike],
+        out: str | os.PathLike,
+        backend: str | dict[str, Any] | None = None,
+        overwrite: bool = False,
+    ) -> Path:
+        """Concatenate memories built with the same backbone into one, re-indexing without re-encoding."""
+        if not paths:
+            raise RecoMemoryError("concat needs at least one memory path")
+        stores = [cls.open(p, load_indexes=False) for p in paths]
+        first = stores[0].fingerprint
+        for store in stores[1:]:
+            if (store.fingerprint or {}).get("id") != (first or {}).get("id"):
+                raise RecoMemoryError(
+                    f"cannot concatenate {store.path} with {stores[0].path}: built with different backbones "
+                    f"({(store.fingerprint or {}).get('name_or_path')} vs {(first or {}).get('name_or_path')})"
+                )
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        meta = pa.concat_tables([pq.read_table(s.path / "metadata.parquet") for s in stores])
+        return cls.write(
+            out,
+            np.concatenate([np.asarray(s.image_embeddings) for s in stores]),
+            np.concatenate([np.asarray(s.text_embeddings) for s in stores]),
+            ids=np.concatenate([np.asarray(s.ids) for s in stores]),
+            captions=meta.column("caption").to_pylist(),
+            keys=meta.column("key").to_pylist(),
+            backend=backend or stores[0].manifest["backend"],
+            fingerprint=first,
+            source="concat:" + ",".join(str(s.path) for s in stores),
+            overwrite=overwrite,
+        )
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike,
+        expected_fingerprint: dict[str, Any] | None = None,
+        search_params: dict[str, Any] | None = None,
+        load_indexes: bool = True,
+    ) -> MemoryStore:
+        """Memory-map a memory directory after checking every file against its manifest.
+
+        ``search_params`` override search-time backend arguments (e.g. ``nprobe``, ``rerank``).
+        """
+        path = Path(path)
+        manifest_path = path / "manifest.json"
+        if not manifest_path.is_file():
+            hint = (
+                " (an interrupted build? resume it with the same `reco memory build` command)"
+                if any(path.parent.glob(f".{path.name}.partial*"))
+                else ""
+            )
+            raise RecoMemoryError(f"{path} is not a memory: {manifest_path} is missing{hint}")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as err:
+            raise RecoMemoryError(f"corrupt {manifest_path}: {err}; rebuild the memory") from err
+        if manifest.get("format") != FORMAT:
+            raise RecoMemoryError(
+                f"{manifest_path} is not a reco memory manifest (format={manifest.get('format')!r})"
+            )
+        count, dim = int(manifest["count"]), int(manifest["dim"])
+        if count == 0:
+            raise RecoMemoryError(f"memory {path} is empty: build it from at least one image-text pair")
+        if expected_fingerprint is not None:
+            check_fingerprint(manifest.get("fingerprint"), expected_fingerprint, f"memory {path}")
+        arrays = {}
+        for name, dtype, shape in (
+            ("image_emb.npy", np.float16, (count, dim)),
+            ("text_emb.npy", np.float16, (count, dim)),
+            ("ids.npy", np.int64, (count,)),
+        ):
+            arrays[name] = _open_array(path / name, dtype, shape)
+        _check_metadata(path / "metadata.parquet", count)
+        indexes: dict[str, MemoryBackend] = {}
+        if load_indexes:
+            for modality in MODALITIES:
+                index = MemoryBackend.load(path / f"index_{modality}", **(search_params or {}))
+                if index.ntotal != count or index.dim != dim:
+                    raise RecoMemoryError(
+                        f"{path / f'index_{modality}'} holds {index.ntotal} vectors of dim {index.dim} but the "
+                        f"store has {count} rows of dim {dim}: rebuild the index (the memory is inconsistent)"
+                    )
+                index.attach(arrays[f"{modality}_emb.npy"])
+                indexes[modality] = index
+        return cls(
+            arrays["image_emb.npy"], arrays["text_emb.npy"], arrays["ids.npy"], indexes, manifest, path
+        )
+
+
+# --- helpers shared with the resumable builder ------------------------------------------------------
+def check_fingerprint(found: dict[str, Any] | None, expected: dict[str, Any], what: str) -> None:
+    """Refuse embeddings from another backbone: their spaces are unrelated even at equal dim."""
+    if found is None:
+        raise RecoMemoryError(f"{what} records no backbone fingerprint: rebuild it with `reco memory build`")
+    if int(found.get("dim", -1)) != int(expected["dim"]):
+        raise RecoMemoryError(
+            f"{what} has dim {found.get('dim')} but the backbone {expected['name_or_path']} has dim "
+            f"{expected['dim']}: use a memory built with this backbone"
+        )
+    if found.get("id") != expected["id"]:
+        raise RecoMemoryError(
+            f"{what} was built with backbone {found.get('name_or_path')!r} (id {found.get('id')}) but the model "
+            f"uses {expected['name_or_path']!r} (id {expected['id']}): rebuild the memory with this backbone"
+        )
+
+
+def write_metadata(
+    path: Path, ids: np.ndarray, captions: Sequence[str] | None, keys: Sequence[str] | None
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = len(ids)
+    for name, column in (("captions", captions), ("keys", keys)):
+        if column is not None and len(column) != n:
+            raise RecoMemoryError(f"{name} has {len(column)} entries for {n} memory rows")
+    table = pa.table(
+        {
+            "id": pa.array(ids, type=pa.int64()),
+            "caption": pa.array(list(captions) if captions is not None else [""] * n, type=pa.string()),
+            "key": pa.array(list(keys) if keys is not None else [str(i) for i in ids], type=pa.string()),
+        }
+    )
+    pq.write_table(table, path)
+
+
+def finish_memory(
+    directory: Path,
+    backend: str | dict[str, Any] | MemoryBackend,
+    fingerprint: dict[str, Any] | None,
+    source: str,
+    train_size: int | None = None,
+) -> None:
+    """Index the embeddings already in ``directory`` and write the manifest last (it marks completion)."""
+    from tqdm.auto import tqdm
+
+    count = dim = 0
+    spec: dict[str, Any] = {}
+    for modality in tqdm(MODALITIES, desc="indexing memory", leave=False):
+        rows = np.load(directory / f"{modality}_emb.npy", mmap_mode="r")
+        count, dim = rows.shape
+        if count == 0:
+            raise RecoMemoryError(
+                f"no pairs were encoded into {directory}: the source is empty or every sample was bad"
+            )
+        index = backend_from_spec(backend if not isinstance(backend, MemoryBackend) else backend.spec(), dim)
+        index.build(rows, train_size=train_size)
+        index.save(directory / f"index_{modality}")
+        spec = index.spec()
+    atomic_write_text(
+        directory / "manifest.json", json.dumps(_manifest(count, dim, fingerprint, spec, source), indent=2)
+    )
+
+
+def _manifest(
+    count: int,
+    dim: int,
+    fingerprint: dict[str, Any] | None,
+    backend: MemoryBackend | dict[str, Any],
+    source: str,
+) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "fingerprint": fingerprint,
+        "dim": int(dim),
+        "count": int(count),
+        "dtype": "float16",
+        "normalized": True,
+        "backend": backend.spec() if isinstance(backend, MemoryBackend) else backend,
+        "created": dt.datetime.now(dt.UTC).isoformat(),
+        "source": source,
+    }
+
+
+def _validated_arrays(
+    image: np.ndarray, text: np.ndarray, ids: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    image, text = np.asarray(image), np.asarray(text)
+    if image.ndim != 2 or image.shape != text.shape:
+        raise RecoMemoryError(
+            f"image and text embeddings must be row-aligned [N, dim] arrays, got {image.shape} and {text.shape}"
+        )
+    if len(image) == 0:
+        raise RecoMemoryError("cannot build an empty memory: give at least one image-text pair")
+    ids = np.arange(len(image), dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
+    if ids.shape != (len(image),):
+        raise RecoMemoryError(f"ids must have shape [{len(image)}], got {ids.shape}")
+    return image, text, ids
+
+
+def _open_array(path: Path, dtype: type, shape: tuple[int, ...]) -> np.ndarray:
+    if not path.is_file():
+        raise RecoMemoryError(f"missing memory file {path}: the memory is incomplete, rebuild it")
+    try:
+        array = np.load(path, mmap_mode="r")
+    except ValueError as err:  # numpy: "mmap length is greater than file size" on truncated files
+        raise RecoMemoryError(
+            f"cannot map {path} ({err}): the file is truncated, rebuild the memory"
+        ) from err
+    if array.shape != shape or array.dtype != dtype:
+        raise RecoMemoryError(
+            f"{path} holds {array.dtype}{list(array.shape)} but the manifest says {np.dtype(dtype)}{list(shape)}: "
+            "rebuild the memory"
+        )
+    return array
+
+
+def _check_metadata(path: Path, count: int) -> None:
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise RecoMemoryError(f"missing memory file {path}: the memory is incomplete, rebuild it")
+    try:
+        rows = pq.read_metadata(path).num_rows
+    except Exception as err:  # pyarrow raises ArrowInvalid on truncated parquet
+        raise RecoMemoryError(
+            f"cannot read {path} ({err}): the file is truncated, rebuild the memory"
+        ) from err
+    if rows != count:
+        raise RecoMemoryError(f"{path} has {rows} rows but the manifest says {count}: rebuild the memory")
+
+
+def _parent(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.parent

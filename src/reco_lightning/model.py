@@ -1,0 +1,260 @@
+"""RecoModule: frozen CLIP + two fusion transformers + the RECO loss, as a LightningModule.
+
+Only the fusion modules and the temperature train. Checkpoints therefore hold those weights plus the
+backbone's fingerprint, never the frozen CLIP weights: a checkpoint is a few MB whatever the backbone,
+and loading it beside a different backbone fails loudly instead of producing silently wrong embeddings.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from reco_lightning.encoders import FrozenCLIP
+from reco_lightning.fusion import FusionTransformer
+from reco_lightning.losses import RecoContrastiveLoss
+from reco_lightning.memory.store import MemoryStore, Modality, check_fingerprint
+from reco_lightning.retrieval import Choice, Retriever
+
+__all__ = ["BackboneMismatchError", "RecoModule"]
+
+BACKBONE_PREFIX = "backbone."
+
+
+def _is_empty(batch: dict[str, Tensor]) -> bool:
+    """A batch whose every sample was unreadable (the collator drops bad samples)."""
+    return batch["id"].numel() == 0 if "id" in batch else False
+
+
+class BackboneMismatchError(RuntimeError):
+    """A checkpoint's fusion was trained on another backbone's embedding space."""
+
+
+class RecoModule(pl.LightningModule):
+    """Retrieval-enhanced CLIP.
+
+    Args:
+        backbone: hub name or local directory of a transformers CLIP checkpoint (frozen).
+        memory: directory of a memory built with this backbone (`reco memory build`); swap it freely
+            after training. ``None`` means it is attached in code with :meth:`set_memory`.
+        memory_search_params: search-time backend overrides, e.g. ``{"nprobe": 64, "rerank": 100}``.
+        memory_device: "auto" puts the indexes on this rank's GPU when faiss has GPUs, "cpu" keeps them.
+        k: neighbours retrieved per query.
+        search: "uni" (same-modality search, the paper's best) or "cross".
+        fusion: "cross" (fuse the other modality, the paper's best) or "uni".
+        near_duplicate_threshold: training excludes memory items at least this similar to the query.
+        exclusion_margin: extra candidates searched during training so k survive exclusion.
+        fusion_width / fusion_layers / fusion_heads / fusion_mlp_ratio / fusion_dropout / fusion_residual:
+            the FusionTransformer of each side (see fusion.py).
+        init_temperature / learn_temperature / mixed_loss_terms: the loss (see losses.py).
+        lr / weight_decay / warmup_steps / min_lr_ratio / betas: AdamW with linear warmup then cosine decay
+            to ``min_lr_ratio * lr`` over the run's total steps.
+        refine_image / refine_text: which sides are refined at evaluation and prediction time.
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        memory: str | None = None,
+        memory_search_params: dict[str, Any] | None = None,
+        memory_device: str = "auto",
+        k: int = 10,
+        search: Choice = "uni",
+        fusion: Choice = "cross",
+        near_duplicate_threshold: float = 0.95,
+        exclusion_margin: int = 16,
+        fusion_width: int | None = None,
+        fusion_layers: int = 1,
+        fusion_heads: int = 8,
+        fusion_mlp_ratio: float = 4.0,
+        fusion_dropout: float = 0.0,
+        fusion_residual: bool = False,
+        init_temperature: float = 0.07,
+        learn_temperature: bool = True,
+        mixed_loss_terms: bool = True,
+        lr: float = 1e-4,
+        weight_decay: float = 0.05,
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.98),
+        refine_image: bool = True,
+        refine_text: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.backbone = FrozenCLIP(backbone)
+        dim = self.backbone.dim
+        fusion_kwargs = {
+            "width": fusion_width,
+            "num_layers": fusion_layers,
+            "num_heads": fusion_heads,
+            "mlp_ratio": fusion_mlp_ratio,
+            "dropout": fusion_dropout,
+            "residual": fusion_residual,
+        }
+        self.image_fusion = FusionTransformer(dim, **fusion_kwargs)
+        self.text_fusion = FusionTransformer(dim, **fusion_kwargs)
+        self.criterion = RecoContrastiveLoss(
+            init_temperature=init_temperature,
+            learn_temperature=learn_temperature,
+            mixed_terms=mixed_loss_terms,
+        )
+        self.retriever: Retriever | None = None
+
+    # --- memory ---------------------------------------------------------------------------------------
+    def set_memory(self, memory: MemoryStore | str | Path) -> None:
+        """Attach (or swap) the memory; it must come from this module's backbone."""
+        if not isinstance(memory, MemoryStore):
+            memory = MemoryStore.open(
+                memory,
+                expected_fingerprint=self.backbone.fingerprint,
+                search_params=self.hparams.memory_search_params,
+            )
+        elif memory.fingerprint is not None:
+            check_fingerprint(memory.fingerprint, self.backbone.fingerprint, "memory")
+        if memory.dim != self.backbone.dim:
+            raise ValueError(
+                f"memory dim {memory.dim} != backbone dim {self.backbone.dim}: use a memory built with this backbone"
+            )
+        if self.hparams.memory_device == "auto" and self.device.type == "cuda":
+            memory.to_device(self.device.index or 0)
+        hp = self.hparams
+        self.retriever = Retriever(
+            memory,
+            k=hp.k,
+            search=hp.search,
+            fusion=hp.fusion,
+            near_duplicate_threshold=hp.near_duplicate_threshold,
+            exclusion_margin=hp.exclusion_margin,
+        )
+
+    def setup(self, stage: str) -> None:
+        if self.retriever is None and self.hparams.memory:
+            self.set_memory(self.hparams.memory)
+
+    def _require_retriever(self) -> Retriever:
+        if self.retriever is None:
+            raise RuntimeError(
+                "RecoModule has no memory: set model.memory to a memory directory (build one with "
+                "`reco memory build`) or call set_memory()"
+            )
+        return self.retriever
+
+    # --- forward --------------------------------------------------------------------------------------
+    def embed(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Frozen (v, t) for a batch: precomputed features when the batch carries them, else CLIP forward."""
+        if "image_emb" in batch:
+            return batch["image_emb"].float(), batch["text_emb"].float()
+        v = self.backbone.encode_images(batch["pixel_values"])
+        t = self.backbone.encode_texts(batch["input_ids"], batch.get("attention_mask"))
+        return v, t
+
+    def refine(self, embeddings: Tensor, modality: Modality, exclude_ids: Tensor | None = None) -> Tensor:
+        """RECO-refined embeddings of one modality (retrieve, then fuse)."""
+        neighbours = self._require_retriever()(embeddings, modality, exclude_ids=exclude_ids)
+        fusion = self.image_fusion if modality == "image" else self.text_fusion
+        return fusion(embeddings, neighbours.embeddings, neighbours.mask)
+
+    def forward(self, batch: dict[str, Tensor], exclude_self: bool = False) -> dict[str, Tensor]:
+        v, t = self.embed(batch)
+        ids = batch.get("id") if exclude_self else None
+        return {"v": v, "t": t, "v_bar": self.refine(v, "image", ids), "t_bar": self.refine(t, "text", ids)}
+
+    # --- steps ----------------------------------------------------------------------------------------
+    def _shared_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+        out = self(batch, exclude_self=True)
+        losses = self.criterion(out["v"], out["t"], out["v_bar"], out["t_bar"])
+        batch_size = out["v"].shape[0]
+        on_step = stage == "train"
+        for name, value in losses.items():
+            self.log(
+                f"{stage}/{name}",
+                value,
+                batch_size=batch_size,
+                on_step=on_step,
+                on_epoch=not on_step,
+                prog_bar=name == "loss",
+                sync_dist=not on_step,
+            )
+        if stage == "train":
+            self.log("train/temperature", 1.0 / self.criterion.logit_scale, batch_size=batch_size)
+        return losses["loss"]
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+        return None if _is_empty(batch) else self._shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+        return None if _is_empty(batch) else self._shared_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+        return None if _is_empty(batch) else self._shared_step(batch, "test")
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """Embeddings for downstream use: frozen and, per refine_image/refine_text, refined."""
+        v, t = self.embed(batch)
+        out = {"image_emb": v, "text_emb": t}
+        if self.hparams.refine_image:
+            out["image_emb_refined"] = self.refine(v, "image")
+        if self.hparams.refine_text:
+            out["text_emb_refined"] = self.refine(t, "text")
+        if "id" in batch:
+            out["id"] = batch["id"]
+        return out
+
+    # --- optimisation ---------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            # norms, biases, type embeddings and the temperature are not weight-decayed (CLIP recipe)
+            (no_decay if param.ndim < 2 or "type_embedding" in name else decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
+        warmup = min(hp.warmup_steps, max(0, total - 1))
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- checkpoints: trainable state + backbone identity, never the frozen weights -------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(BACKBONE_PREFIX)]:
+            del state[key]
+        checkpoint["reco_backbone"] = dict(self.backbone.fingerprint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        found = checkpoint.get("reco_backbone")
+        expected = self.backbone.fingerprint
+        if found is None:
+            raise BackboneMismatchError(
+                "checkpoint records no backbone fingerprint: it was not written by RecoModule"
+            )
+        if found.get("id") != expected["id"]:
+            raise BackboneMismatchError(
+                f"checkpoint was trained on backbone {found.get('name_or_path')!r} (id {found.get('id')}, dim "
+                f"{found.get('dim')}) but this model loads {expected['name_or_path']!r} (id {expected['id']}, dim "
+                f"{expected['dim']}): set model.backbone to the checkpoint's backbone"
+            )
+        state = checkpoint["state_dict"]
+        for key, value in self.backbone.state_dict(prefix=BACKBONE_PREFIX).items():
+            state.setdefault(key, value)

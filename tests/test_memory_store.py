@@ -1,0 +1,127 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from reco_lightning.memory import MemoryStore, RecoMemoryError
+from reco_lightning.memory.base import MemoryBackend
+
+FP = {"name_or_path": "clip-a", "config_sha": "c", "weights_sha": "w", "dim": 8, "id": "a"}
+
+
+def unit(n, d=8, seed=0):
+    x = np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture()
+def written(tmp_path):
+    image, text = unit(50), unit(50, seed=1)
+    path = MemoryStore.write(
+        tmp_path / "mem",
+        image,
+        text,
+        ids=np.arange(1000, 1050),
+        captions=[f"c{i}" for i in range(50)],
+        fingerprint=FP,
+    )
+    return path, image, text
+
+
+def test_write_open_round_trip_is_memory_mapped_and_searchable(written):
+    path, image, text = written
+    store = MemoryStore.open(path, expected_fingerprint=FP)
+    assert len(store) == 50 and store.dim == 8
+    assert isinstance(store.image_embeddings, np.memmap) and store.image_embeddings.dtype == np.float16
+    assert np.allclose(store.text_embeddings, text, atol=1e-3)
+    assert store.ids[0] == 1000
+    _, rows = store.index("image").search(image[:5], 1)
+    assert rows[:, 0].tolist() == [0, 1, 2, 3, 4]
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["backend"]["class_path"].endswith("ExactBackend") and manifest["count"] == 50
+    assert not list(path.parent.glob(".mem.partial-*")), "no temp dir left behind"
+
+
+def test_existing_memory_is_not_overwritten_by_accident(written):
+    path, image, text = written
+    with pytest.raises(RecoMemoryError, match="already exists"):
+        MemoryStore.write(path, image, text)
+    MemoryStore.write(path, image[:10], text[:10], overwrite=True)
+    assert len(MemoryStore.open(path)) == 10
+
+
+@pytest.mark.parametrize(
+    ("expected", "match"),
+    [
+        ({**FP, "id": "b", "name_or_path": "clip-b"}, "built with backbone 'clip-a'.*rebuild the memory"),
+        ({**FP, "dim": 16}, "has dim 8 but the backbone clip-a has dim 16"),
+    ],
+)
+def test_backbone_mismatch_is_refused(written, expected, match):
+    with pytest.raises(RecoMemoryError, match=match):
+        MemoryStore.open(written[0], expected_fingerprint=expected)
+
+
+def test_missing_truncated_and_inconsistent_files_are_refused(written, tmp_path):
+    path = written[0]
+    broken = shutil.copytree(path, tmp_path / "b1")
+    (broken / "text_emb.npy").unlink()
+    with pytest.raises(RecoMemoryError, match="missing memory file .*text_emb.npy"):
+        MemoryStore.open(broken)
+
+    broken = shutil.copytree(path, tmp_path / "b2")
+    data = (broken / "image_emb.npy").read_bytes()
+    (broken / "image_emb.npy").write_bytes(data[: len(data) // 2])
+    with pytest.raises(RecoMemoryError, match="image_emb.npy.*truncated"):
+        MemoryStore.open(broken)
+
+    broken = shutil.copytree(path, tmp_path / "b3")
+    data = (broken / "index_text" / "index.faiss").read_bytes()
+    (broken / "index_text" / "index.faiss").write_bytes(data[:100])
+    with pytest.raises(RecoMemoryError, match="index.faiss.*truncated or corrupt"):
+        MemoryStore.open(broken)
+
+    broken = shutil.copytree(path, tmp_path / "b4")
+    small = MemoryStore.from_arrays(unit(20), unit(20)).index("image")
+    small.save(broken / "index_image")
+    with pytest.raises(RecoMemoryError, match="holds 20 vectors .* store has 50 rows"):
+        MemoryStore.open(broken)
+
+    broken = shutil.copytree(path, tmp_path / "b5")
+    (broken / "manifest.json").unlink()
+    with pytest.raises(RecoMemoryError, match="is not a memory: .*manifest.json is missing"):
+        MemoryStore.open(broken)
+
+    broken = shutil.copytree(path, tmp_path / "b6")
+    (broken / "metadata.parquet").write_bytes(b"PAR1")
+    with pytest.raises(RecoMemoryError, match="metadata.parquet.*truncated"):
+        MemoryStore.open(broken)
+
+
+def test_empty_and_misaligned_inputs_are_refused(tmp_path):
+    with pytest.raises(RecoMemoryError, match="empty memory"):
+        MemoryStore.from_arrays(np.zeros((0, 8), np.float32), np.zeros((0, 8), np.float32))
+    with pytest.raises(RecoMemoryError, match="row-aligned"):
+        MemoryStore.from_arrays(unit(5), unit(4))
+    with pytest.raises(RecoMemoryError, match="k=11 but the memory holds 10"):
+        MemoryStore.from_arrays(unit(10), unit(10)).index("text").search(unit(1), 11)
+
+
+def test_concat_appends_rows_without_reencoding(written, tmp_path):
+    path = written[0]
+    second = MemoryStore.write(
+        tmp_path / "m2", unit(7, seed=5), unit(7, seed=6), ids=np.arange(7), fingerprint=FP
+    )
+    out = MemoryStore.concat([path, second], tmp_path / "both")
+    both = MemoryStore.open(out)
+    assert len(both) == 57 and both.ids[50:].tolist() == list(range(7))
+    assert np.array_equal(both.image_embeddings[:50], np.asarray(MemoryStore.open(path).image_embeddings))
+    other = MemoryStore.write(tmp_path / "m3", unit(3), unit(3), fingerprint={**FP, "id": "zz"})
+    with pytest.raises(RecoMemoryError, match="different backbones"):
+        MemoryStore.concat([path, other], tmp_path / "bad")
+
+
+def test_search_params_reach_the_backend_on_open(written):
+    store = MemoryStore.open(written[0], search_params={})
+    assert isinstance(store.index("text"), MemoryBackend)

@@ -1,0 +1,77 @@
+import numpy as np
+import pytest
+import torch
+
+from reco_lightning.memory import MemoryStore
+from reco_lightning.retrieval import Retriever
+
+
+def unit(x):
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@pytest.fixture()
+def memory():
+    """Pair i: image = e_i, text = e_{(i+1) % 4} in 4-d, ids 100+i: every lookup has one right answer."""
+    eye = np.eye(4, dtype=np.float32)
+    return MemoryStore.from_arrays(eye, np.roll(eye, -1, axis=0), ids=np.arange(100, 104))
+
+
+def test_uni_search_cross_fusion_returns_texts_of_nearest_images(memory):
+    nb = Retriever(memory, k=1)(torch.tensor(unit([[1, 0.1, 0, 0]])), "image")
+    assert nb.rows.tolist() == [[0]]
+    assert torch.allclose(nb.embeddings[0, 0], torch.tensor([0.0, 1, 0, 0]))  # text of pair 0
+
+
+def test_the_2x2_grid(memory):
+    q = torch.tensor(unit([[0, 0, 1, 0.1]]))  # text query close to text of pair 1 (e_2)
+    grid = {
+        (s, f): Retriever(memory, k=1, search=s, fusion=f)(q, "text")
+        for s in ("uni", "cross")
+        for f in ("uni", "cross")
+    }
+    assert (
+        grid["uni", "cross"].rows.item() == 1 and grid["uni", "cross"].embeddings[0, 0].argmax().item() == 1
+    )
+    assert grid["uni", "uni"].rows.item() == 1 and grid["uni", "uni"].embeddings[0, 0].argmax().item() == 2
+    assert (
+        grid["cross", "cross"].rows.item() == 2
+        and grid["cross", "cross"].embeddings[0, 0].argmax().item() == 2
+    )
+    assert (
+        grid["cross", "uni"].rows.item() == 2 and grid["cross", "uni"].embeddings[0, 0].argmax().item() == 3
+    )
+
+
+def test_training_excludes_own_pair_and_near_duplicates():
+    rng = np.random.default_rng(0)
+    base = unit(rng.normal(size=(6, 16)))
+    image = np.concatenate(
+        [base, unit(base[:1] + 0.01 * rng.normal(size=(1, 16)))]
+    )  # row 6: near-copy of row 0
+    mem = MemoryStore.from_arrays(image, image, ids=np.arange(7))
+    retriever = Retriever(mem, k=3, near_duplicate_threshold=0.95)
+    q = torch.from_numpy(base[:1])
+    assert retriever(q, "image").rows[0, :2].tolist() in ([0, 6], [6, 0])
+    excluded = retriever(q, "image", exclude_ids=torch.tensor([0]))
+    assert 0 not in excluded.rows.tolist()[0] and 6 not in excluded.rows.tolist()[0]
+    assert excluded.mask.all()
+
+
+def test_fewer_than_k_survivors_are_masked_not_invented():
+    x = unit(np.eye(3))
+    mem = MemoryStore.from_arrays(x, x, ids=np.array([7, 7, 8]))
+    nb = Retriever(mem, k=3, exclusion_margin=0)(
+        torch.from_numpy(x[:1]), "image", exclude_ids=torch.tensor([7])
+    )
+    assert nb.mask.tolist() == [[True, False, False]]
+    assert nb.rows.tolist() == [[2, -1, -1]]
+    assert torch.count_nonzero(nb.embeddings[0, 1:]) == 0
+
+
+def test_bad_settings_are_refused(memory):
+    with pytest.raises(ValueError, match="exceeds the memory size 4"):
+        Retriever(memory, k=5)
+    with pytest.raises(ValueError, match="search and fusion must be"):
+        Retriever(memory, search="both")
