@@ -1,4 +1,6 @@
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,20 +13,25 @@ from reco_lightning.cli import main
 CONFIG = Path(__file__).parents[1] / "configs" / "tiny.yaml"
 
 
+@pytest.fixture()
+def in_project(tiny_dir, tmp_path, monkeypatch):
+    """Run from a fresh directory whose artifacts/tiny is the session's tiny setup, as configs/tiny.yaml expects."""
+    (tmp_path / "artifacts").mkdir()
+    (tmp_path / "artifacts" / "tiny").symlink_to(tiny_dir)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
 def tiny_args(tiny_dir, root):
     return [
         "--config",
         str(CONFIG),
-        f"--model.backbone={tiny_dir / 'clip'}",
-        f"--model.memory={tiny_dir / 'memory'}",
-        f"--data.init_args.train={tiny_dir / 'train.csv'}",
-        f"--data.init_args.val={tiny_dir / 'val.csv'}",
         f"--trainer.default_root_dir={root}",
         "--trainer.enable_progress_bar=false",
     ]
 
 
-def test_fit_writes_small_checkpoint_and_reruns(tiny_dir, tmp_path):
+def test_fit_writes_small_checkpoint_and_reruns(tiny_dir, tmp_path, in_project):
     args = ["fit", *tiny_args(tiny_dir, tmp_path), "--trainer.max_steps=3", "--trainer.val_check_interval=3"]
     main(args)
     main(args)  # an existing config.yaml must not stop a second run
@@ -34,14 +41,25 @@ def test_fit_writes_small_checkpoint_and_reruns(tiny_dir, tmp_path):
     assert state and not any(k.startswith("backbone.") for k in state)
 
 
-def test_validate_and_test_and_predict_from_checkpoint(tiny_dir, tmp_path):
+def test_validate_and_test_and_predict_from_checkpoint(tiny_dir, tmp_path, in_project):
     main(["fit", *tiny_args(tiny_dir, tmp_path), "--trainer.max_steps=2", "--trainer.val_check_interval=2"])
     ckpt = next(tmp_path.rglob("last.ckpt"))
     for command in ("validate", "test", "predict"):
         main([command, *tiny_args(tiny_dir, tmp_path / command), f"--ckpt_path={ckpt}"])
+    report = json.loads(
+        (tmp_path / "test" / "lightning_logs" / "version_0" / "zeroshot_report.json").read_text()
+    )
+    settings = {(row["dataset"], row["setting"]) for row in report["rows"]}
+    assert {
+        ("shapes", "clip"),
+        ("shapes", "reco"),
+        ("shapes_captions", "reco_text"),
+        ("shapes", "reco@k=2"),
+    } <= settings
+    assert (tmp_path / "test" / "lightning_logs" / "version_0" / "k_sweep_shapes.png").stat().st_size > 1000
 
 
-def test_print_config(tiny_dir, tmp_path, capsys):
+def test_print_config(tiny_dir, tmp_path, in_project, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", *tiny_args(tiny_dir, tmp_path), "--print_config"])
     assert exit_info.value.code == 0
@@ -49,7 +67,7 @@ def test_print_config(tiny_dir, tmp_path, capsys):
     assert "near_duplicate_threshold: 0.99" in out and "backbone:" in out
 
 
-def test_ddp_on_cpu_with_two_processes(tiny_dir, tmp_path):
+def test_ddp_on_cpu_with_two_processes(tiny_dir, tmp_path, in_project):
     """Through the installed `reco` script: Lightning's ddp launcher re-executes the command per rank."""
     reco = Path(sys.executable).parent / "reco"
     args = [
@@ -61,10 +79,17 @@ def test_ddp_on_cpu_with_two_processes(tiny_dir, tmp_path):
         "--trainer.max_steps=2",
         "--trainer.val_check_interval=2",
     ]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "distributed_backend=gloo" in result.stderr + result.stdout
-    assert "All distributed processes registered. Starting with 2 processes" in result.stderr + result.stdout
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher's child rank too
+        output, _ = proc.communicate()
+        pytest.fail(f"DDP run hung:\n{output[-3000:]}")
+    assert proc.returncode == 0, output[-3000:]
+    assert "distributed_backend=gloo" in output
+    assert "All distributed processes registered. Starting with 2 processes" in output
+    assert "zero-shot report" in output
     assert list(tmp_path.rglob("last.ckpt"))
 
 

@@ -154,9 +154,11 @@ class RecoModule(pl.LightningModule):
         t = self.backbone.encode_texts(batch["input_ids"], batch.get("attention_mask"))
         return v, t
 
-    def refine(self, embeddings: Tensor, modality: Modality, exclude_ids: Tensor | None = None) -> Tensor:
-        """RECO-refined embeddings of one modality (retrieve, then fuse)."""
-        neighbours = self._require_retriever()(embeddings, modality, exclude_ids=exclude_ids)
+    def refine(
+        self, embeddings: Tensor, modality: Modality, exclude_ids: Tensor | None = None, k: int | None = None
+    ) -> Tensor:
+        """RECO-refined embeddings of one modality (retrieve, then fuse); ``k`` overrides the trained k."""
+        neighbours = self._require_retriever()(embeddings, modality, exclude_ids=exclude_ids, k=k)
         fusion = self.image_fusion if modality == "image" else self.text_fusion
         return fusion(embeddings, neighbours.embeddings, neighbours.mask)
 

@@ -91,6 +91,8 @@ class Retriever:
         """
         k = k or self.k
         memory = self.memory
+        if k > len(memory):
+            raise ValueError(f"k={k} exceeds the memory size {len(memory)}: lower k or use a larger memory")
         excluding = exclude_ids is not None
         fetch = min(len(memory), k + self.exclusion_margin) if excluding else k
         q = query.detach().to("cpu", torch.float32).numpy()

@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 
 from reco_lightning.tiny_clip import save_tiny_clip
 
-__all__ = ["COLOURS", "SHAPES", "make_shape_pairs", "prepare_tiny"]
+__all__ = ["COLOURS", "SHAPES", "make_shape_classes", "make_shape_pairs", "prepare_tiny"]
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
 SHAPES = ("circle", "square", "triangle")
@@ -64,8 +64,24 @@ def make_shape_pairs(directory: str | os.PathLike, n: int, seed: int = 0, name: 
     return csv_path
 
 
+def make_shape_classes(directory: str | os.PathLike, per_class: int, seed: int = 0) -> Path:
+    """A zero-shot classification folder: one sub-folder per "<colour> <shape>" class, plus classnames.txt."""
+    directory = Path(directory)
+    rng = random.Random(seed)
+    names = [f"{c} {s}" for c in sorted(COLOURS) for s in SHAPES]
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    for label, name in enumerate(names):
+        colour, shape = name.split()
+        (tmp / f"{label:02d}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            _draw(shape, COLOURS[colour], rng).save(tmp / f"{label:02d}" / f"{i:04d}.png")
+    (tmp / "classnames.txt").write_text("\n".join(names) + "\n")
+    os.replace(tmp, directory)
+    return directory
+
+
 def prepare_tiny(directory: str | os.PathLike, n_train: int = 256, n_val: int = 64, seed: int = 0) -> Path:
-    """Create ``clip/``, ``train.csv``, ``val.csv`` and ``memory/`` under ``directory`` unless present."""
+    """Create ``clip/``, ``train.csv``, ``val.csv``, ``zeroshot/`` and ``memory/`` under ``directory`` unless present."""
     from reco_lightning.memory.build import build_memory
 
     directory = Path(directory)
@@ -74,6 +90,8 @@ def prepare_tiny(directory: str | os.PathLike, n_train: int = 256, n_val: int = 
         make_shape_pairs(directory, n_train, seed=seed, name="train.csv")
     if not (directory / "val.csv").is_file():
         make_shape_pairs(directory, n_val, seed=seed + 1, name="val.csv")
+    if not (directory / "zeroshot").is_dir():
+        make_shape_classes(directory / "zeroshot", per_class=4, seed=seed + 2)
     if not (directory / "clip" / "config.json").is_file():
         captions = [t.format(c=c, s=s) for t in TEMPLATES for c in COLOURS for s in SHAPES]
         save_tiny_clip(directory / "clip", captions, vocab_size=300, seed=seed)

@@ -1,0 +1,316 @@
+"""ZeroShotEvaluation: frozen CLIP and RECO side by side on zero-shot sets, during `fit` and in `test`.
+
+The callback encodes each evaluation set once, scores every requested setting from the same pass
+(frozen CLIP, RECO refining both sides, only the image side, only the text side), logs the metrics so a
+ModelCheckpoint can select on zero-shot accuracy, and writes one report (markdown + JSON) per run next
+to the logs. An optional k sweep re-scores RECO at several k and plots accuracy versus k.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+
+from reco_lightning.data.zeroshot import (
+    ImageFolderClassification,
+    RetrievalPairs,
+    WebDatasetClassification,
+    load_templates,
+)
+from reco_lightning.evaluation import (
+    EvaluationReport,
+    ZeroShotClassificationAccumulator,
+    build_class_embeddings,
+    plot_k_sweep,
+    retrieval_metrics,
+)
+
+__all__ = ["SETTINGS", "ClassificationSet", "RetrievalSet", "ZeroShotEvaluation"]
+
+# setting -> (refine the image side, refine the text side)
+SETTINGS: dict[str, tuple[bool, bool]] = {
+    "clip": (False, False),
+    "reco": (True, True),
+    "reco_image": (True, False),
+    "reco_text": (False, True),
+}
+
+
+@dataclass
+class ClassificationSet:
+    """A zero-shot classification set.
+
+    Args:
+        name: label in logs and reports.
+        root: image folder (one sub-folder per class) or CLIP_benchmark webdataset directory.
+        format: "folder" or "wds".
+        classnames / templates: file path or shipped set name; default: the dataset's own files, then
+            the generic CLIP templates.
+        split: webdataset split folder.
+        class_groups: extra top-1 restricted to images of these classes (names as in classnames),
+            e.g. {"seen": [...], "unseen": [...]}; classification is still over all classes.
+    """
+
+    name: str
+    root: str
+    format: Literal["folder", "wds"] = "folder"
+    classnames: str | None = None
+    templates: str | None = None
+    split: str = "test"
+    class_groups: dict[str, list[str]] | None = None
+
+
+@dataclass
+class RetrievalSet:
+    """A zero-shot retrieval set: CSV/TSV of (image path, caption), several captions per image allowed."""
+
+    name: str
+    annotations: str
+    image_column: str = "filepath"
+    caption_column: str = "caption"
+
+
+class ZeroShotEvaluation(pl.Callback):
+    """Evaluate CLIP vs RECO settings on zero-shot sets at validation end (fit) and test end.
+
+    Args:
+        classification / retrieval: the evaluation sets.
+        settings: rows of the report, from "clip", "reco" (both sides refined: the paper's classification
+            setting), "reco_image", "reco_text" (the paper's best retrieval setting).
+        k_sweep: also score "reco" at each of these k (inference-time k) and plot accuracy vs k.
+        batch_size / num_workers: evaluation loader settings.
+        during_fit: evaluate at every validation epoch end of `fit` (logged as zeroshot/...).
+        report_dir: where reports go; default: the trainer's log dir.
+        limit_images: evaluate at most this many images per set (quick checks).
+    """
+
+    def __init__(
+        self,
+        classification: Sequence[ClassificationSet] = (),
+        retrieval: Sequence[RetrievalSet] = (),
+        settings: Sequence[str] = ("clip", "reco"),
+        k_sweep: Sequence[int] | None = None,
+        batch_size: int = 256,
+        num_workers: int = 0,
+        during_fit: bool = True,
+        report_dir: str | None = None,
+        limit_images: int | None = None,
+    ) -> None:
+        unknown = [s for s in settings if s not in SETTINGS]
+        if unknown:
+            raise ValueError(f"unknown zero-shot settings {unknown}: choose from {sorted(SETTINGS)}")
+        if not classification and not retrieval:
+            raise ValueError("ZeroShotEvaluation needs at least one classification or retrieval set")
+        self.classification, self.retrieval = list(classification), list(retrieval)
+        self.settings, self.k_sweep = list(settings), sorted(set(k_sweep or ()))
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.during_fit, self.report_dir, self.limit_images = during_fit, report_dir, limit_images
+        self.last_report: EvaluationReport | None = None
+
+    # --- Lightning hooks -------------------------------------------------------------------------------
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.during_fit and not trainer.sanity_checking and trainer.state.fn == "fit":
+            self._run(trainer, pl_module)
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._run(trainer, pl_module)
+
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        report, sweep = self.evaluate(pl_module, rank=trainer.global_rank, world_size=trainer.world_size)
+        for row in report.rows:
+            for metric, value in row.metrics.items():
+                pl_module.log(f"zeroshot/{row.dataset}/{row.setting}/{metric}", value, sync_dist=False)
+        self.last_report = report
+        # trainer.log_dir broadcasts from rank 0: every rank must ask, or DDP deadlocks
+        directory = Path(self.report_dir or trainer.log_dir or trainer.default_root_dir)
+        if trainer.is_global_zero:
+            report.save(directory)
+            if sweep:
+                for name, series in sweep.items():
+                    plot_k_sweep(
+                        series, "top1", directory / f"k_sweep_{name}.png", title=f"{name}: top-1 vs k"
+                    )
+            rank_zero_info(f"zero-shot report ({directory / 'zeroshot_report.md'}):\n{report}")
+
+    # --- evaluation without a trainer too ------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(
+        self, pl_module: pl.LightningModule, rank: int = 0, world_size: int = 1
+    ) -> tuple[EvaluationReport, dict[str, dict[str, dict[int, float]]]]:
+        """Score every set under every setting; returns the report and the k sweep (set -> series -> k -> top1)."""
+        was_training = pl_module.training
+        pl_module.eval()
+        report = EvaluationReport()
+        sweep: dict[str, dict[str, dict[int, float]]] = {}
+        try:
+            for spec in self.classification:
+                sweep[spec.name] = self._classification(pl_module, spec, report, rank, world_size)
+            for spec in self.retrieval:
+                self._retrieval(pl_module, spec, report)
+        finally:
+            pl_module.train(was_training)
+        return report, {name: series for name, series in sweep.items() if series}
+
+    def _loader(self, dataset: Dataset, pl_module: pl.LightningModule) -> DataLoader:
+        backbone = pl_module.backbone
+
+        def collate(samples: list[tuple[Any, int]]) -> tuple[Tensor, Tensor]:
+            images, labels = zip(*samples, strict=True)
+            return backbone.preprocess_images(images), torch.tensor(labels, dtype=torch.long)
+
+        return DataLoader(
+            dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate
+        )
+
+    def _classification(
+        self,
+        pl_module: pl.LightningModule,
+        spec: ClassificationSet,
+        report: EvaluationReport,
+        rank: int,
+        world: int,
+    ) -> dict[str, dict[int, float]]:
+        dataset: Dataset
+        if spec.format == "wds":
+            dataset = WebDatasetClassification(spec.root, split=spec.split, classnames_file=spec.classnames)
+        else:
+            dataset = ImageFolderClassification(spec.root, classnames_file=spec.classnames)
+        templates = (
+            load_templates(spec.templates)
+            if spec.templates
+            else (dataset.templates or load_templates("clip_generic"))
+        )
+        classnames = dataset.classnames
+        groups = _group_labels(spec, classnames)
+        if not isinstance(dataset, IterableDataset):
+            indices = list(range(len(dataset)))[: self.limit_images]
+            dataset = Subset(dataset, indices[rank::world])
+
+        ks = [None, *self.k_sweep]  # None: the module's trained k
+        needed = set(self.settings) | ({"reco"} if self.k_sweep else set())
+        encode = pl_module.backbone.encode_captions
+        weights = {(False, None): build_class_embeddings(classnames, templates, encode, self.batch_size)}
+        for k in ks:
+            if any(SETTINGS[s][1] for s in needed):
+                weights[(True, k)] = build_class_embeddings(
+                    classnames, templates, _refined(pl_module, encode, k), self.batch_size
+                )
+
+        accumulators: dict[tuple[str, int | None], dict[str, ZeroShotClassificationAccumulator]] = {}
+        device = pl_module.device
+        for setting in self.settings:
+            accumulators[(setting, None)] = _group_accumulators(len(classnames), groups, device)
+        for k in self.k_sweep:
+            accumulators[("reco", k)] = _group_accumulators(len(classnames), groups, device)
+
+        for pixel_values, labels in _progress(self._loader(dataset, pl_module), f"zero-shot {spec.name}"):
+            v = pl_module.backbone.encode_images(pixel_values.to(device))
+            refined = {}
+            for (setting, k), groups_acc in accumulators.items():
+                refine_image, refine_text = SETTINGS[setting]
+                if refine_image and k not in refined:
+                    refined[k] = pl_module.refine(v, "image", k=k)
+                image = refined[k] if refine_image else v
+                scores = image @ weights[(refine_text, k if refine_text else None)].to(device).t()
+                for group, acc in groups_acc.items():
+                    mask = (
+                        torch.isin(labels, groups[group])
+                        if group != "all"
+                        else torch.ones_like(labels, dtype=torch.bool)
+                    )
+                    if mask.any():
+                        acc.update(scores[mask.to(device)], labels[mask].to(device))
+
+        sweep: dict[str, dict[int, float]] = {}
+        for (setting, k), groups_acc in accumulators.items():
+            metrics = {}
+            for group, acc in groups_acc.items():
+                computed = acc.compute()
+                if group == "all":
+                    metrics.update(computed)
+                else:
+                    metrics[f"top1_{group}"] = computed["top1"]
+            name = setting if k is None else f"{setting}@k={k}"
+            report.add(spec.name, name, metrics)
+            if k is not None:
+                sweep.setdefault("reco", {})[k] = metrics["top1"]
+        if sweep:
+            clip_top1 = next(
+                (r.metrics["top1"] for r in report.rows if r.dataset == spec.name and r.setting == "clip"),
+                None,
+            )
+            if clip_top1 is not None:
+                sweep["clip"] = dict.fromkeys(self.k_sweep, clip_top1)
+        return sweep
+
+    def _retrieval(self, pl_module: pl.LightningModule, spec: RetrievalSet, report: EvaluationReport) -> None:
+        dataset = RetrievalPairs(
+            spec.annotations, image_column=spec.image_column, caption_column=spec.caption_column
+        )
+        device = pl_module.device
+        images = torch.cat(
+            [pl_module.backbone.encode_images(px.to(device)) for px, _ in self._loader(dataset, pl_module)]
+        )
+        captions = dataset.captions
+        texts = torch.cat(
+            [
+                pl_module.backbone.encode_captions(captions[i : i + self.batch_size])
+                for i in range(0, len(captions), self.batch_size)
+            ]
+        )
+        refined_images = refined_texts = None
+        for setting in self.settings:
+            refine_image, refine_text = SETTINGS[setting]
+            if refine_image and refined_images is None:
+                refined_images = _batched(lambda x: pl_module.refine(x, "image"), images, self.batch_size)
+            if refine_text and refined_texts is None:
+                refined_texts = _batched(lambda x: pl_module.refine(x, "text"), texts, self.batch_size)
+            report.add(
+                spec.name,
+                setting,
+                retrieval_metrics(
+                    refined_images if refine_image else images,
+                    refined_texts if refine_text else texts,
+                    dataset.text_to_image,
+                ),
+            )
+
+
+def _refined(pl_module: pl.LightningModule, encode: Callable[[list[str]], Tensor], k: int | None):
+    return lambda texts: pl_module.refine(encode(texts), "text", k=k)
+
+
+def _batched(fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: int) -> Tensor:
+    return torch.cat([fn(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def _group_labels(spec: ClassificationSet, classnames: list[str]) -> dict[str, Tensor]:
+    groups = {}
+    for group, names in (spec.class_groups or {}).items():
+        missing = [n for n in names if n not in classnames]
+        if missing:
+            raise ValueError(
+                f"class_groups.{group} of {spec.name} names unknown classes {missing}; classes: {classnames}"
+            )
+        groups[group] = torch.tensor([classnames.index(n) for n in names], dtype=torch.long)
+    return groups
+
+
+def _group_accumulators(
+    num_classes: int, groups: dict[str, Tensor], device: torch.device
+) -> dict[str, ZeroShotClassificationAccumulator]:
+    return {name: ZeroShotClassificationAccumulator(num_classes).to(device) for name in ("all", *groups)}
+
+
+def _progress(iterable, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, leave=False)

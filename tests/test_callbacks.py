@@ -1,0 +1,84 @@
+import pytest
+import torch
+
+from reco_lightning.callbacks import ClassificationSet, RetrievalSet, ZeroShotEvaluation
+from reco_lightning.evaluation import classification_metrics
+from reco_lightning.model import RecoModule
+
+
+@pytest.fixture(scope="module")
+def module(tiny_dir):
+    torch.manual_seed(0)
+    m = RecoModule(backbone=str(tiny_dir / "clip"), memory=str(tiny_dir / "memory"), k=4, fusion_heads=4)
+    m.setup("test")
+    return m.eval()
+
+
+def callback(tiny_dir, **kwargs):
+    groups = {"reds": ["red circle", "red square", "red triangle"]}
+    return ZeroShotEvaluation(
+        classification=[
+            ClassificationSet(
+                "shapes", str(tiny_dir / "zeroshot"), templates="clip_generic", class_groups=groups
+            )
+        ],
+        retrieval=[RetrievalSet("captions", str(tiny_dir / "val.csv"))],
+        **{"settings": ["clip", "reco", "reco_image", "reco_text"], "batch_size": 16, **kwargs},
+    )
+
+
+def test_every_setting_is_reported_and_evaluation_is_deterministic(module, tiny_dir):
+    cb = callback(tiny_dir, k_sweep=[1, 4])
+    first, sweep = cb.evaluate(module)
+    second, _ = cb.evaluate(module)
+    assert first.to_json() == second.to_json()
+    rows = {(r.dataset, r.setting): r.metrics for r in first.rows}
+    assert set(rows) == {
+        ("shapes", s) for s in ("clip", "reco", "reco_image", "reco_text", "reco@k=1", "reco@k=4")
+    } | {("captions", s) for s in ("clip", "reco", "reco_image", "reco_text")}
+    assert rows["shapes", "reco@k=4"] == rows["shapes", "reco"], "the trained k is 4"
+    assert set(sweep["shapes"]) == {"reco", "clip"} and set(sweep["shapes"]["reco"]) == {1, 4}
+    assert {"top1", "top5", "mean_per_class_recall", "top1_reds"} <= set(rows["shapes", "clip"])
+    assert {"image_to_text_R@1", "text_to_image_R@10"} <= set(rows["captions", "reco_text"])
+
+
+def test_clip_row_equals_a_hand_computed_zero_shot_classifier(module, tiny_dir):
+    from reco_lightning.data.zeroshot import ImageFolderClassification, load_templates
+
+    report, _ = callback(tiny_dir, settings=["clip"]).evaluate(module)
+    data = ImageFolderClassification(tiny_dir / "zeroshot")
+    templates = load_templates("clip_generic")
+    clip = module.backbone
+    weights = torch.stack(
+        [
+            torch.nn.functional.normalize(
+                clip.encode_captions([t.replace("{c}", c) for t in templates]).mean(0), dim=0
+            )
+            for c in data.classnames
+        ]
+    )
+    images, labels = zip(*[data[i] for i in range(len(data))], strict=True)
+    scores = clip.encode_images(clip.preprocess_images(images)) @ weights.t()
+    expected = classification_metrics(scores, torch.tensor(labels))
+    got = next(r.metrics for r in report.rows if r.setting == "clip" and r.dataset == "shapes")
+    assert got["top1"] == pytest.approx(expected["top1"]) and got["top5"] == pytest.approx(expected["top5"])
+    labels = torch.tensor(labels)
+    red = torch.isin(
+        labels, torch.tensor([data.classnames.index(f"red {s}") for s in ("circle", "square", "triangle")])
+    )
+    assert red.sum() == 12
+    assert got["top1_reds"] == pytest.approx(classification_metrics(scores[red], labels[red])["top1"])
+
+
+def test_bad_configuration_is_refused(tiny_dir, module):
+    with pytest.raises(ValueError, match="unknown zero-shot settings"):
+        ZeroShotEvaluation(classification=[ClassificationSet("x", "y")], settings=["clip", "best"])
+    with pytest.raises(ValueError, match="at least one classification or retrieval set"):
+        ZeroShotEvaluation()
+    bad = ZeroShotEvaluation(
+        classification=[
+            ClassificationSet("s", str(tiny_dir / "zeroshot"), class_groups={"g": ["purple hexagon"]})
+        ]
+    )
+    with pytest.raises(ValueError, match=r"class_groups.g of s names unknown classes \['purple hexagon'\]"):
+        bad.evaluate(module)
