@@ -64,7 +64,7 @@ def test_print_config(tiny_dir, tmp_path, in_project, capsys):
         main(["fit", *tiny_args(tiny_dir, tmp_path), "--print_config"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "near_duplicate_threshold: 0.99" in out and "backbone:" in out
+    assert "near_duplicate_threshold: 0.999" in out and "backbone:" in out
 
 
 def test_ddp_on_cpu_with_two_processes(tiny_dir, tmp_path, in_project):

@@ -18,11 +18,11 @@ def test_tiny_memory_matches_direct_encoding(tiny_dir, tiny_backbone):
     store = MemoryStore.open(tiny_dir / "memory")
     clip = FrozenCLIP(tiny_backbone)
     assert store.fingerprint["id"] == clip.fingerprint["id"]
-    from reco_lightning.data.pairs import ImageTextPairs, read_pairs
+    from reco_lightning.data.pairs import decode, read_pairs
 
     records = read_pairs(tiny_dir / "train.csv")
     assert len(store) == len(records) and store.ids.tolist() == [r.id for r in records]
-    samples = [ImageTextPairs(records)[i] for i in (0, 5)]
+    samples = [decode(records[i]) for i in (0, 5)]
     v = clip.encode_images(clip.preprocess_images([s["image"] for s in samples])).numpy()
     t = clip.encode_captions([s["caption"] for s in samples]).numpy()
     assert np.allclose(store.image_embeddings[[0, 5]], v, atol=2e-3)
@@ -54,7 +54,7 @@ def test_existing_memory_and_changed_interrupted_build_are_refused(tmp_path, tin
 
 BUILD = """
 import sys, time
-from reco_lightning.memory.build import _RankWriter
+from reco_lightning.chunked import _RankWriter
 slow = _RankWriter.write_on_epoch_end
 def write_then_pause(self, *a, **k):
     slow(self, *a, **k)
@@ -68,7 +68,7 @@ build_memory(sys.argv[1], sys.argv[2], sys.argv[3], batch_size=16, chunk_size=48
 
 def test_killed_build_resumes_without_duplicate_or_missing_rows(tmp_path, tiny_dir, tiny_backbone):
     out = tmp_path / "mem"
-    chunks = tmp_path / ".mem.partial" / "chunks"
+    chunks = tmp_path / ".mem.partial" / "chunks"  # one file per finished chunk of 48 rows
     proc = subprocess.Popen(
         [sys.executable, "-c", BUILD, str(tiny_dir / "train.csv"), str(out), tiny_backbone, "3"],
         stdout=subprocess.DEVNULL,
@@ -76,18 +76,18 @@ def test_killed_build_resumes_without_duplicate_or_missing_rows(tmp_path, tiny_d
         start_new_session=True,
     )
     deadline = time.time() + 120
-    while not list(chunks.glob("000001.npz")) and time.time() < deadline and proc.poll() is None:
+    while not list(chunks.glob("000001.pt")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the real thing: no cleanup handlers run
     proc.wait()
-    done = sorted(p.name for p in chunks.glob("*.npz"))
-    assert "000000.npz" in done and "000003.npz" not in done, done
+    done = sorted(p.name for p in chunks.glob("*.pt"))
+    assert "000000.pt" in done and "000003.pt" not in done, done
     with pytest.raises(RecoMemoryError, match="interrupted build"):
         MemoryStore.open(out)
-    first_mtime = (chunks / "000000.npz").stat().st_mtime_ns
+    first_mtime = (chunks / "000000.pt").stat().st_mtime_ns
 
     seen_chunks = []
-    from reco_lightning.memory import build as build_module
+    from reco_lightning import chunked as build_module
 
     original = build_module._merge_ranks
     build_module._merge_ranks = lambda rank_dir, final: (
@@ -95,13 +95,13 @@ def test_killed_build_resumes_without_duplicate_or_missing_rows(tmp_path, tiny_d
         original(rank_dir, final),
     )
     try:
-        assert (chunks / "000000.npz").stat().st_mtime_ns == first_mtime
+        assert (chunks / "000000.pt").stat().st_mtime_ns == first_mtime
         build_memory(
             tiny_dir / "train.csv", out, tiny_backbone, batch_size=16, chunk_size=48, trainer_kwargs=TRAINER
         )
     finally:
         build_module._merge_ranks = original
-    assert "000000.npz" not in seen_chunks, "finished chunks are not re-encoded"
+    assert "000000.pt" not in seen_chunks, "finished chunks are not re-encoded"
     resumed, reference = MemoryStore.open(out), MemoryStore.open(tiny_dir / "memory")
     assert resumed.ids.tolist() == reference.ids.tolist()
     assert np.allclose(resumed.image_embeddings, reference.image_embeddings, atol=2e-3)

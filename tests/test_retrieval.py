@@ -75,3 +75,17 @@ def test_bad_settings_are_refused(memory):
         Retriever(memory, k=5)
     with pytest.raises(ValueError, match="search and fusion must be"):
         Retriever(memory, search="both")
+
+
+def test_search_widens_for_queries_whose_candidates_are_all_near_duplicates():
+    rng = np.random.default_rng(1)
+    centre = unit(rng.normal(size=(1, 16)))
+    cluster = unit(centre + 1e-4 * rng.normal(size=(40, 16)))  # 40 near-copies of the query
+    others = unit(rng.normal(size=(30, 16)))
+    x = np.concatenate([cluster, others])
+    mem = MemoryStore.from_arrays(x, x)
+    retriever = Retriever(mem, k=3, exclusion_margin=4, near_duplicate_threshold=0.99)
+    nb = retriever(torch.from_numpy(centre), "image", exclude_ids=torch.tensor([-1]))
+    assert nb.mask.all() and (nb.rows >= 40).all(), "found the 3 best non-duplicates beyond the first 7 candidates"
+    expected = np.argsort(-(others @ centre[0]))[:3] + 40
+    assert nb.rows[0].tolist() == expected.tolist()

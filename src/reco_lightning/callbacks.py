@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
@@ -33,7 +33,7 @@ from reco_lightning.evaluation import (
     retrieval_metrics,
 )
 
-__all__ = ["SETTINGS", "ClassificationSet", "RetrievalSet", "ZeroShotEvaluation"]
+__all__ = ["SETTINGS", "ClassificationSet", "DataEpochHooks", "RetrievalSet", "ZeroShotEvaluation"]
 
 # setting -> (refine the image side, refine the text side)
 SETTINGS: dict[str, tuple[bool, bool]] = {
@@ -76,6 +76,53 @@ class RetrievalSet:
     annotations: str
     image_column: str = "filepath"
     caption_column: str = "caption"
+
+
+class DataEpochHooks(pl.Callback):
+    """Per-epoch duties of streaming data that Lightning does not do for an IterableDataset.
+
+    At train epoch start the stream is reshuffled for the new epoch; at each epoch end the bad samples
+    every rank skipped are counted (logged as ``data/bad_samples_<stage>``), reported with their keys,
+    and listed in full in ``bad_samples_<stage>_epoch<N>.txt`` next to the logs. RecoModule adds this
+    callback itself.
+    """
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        datamodule = trainer.datamodule
+        if hasattr(datamodule, "set_epoch"):
+            datamodule.set_epoch(trainer.current_epoch)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._report(trainer, pl_module, "train")
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._report(trainer, pl_module, "validate")
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._report(trainer, pl_module, "test")
+
+    def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        datamodule = trainer.datamodule
+        if not hasattr(datamodule, "pop_bad_samples"):
+            return
+        keys = datamodule.pop_bad_samples(stage)
+        if trainer.world_size > 1:
+            import torch.distributed as dist
+
+            gathered: list[list[str]] = [[] for _ in range(trainer.world_size)]
+            dist.all_gather_object(gathered, keys)
+            keys = [k for part in gathered for k in part]
+        pl_module.log(f"data/bad_samples_{stage}", float(len(keys)), sync_dist=False)
+        directory = Path(trainer.log_dir or trainer.default_root_dir)  # every rank asks: log_dir broadcasts
+        if keys and trainer.is_global_zero:
+            directory.mkdir(parents=True, exist_ok=True)
+            listing = directory / f"bad_samples_{stage}_epoch{trainer.current_epoch}.txt"
+            listing.write_text("\n".join(keys) + "\n")
+            shown = ", ".join(keys[:10]) + (" ..." if len(keys) > 10 else "")
+            rank_zero_warn(
+                f"{stage} epoch {trainer.current_epoch}: skipped {len(keys)} bad samples ({shown}); all in {listing}"
+            )
 
 
 class ZeroShotEvaluation(pl.Callback):

@@ -118,6 +118,52 @@ def _plain(value: Any) -> Any:
     return value.as_dict() if hasattr(value, "as_dict") else value
 
 
+def cache_main(args: Sequence[str]) -> None:
+    """Build the feature caches a config's ``data.feature_cache`` points at (train and val), if not current."""
+    from pathlib import Path
+
+    from reco_lightning.data.features import (
+        FeatureCacheError,
+        build_feature_cache,
+        cache_requirements,
+        open_feature_cache,
+    )
+
+    cli = lightning_main(args, run=False)
+    model, data = cli.model, cli.datamodule
+    root = data.hparams.feature_cache
+    if not root:
+        raise SystemExit("reco cache: set data.init_args.feature_cache to the directory the caches go to")
+    model.setup("predict")
+    trainer_kwargs = {"accelerator": cli.trainer.accelerator, "devices": cli.trainer.num_devices}
+    for stage in ("train", "val"):
+        source = data.hparams[stage]
+        if source is None:
+            continue
+        out = Path(root) / stage
+        try:
+            open_feature_cache(out, cache_requirements(model, source))
+            print(f"{stage} feature cache {out} is current")
+            continue
+        except FeatureCacheError:
+            pass
+        build_feature_cache(
+            model,
+            source,
+            out,
+            batch_size=data.hparams.batch_size,
+            num_workers=data.hparams.num_workers,
+            image_column=data.hparams.image_column,
+            caption_column=data.hparams.caption_column,
+            id_column=data.hparams.id_column,
+            trainer_kwargs={
+                **trainer_kwargs,
+                "enable_progress_bar": cli.trainer.progress_bar_callback is not None,
+            },
+        )
+        print(f"{stage} feature cache written to {out}")
+
+
 def prepare_tiny_main(args: Sequence[str]) -> None:
     from jsonargparse import ArgumentParser
 
@@ -138,6 +184,8 @@ def main(args: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] == "memory":
         memory_main(argv[1:])
+    elif argv and argv[0] == "cache":
+        cache_main(argv[1:])
     elif argv and argv[0] == "prepare-tiny":
         prepare_tiny_main(argv[1:])
     else:

@@ -21,12 +21,21 @@ __all__ = ["RecoContrastiveLoss", "gather_with_grad", "info_nce"]
 
 
 def gather_with_grad(x: Tensor) -> Tensor:
-    """Concatenate ``x`` from all ranks in rank order, keeping the autograd graph to every rank's input."""
+    """Concatenate ``x`` from all ranks in rank order, keeping the autograd graph to every rank's input.
+
+    Ranks may hold different numbers of rows (bad samples are dropped per rank): rows are padded to the
+    largest count for the collective and the padding is removed again.
+    """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(x), dim=0)
+    count = torch.tensor([x.shape[0]], device=x.device)
+    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    padded = F.pad(x, (0, 0, 0, max(sizes) - x.shape[0]))
+    return torch.cat([part[:n] for part, n in zip(all_gather(padded), sizes, strict=True)], dim=0)
 
 
 def info_nce(a: Tensor, b: Tensor, logit_scale: Tensor) -> Tensor:
@@ -68,6 +77,9 @@ class RecoContrastiveLoss(nn.Module):
         """Local [B, D] embeddings in, global-batch loss out (plus its parts, for logging)."""
         v, t, v_bar, t_bar = (gather_with_grad(x) for x in (v, t, v_bar, t_bar))
         scale = self.logit_scale
+        if v.shape[0] == 0:  # every sample of the global batch was bad: a zero loss that still backpropagates
+            zero = scale * 0.0 + v_bar.sum() * 0.0 + t_bar.sum() * 0.0
+            return {"loss": zero, "refined": zero}
         parts = {"refined": info_nce(v_bar, t_bar, scale)}
         if self.mixed_terms:
             parts["refined_image"] = info_nce(v_bar, t, scale)

@@ -26,11 +26,6 @@ __all__ = ["BackboneMismatchError", "RecoModule"]
 BACKBONE_PREFIX = "backbone."
 
 
-def _is_empty(batch: dict[str, Tensor]) -> bool:
-    """A batch whose every sample was unreadable (the collator drops bad samples)."""
-    return batch["id"].numel() == 0 if "id" in batch else False
-
-
 class BackboneMismatchError(RuntimeError):
     """A checkpoint's fusion was trained on another backbone's embedding space."""
 
@@ -150,22 +145,50 @@ class RecoModule(pl.LightningModule):
         """Frozen (v, t) for a batch: precomputed features when the batch carries them, else CLIP forward."""
         if "image_emb" in batch:
             return batch["image_emb"].float(), batch["text_emb"].float()
+        if "pixel_values" not in batch:  # every sample of this rank's batch was bad
+            empty = torch.zeros(0, self.backbone.dim, device=self.device)
+            return empty, empty
         v = self.backbone.encode_images(batch["pixel_values"])
         t = self.backbone.encode_texts(batch["input_ids"], batch.get("attention_mask"))
         return v, t
 
     def refine(
-        self, embeddings: Tensor, modality: Modality, exclude_ids: Tensor | None = None, k: int | None = None
+        self,
+        embeddings: Tensor,
+        modality: Modality,
+        exclude_ids: Tensor | None = None,
+        k: int | None = None,
+        rows: Tensor | None = None,
     ) -> Tensor:
-        """RECO-refined embeddings of one modality (retrieve, then fuse); ``k`` overrides the trained k."""
-        neighbours = self._require_retriever()(embeddings, modality, exclude_ids=exclude_ids, k=k)
+        """RECO-refined embeddings of one modality (retrieve, then fuse).
+
+        ``k`` overrides the trained k; ``rows`` [B, k] are precomputed neighbour rows (feature cache),
+        which replace the search (exclusion was applied when they were computed).
+        """
         fusion = self.image_fusion if modality == "image" else self.text_fusion
+        if embeddings.shape[0] == 0:
+            # no rows on this rank: still run the fusion once so every parameter joins the backward pass
+            # (DDP waits for all of them), and return its 0-row slice
+            dummy = torch.zeros(1, 1, embeddings.shape[1], device=embeddings.device)
+            mask = torch.zeros(1, 1, dtype=torch.bool, device=embeddings.device)
+            return fusion(dummy[:, 0], dummy, mask)[:0]
+        retriever = self._require_retriever()
+        if rows is not None:
+            neighbours = retriever.gather(rows, modality, embeddings.device)
+        else:
+            neighbours = retriever(embeddings, modality, exclude_ids=exclude_ids, k=k)
         return fusion(embeddings, neighbours.embeddings, neighbours.mask)
 
     def forward(self, batch: dict[str, Tensor], exclude_self: bool = False) -> dict[str, Tensor]:
+        """Frozen and refined embeddings of a batch of pairs (raw inputs or feature-cache rows)."""
         v, t = self.embed(batch)
         ids = batch.get("id") if exclude_self else None
-        return {"v": v, "t": t, "v_bar": self.refine(v, "image", ids), "t_bar": self.refine(t, "text", ids)}
+        return {
+            "v": v,
+            "t": t,
+            "v_bar": self.refine(v, "image", ids, rows=batch.get("image_neighbours")),
+            "t_bar": self.refine(t, "text", ids, rows=batch.get("text_neighbours")),
+        }
 
     # --- steps ----------------------------------------------------------------------------------------
     def _shared_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
@@ -187,14 +210,19 @@ class RecoModule(pl.LightningModule):
             self.log("train/temperature", 1.0 / self.criterion.logit_scale, batch_size=batch_size)
         return losses["loss"]
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
-        return None if _is_empty(batch) else self._shared_step(batch, "train")
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "train")
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
-        return None if _is_empty(batch) else self._shared_step(batch, "val")
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "val")
 
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
-        return None if _is_empty(batch) else self._shared_step(batch, "test")
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "test")
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        from reco_lightning.callbacks import DataEpochHooks
+
+        return [DataEpochHooks()]
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """Embeddings for downstream use: frozen and, per refine_image/refine_text, refined."""

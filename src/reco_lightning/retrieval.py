@@ -22,6 +22,13 @@ __all__ = ["Neighbours", "Retriever", "other_modality"]
 Choice = Literal["uni", "cross"]
 
 
+def _pad(array: np.ndarray, width: int, fill) -> np.ndarray:
+    """Right-pad the candidate axis of a [B, n] array to ``width`` columns."""
+    if array.shape[1] >= width:
+        return array
+    return np.pad(array, ((0, 0), (0, width - array.shape[1])), constant_values=fill)
+
+
 def other_modality(modality: Modality) -> Modality:
     return "text" if modality == "image" else "image"
 
@@ -47,6 +54,7 @@ class Retriever:
         near_duplicate_threshold: when excluding, drop candidates whose same-modality cosine to the query
             exceeds this (catches copies of the query that carry another pair id).
         exclusion_margin: extra candidates fetched when excluding, so k usually survive.
+        max_candidates: cap on the widened search for queries whose candidates were all excluded.
     """
 
     def __init__(
@@ -57,6 +65,7 @@ class Retriever:
         fusion: Choice = "cross",
         near_duplicate_threshold: float = 0.95,
         exclusion_margin: int = 16,
+        max_candidates: int = 1024,
     ) -> None:
         if search not in ("uni", "cross") or fusion not in ("uni", "cross"):
             raise ValueError(
@@ -68,7 +77,7 @@ class Retriever:
             raise ValueError(f"k={k} exceeds the memory size {len(memory)}: lower k or use a larger memory")
         self.memory, self.k, self.search, self.fusion = memory, k, search, fusion
         self.near_duplicate_threshold = near_duplicate_threshold
-        self.exclusion_margin = exclusion_margin
+        self.exclusion_margin, self.max_candidates = exclusion_margin, max_candidates
 
     def searched_modality(self, query_modality: Modality) -> Modality:
         return query_modality if self.search == "uni" else other_modality(query_modality)
@@ -94,33 +103,81 @@ class Retriever:
         if k > len(memory):
             raise ValueError(f"k={k} exceeds the memory size {len(memory)}: lower k or use a larger memory")
         excluding = exclude_ids is not None
-        fetch = min(len(memory), k + self.exclusion_margin) if excluding else k
         q = query.detach().to("cpu", torch.float32).numpy()
-        scores, rows = memory.index(self.searched_modality(modality)).search(q, fetch)
-        valid = rows >= 0
-        if excluding:
-            safe = np.where(valid, rows, 0)
+        index = memory.index(self.searched_modality(modality))
+        if not excluding:
+            scores, rows = index.search(q, k)
+            valid = rows >= 0
+        else:
             ids = np.asarray(exclude_ids.detach().cpu().numpy(), dtype=np.int64)
-            valid &= memory.ids[safe.ravel()].reshape(safe.shape) != ids[:, None]
-            same = np.asarray(memory.embeddings(modality)[safe.ravel()], dtype=np.float32).reshape(
-                *safe.shape, -1
-            )
-            cosine = np.einsum("bkd,bd->bk", same, q)
-            valid &= cosine <= self.near_duplicate_threshold
+            scores, rows, valid = self._search_excluding(index, q, ids, modality, k)
         order = np.argsort(~valid, axis=1, kind="stable")[:, :k]  # first k valid, best-scored first
         rows = np.take_along_axis(rows, order, axis=1)
         scores = np.take_along_axis(scores, order, axis=1)
         valid = np.take_along_axis(valid, order, axis=1)
-        rows = np.where(valid, rows, -1)
-        fused = memory.embeddings(self.fused_modality(modality))
-        gathered = np.asarray(fused[np.where(valid, rows, 0).ravel()], dtype=np.float32).reshape(
-            *rows.shape, -1
+        return self.gather(
+            torch.from_numpy(np.where(valid, rows, -1)),
+            modality,
+            query.device,
+            scores=torch.from_numpy(np.where(valid, scores, 0.0).astype(np.float32)),
         )
+
+    def _search_excluding(
+        self, index, q: np.ndarray, ids: np.ndarray, modality: Modality, k: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Search k + margin candidates; queries left with < k after exclusion search again, 4x wider.
+
+        Dense clusters (many near-copies of one image) can exclude every candidate of a fixed-size
+        search, so the pool grows for those queries only, up to ``max_candidates`` or the memory size.
+        """
+        memory = self.memory
+        fetch = min(len(memory), k + self.exclusion_margin)
+        scores, rows, valid = self._excluded(index, q, ids, modality, fetch)
+        while fetch < min(len(memory), self.max_candidates):
+            starving = np.flatnonzero(valid.sum(axis=1) < k)
+            if starving.size == 0:
+                break
+            fetch = min(len(memory), self.max_candidates, fetch * 4)
+            more = self._excluded(index, q[starving], ids[starving], modality, fetch)
+            fills = (0.0, -1, False)  # scores, rows, valid
+            scores, rows, valid = (
+                _pad(a, fetch, f) for a, f in zip((scores, rows, valid), fills, strict=True)
+            )
+            for array, update, fill in zip((scores, rows, valid), more, fills, strict=True):
+                array[starving] = _pad(update, fetch, fill)
+        return scores, rows, valid
+
+    def _excluded(
+        self, index, q: np.ndarray, ids: np.ndarray, modality: Modality, fetch: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        memory = self.memory
+        scores, rows = index.search(q, fetch)
+        valid = rows >= 0
+        safe = np.where(valid, rows, 0)
+        valid &= memory.ids[safe.ravel()].reshape(safe.shape) != ids[:, None]
+        same = np.asarray(memory.embeddings(modality)[safe.ravel()], dtype=np.float32).reshape(
+            *safe.shape, memory.dim
+        )
+        valid &= np.einsum("bkd,bd->bk", same, q) <= self.near_duplicate_threshold
+        return scores, rows, valid
+
+    def gather(
+        self,
+        rows: Tensor,
+        modality: Modality,
+        device: torch.device | str = "cpu",
+        scores: Tensor | None = None,
+    ) -> Neighbours:
+        """Neighbours from known memory rows [B, k] (-1 = none): what a feature cache stores instead of searching."""
+        rows_np = rows.detach().cpu().numpy()
+        valid = rows_np >= 0
+        fused = self.memory.embeddings(self.fused_modality(modality))
+        flat = np.where(valid, rows_np, 0).ravel()
+        gathered = np.asarray(fused[flat], dtype=np.float32).reshape(*rows_np.shape, self.memory.dim)
         gathered[~valid] = 0.0
-        device = query.device
         return Neighbours(
             embeddings=torch.from_numpy(gathered).to(device),
             mask=torch.from_numpy(valid).to(device),
-            rows=torch.from_numpy(rows).to(device),
-            scores=torch.from_numpy(np.where(valid, scores, 0.0).astype(np.float32)).to(device),
+            rows=torch.from_numpy(rows_np).to(device),
+            scores=(scores if scores is not None else torch.zeros(rows_np.shape)).to(device),
         )

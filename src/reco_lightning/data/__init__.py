@@ -1,5 +1,5 @@
-"""Data: image-text pairs for training and memories, evaluation sets."""
+"""Data: streaming image-text pairs for training and memories, feature caches, evaluation sets."""
 
-from reco_lightning.data.pairs import ImageTextDataModule, ImageTextPairs, read_pairs
+from reco_lightning.data.pairs import ImageTextDataModule, PairStream, open_source, read_pairs
 
-__all__ = ["ImageTextDataModule", "ImageTextPairs", "read_pairs"]
+__all__ = ["ImageTextDataModule", "PairStream", "open_source", "read_pairs"]

@@ -9,76 +9,45 @@ This is the one module under ``memory/`` that uses Lightning: it is the bridge f
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import BasePredictionWriter
-from torch.utils.data import DataLoader, Subset
 
-from reco_lightning.data.pairs import ImageTextPairs, PairCollator, read_pairs
+from reco_lightning.chunked import clear_work, iter_chunks, predict_in_chunks
+from reco_lightning.data.pairs import PairCollator, open_source
 from reco_lightning.encoders import FrozenCLIP
-from reco_lightning.memory.base import RecoMemoryError, atomic_write_text
+from reco_lightning.memory.base import RecoMemoryError
 from reco_lightning.memory.store import finish_memory, replace_directory, write_metadata
 
 __all__ = ["EncoderModule", "build_memory"]
 
 
 class EncoderModule(pl.LightningModule):
-    """Predict-only module: frozen CLIP embeddings (fp16) of each pair, tagged with its dataset index."""
+    """Predict-only module: frozen CLIP embeddings (fp16) of each pair, with its position and metadata."""
 
     def __init__(self, backbone: str) -> None:
         super().__init__()
         self.backbone = FrozenCLIP(backbone)
 
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        if batch["index"].numel() == 0:
-            empty = torch.zeros(0, self.backbone.dim, dtype=torch.float16)
-            return {"index": batch["index"].cpu(), "image": empty, "text": empty}
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        if "pixel_values" in batch:
+            image = self.backbone.encode_images(batch["pixel_values"]).half().cpu()
+            text = self.backbone.encode_texts(batch["input_ids"], batch["attention_mask"]).half().cpu()
+        else:  # every sample of the batch was bad
+            image = text = torch.zeros(0, self.backbone.dim, dtype=torch.float16)
         return {
-            "index": batch["index"].cpu(),
-            "image": self.backbone.encode_images(batch["pixel_values"]).half().cpu(),
-            "text": self.backbone.encode_texts(batch["input_ids"], batch["attention_mask"]).half().cpu(),
+            "position": batch["position"].cpu(),
+            "id": batch["id"].cpu(),
+            "key": batch["key"],
+            "caption": batch["caption"],
+            "bad": len(batch["bad_keys"]),
+            "image": image,
+            "text": text,
         }
-
-
-class _IndexedPairs(ImageTextPairs):
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
-        sample = super().__getitem__(index)
-        if sample is not None:
-            sample["index"] = index
-        return sample
-
-
-class _IndexedCollator(PairCollator):
-    def __call__(self, samples):  # type: ignore[override]
-        batch = super().__call__(samples)
-        batch["index"] = torch.tensor([s["index"] for s in samples if s is not None], dtype=torch.long)
-        return batch
-
-
-class _RankWriter(BasePredictionWriter):
-    """Each rank writes its share of a chunk; rank 0 merges them by dataset index."""
-
-    def __init__(self, directory: Path) -> None:
-        super().__init__(write_interval="epoch")
-        self.directory = directory
-
-    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
-        parts = [p for p in predictions if p["index"].numel()]
-        out = {
-            key: (torch.cat([p[key] for p in parts]).numpy() if parts else np.zeros((0,), np.int64))
-            for key in ("index", "image", "text")
-        }
-        path = self.directory / f"rank{trainer.global_rank}.npz"
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, **out)
-        os.replace(tmp, path)
 
 
 def build_memory(
@@ -96,7 +65,7 @@ def build_memory(
     trainer_kwargs: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Encode ``source`` (CSV/TSV or caption folder) with ``backbone`` into the memory directory ``out``.
+    """Encode ``source`` (CSV/TSV, caption folder or webdataset shards) with ``backbone`` into ``out``.
 
     Re-running after an interruption resumes from the last finished chunk. ``train_size`` caps how many
     rows train an IVF/PQ quantiser. Bad samples are skipped and counted in the manifest's source field.
@@ -104,111 +73,64 @@ def build_memory(
     out = Path(out)
     if out.exists() and not overwrite:
         raise RecoMemoryError(f"memory {out} already exists: choose another --out or pass --overwrite")
-    records = read_pairs(source, image_column, caption_column, id_column)
-    if not records:
+    pairs = open_source(source, image_column, caption_column, id_column)
+    total = len(pairs)
+    if total == 0:
         raise RecoMemoryError(f"{source} holds no pairs: nothing to put in the memory")
     work = out.parent / f".{out.name}.partial"
-    chunks_dir = work / "chunks"
-    chunks_dir.mkdir(parents=True, exist_ok=True)
     module = EncoderModule(backbone)
     plan = {
-        "source": str(Path(source).resolve()),
-        "rows": len(records),
+        "source": str(Path(source).resolve())
+        if isinstance(source, str | os.PathLike)
+        else list(map(str, source)),
+        "rows": total,
         "chunk_size": chunk_size,
         "fingerprint": module.backbone.fingerprint,
     }
-    plan_path = work / "build.json"
-    if plan_path.is_file():
-        previous = json.loads(plan_path.read_text())
-        if previous != plan:
-            raise RecoMemoryError(
-                f"{work} holds an interrupted build with other settings ({_diff(previous, plan)}): delete {work} "
-                "to start over, or resume with the original arguments"
-            )
-    else:
-        atomic_write_text(plan_path, json.dumps(plan, indent=2))
-
-    dataset = _IndexedPairs(records)
-    trainer = pl.Trainer(
-        **{
-            "logger": False,
-            "enable_checkpointing": False,
-            "enable_model_summary": False,
-            "accelerator": "auto",
-            "devices": "auto",
-            **(trainer_kwargs or {}),
-        }
+    collator = PairCollator(module.backbone.processor, module.backbone.max_text_length)
+    files, trainer = predict_in_chunks(
+        module, pairs, work, plan, collator, chunk_size, batch_size, num_workers, trainer_kwargs
     )
-    n_chunks = (len(records) + chunk_size - 1) // chunk_size
-    for chunk in range(n_chunks):
-        final = chunks_dir / f"{chunk:06d}.npz"
-        if final.is_file():
-            continue
-        rank_dir = chunks_dir / f"{chunk:06d}.ranks"
-        shutil.rmtree(rank_dir, ignore_errors=True)
-        rank_dir.mkdir()
-        rows = range(chunk * chunk_size, min(len(records), (chunk + 1) * chunk_size))
-        collator = _IndexedCollator(module.backbone.processor, module.backbone.max_text_length)
-        loader = DataLoader(
-            Subset(dataset, rows), batch_size=batch_size, num_workers=num_workers, collate_fn=collator
-        )
-        trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, _RankWriter)] + [
-            _RankWriter(rank_dir)
-        ]
-        trainer.predict(module, loader, return_predictions=False)
-        if trainer.global_rank == 0:
-            _merge_ranks(rank_dir, final)
-        trainer.strategy.barrier()
-
     if trainer.global_rank == 0:
-        _assemble(work, records, n_chunks, module.backbone.fingerprint, backend, train_size, str(source))
+        _assemble(work, files, module.backbone.fingerprint, backend, train_size, str(source))
         replace_directory(work, out)
     trainer.strategy.barrier()
     return out
 
 
-def _merge_ranks(rank_dir: Path, final: Path) -> None:
-    parts = [np.load(p) for p in sorted(rank_dir.glob("rank*.npz"))]
-    index = np.concatenate([p["index"] for p in parts])
-    image = np.concatenate([p["image"].reshape(len(p["index"]), -1) for p in parts])
-    text = np.concatenate([p["text"].reshape(len(p["index"]), -1) for p in parts])
-    index, first = np.unique(index, return_index=True)  # DistributedSampler pads ranks with repeats
-    tmp = final.with_name(final.stem + ".tmp.npz")
-    np.savez(tmp, index=index, image=image[first], text=text[first])
-    os.replace(tmp, final)
-    shutil.rmtree(rank_dir)
-
-
-def _assemble(work, records, n_chunks, fingerprint, backend, train_size, source) -> None:
+def _assemble(
+    work: Path,
+    files: list[Path],
+    fingerprint: dict[str, Any],
+    backend: Any,
+    train_size: int | None,
+    source: str,
+) -> None:
     """Concatenate chunk files into the store's row-aligned arrays, then index; the manifest goes last."""
-    chunk_files = [work / "chunks" / f"{c:06d}.npz" for c in range(n_chunks)]
-    counts = [len(np.load(f)["index"]) for f in chunk_files]
-    total, dim = sum(counts), int(fingerprint["dim"])
-    skipped = len(records) - total
-    image = np.lib.format.open_memmap(work / "image_emb.npy", mode="w+", dtype=np.float16, shape=(total, dim))
-    text = np.lib.format.open_memmap(work / "text_emb.npy", mode="w+", dtype=np.float16, shape=(total, dim))
-    kept: list[int] = []
+    counts, bad = [], 0
+    for chunk in iter_chunks(files):
+        counts.append(len(chunk["id"]))
+        bad += chunk["bad"]
+    kept, dim = sum(counts), int(fingerprint["dim"])
+    image = np.lib.format.open_memmap(work / "image_emb.npy", mode="w+", dtype=np.float16, shape=(kept, dim))
+    text = np.lib.format.open_memmap(work / "text_emb.npy", mode="w+", dtype=np.float16, shape=(kept, dim))
+    ids = np.lib.format.open_memmap(work / "ids.npy", mode="w+", dtype=np.int64, shape=(kept,))
+    captions: list[str] = []
+    keys: list[str] = []
     start = 0
-    for f, n in zip(chunk_files, counts, strict=True):
-        part = np.load(f)
-        image[start : start + n], text[start : start + n] = part["image"], part["text"]
-        kept.extend(part["index"].tolist())
+    for chunk in iter_chunks(files):
+        n = len(chunk["id"])
+        image[start : start + n] = chunk["image"].numpy()
+        text[start : start + n] = chunk["text"].numpy()
+        ids[start : start + n] = chunk["id"].numpy()
+        captions.extend(chunk["caption"])
+        keys.extend(chunk["key"])
         start += n
-    image.flush(), text.flush()
-    del image, text
-    kept_records = [records[i] for i in kept]
-    ids = np.array([r.id for r in kept_records], dtype=np.int64)
-    np.save(work / "ids.npy", ids)
-    write_metadata(
-        work / "metadata.parquet", ids, [r.caption for r in kept_records], [r.key for r in kept_records]
-    )
-    shutil.rmtree(work / "chunks")
+    for array in (image, text, ids):
+        array.flush()
+    write_metadata(work / "metadata.parquet", np.asarray(ids), captions, keys)
+    del image, text, ids
+    clear_work(work)
     finish_memory(
-        work, backend, fingerprint, f"{source} ({total} pairs, {skipped} bad samples skipped)", train_size
-    )
-
-
-def _diff(a: dict[str, Any], b: dict[str, Any]) -> str:
-    return ", ".join(
-        f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+        work, backend, fingerprint, f"{source} ({kept} pairs, {bad} bad samples skipped)", train_size
     )

@@ -1,0 +1,190 @@
+"""Resumable, multi-device prediction over a pair source, chunk by chunk.
+
+Both a memory build (frozen embeddings) and a feature cache (embeddings + neighbour rows) encode a whole
+source through ``Trainer.predict``. This module does the shared part: the source is cut into fixed
+windows of rows; each window is split over the Trainer's ranks, every rank writes its share, and rank 0
+merges the shares in source order into one chunk file, written atomically. A re-run with the same plan
+skips finished chunks, so an interrupted build loses at most one chunk of work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import BasePredictionWriter
+from torch.utils.data import DataLoader
+
+from reco_lightning.data.pairs import PairCollator, PairSource, PairStream
+from reco_lightning.memory.base import RecoMemoryError, atomic_write_text
+
+__all__ = ["clear_work", "concat_parts", "iter_chunks", "predict_in_chunks"]
+
+
+def concat_parts(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Join per-batch (or per-rank) outputs: tensors are concatenated, lists extended, numbers summed."""
+    if not parts:
+        return {}
+    joined: dict[str, Any] = {}
+    for key, first in parts[0].items():
+        values = [p[key] for p in parts]
+        if isinstance(first, torch.Tensor):
+            joined[key] = torch.cat(values)
+        elif isinstance(first, list):
+            joined[key] = [item for value in values for item in value]
+        else:
+            joined[key] = sum(values)
+    return joined
+
+
+def _take(part: dict[str, Any], order: list[int]) -> dict[str, Any]:
+    return {
+        key: value[order]
+        if isinstance(value, torch.Tensor)
+        else [value[i] for i in order]
+        if isinstance(value, list)
+        else value
+        for key, value in part.items()
+    }
+
+
+class _ChunkData(pl.LightningDataModule):
+    """One window of the source as a prediction stream, split over the ranks the Trainer runs."""
+
+    def __init__(
+        self,
+        source: PairSource,
+        window: tuple[int, int],
+        batch_size: int,
+        num_workers: int,
+        collator: PairCollator,
+    ) -> None:
+        super().__init__()
+        self.source, self.window, self.batch_size, self.num_workers = source, window, batch_size, num_workers
+        self.collator = collator
+
+    def predict_dataloader(self) -> DataLoader:
+        stream = PairStream(
+            self.source,
+            self.batch_size,
+            rank=self.trainer.global_rank,
+            world_size=self.trainer.world_size,
+            num_workers=self.num_workers,
+            drop_remainder=False,
+            window=self.window,
+        )
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers, collate_fn=self.collator)
+
+
+class _RankWriter(BasePredictionWriter):
+    """Each rank writes its share of a chunk to ``rank<R>.pt`` when its prediction epoch ends."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(write_interval="epoch")
+        self.directory = directory
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        path = self.directory / f"rank{trainer.global_rank}.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save(concat_parts(predictions), tmp)
+        os.replace(tmp, path)
+
+
+def _merge_ranks(rank_dir: Path, final: Path) -> None:
+    parts = [torch.load(p, weights_only=False) for p in sorted(rank_dir.glob("rank*.pt"))]
+    merged = concat_parts([p for p in parts if p])
+    if merged:
+        merged = _take(merged, torch.argsort(merged["position"]).tolist())  # source order, any world size
+    tmp = final.with_suffix(".tmp")
+    torch.save(merged, tmp)
+    os.replace(tmp, final)
+    shutil.rmtree(rank_dir)
+
+
+def predict_in_chunks(
+    module: pl.LightningModule,
+    pairs: PairSource,
+    work: Path,
+    plan: dict[str, Any],
+    collator: PairCollator,
+    chunk_size: int,
+    batch_size: int,
+    num_workers: int = 0,
+    trainer_kwargs: dict[str, Any] | None = None,
+) -> tuple[list[Path], pl.Trainer]:
+    """Predict every pair of ``pairs`` with ``module`` into ``work/chunks/*.pt``; resume a matching plan.
+
+    ``module.predict_step`` must return a dict with a ``position`` tensor (from the batch) and any other
+    tensors/lists/counts. ``plan`` identifies the job; an interrupted job with another plan is refused.
+    Returns the chunk files (in order) and the Trainer (for its rank and barrier).
+    """
+    chunks_dir = work / "chunks"
+    chunks_dir.mkdir(parents=True, exist_ok=True)
+    plan_path = work / "build.json"
+    if plan_path.is_file():
+        previous = json.loads(plan_path.read_text())
+        if previous != plan:
+            raise RecoMemoryError(
+                f"{work} holds an interrupted build with other settings ({_diff(previous, plan)}): delete {work} "
+                "to start over, or resume with the original arguments"
+            )
+    else:
+        atomic_write_text(plan_path, json.dumps(plan, indent=2))
+    trainer = pl.Trainer(
+        **{
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_model_summary": False,
+            "accelerator": "auto",
+            "devices": "auto",
+            **(trainer_kwargs or {}),
+        }
+    )
+    total = len(pairs)
+    n_chunks = (total + chunk_size - 1) // chunk_size
+    files = [chunks_dir / f"{chunk:06d}.pt" for chunk in range(n_chunks)]
+    for chunk, final in enumerate(files):
+        if final.is_file():
+            continue
+        rank_dir = chunks_dir / f"{chunk:06d}.ranks"
+        if trainer.global_rank == 0:
+            shutil.rmtree(rank_dir, ignore_errors=True)
+        rank_dir.mkdir(exist_ok=True)
+        window = (chunk * chunk_size, min(total, (chunk + 1) * chunk_size))
+        writers = [c for c in trainer.callbacks if not isinstance(c, _RankWriter)]
+        trainer.callbacks = [*writers, _RankWriter(rank_dir)]
+        trainer.predict(
+            module,
+            datamodule=_ChunkData(pairs, window, batch_size, num_workers, collator),
+            return_predictions=False,
+        )
+        if trainer.global_rank == 0:
+            _merge_ranks(rank_dir, final)
+        trainer.strategy.barrier()
+    return files, trainer
+
+
+def iter_chunks(files: list[Path]) -> Iterator[dict[str, Any]]:
+    """Load finished chunk files one at a time (a whole source never has to fit in RAM)."""
+    for path in files:
+        chunk = torch.load(path, weights_only=False)
+        if chunk:
+            yield chunk
+
+
+def clear_work(work: Path) -> None:
+    """Remove the chunk files and the plan once their content is assembled into the final layout."""
+    shutil.rmtree(work / "chunks")
+    (work / "build.json").unlink()
+
+
+def _diff(a: dict[str, Any], b: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+    )
