@@ -19,7 +19,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-demo: tiny
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+
+demo: $(STAMP)
+	test -f $(FASHION_MNIST) || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
+		|| echo "could not install dataset-fashion-mnist (needs root and Debian's package registry)"
+	$(BIN)/reco demo
 
 tiny: $(STAMP)
 	$(BIN)/reco prepare-tiny --out artifacts/tiny
@@ -39,6 +44,9 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/memory_backends.py --out bench_out
+	$(BIN)/python benchmarks/train_throughput.py --out bench_out
+	$(BIN)/python benchmarks/streaming_ram.py --out bench_out
+	$(BIN)/python benchmarks/demo_accuracy.py --seeds 3 --out bench_out
 
 clean:
 	rm -rf artifacts runs bench_out .pytest_cache

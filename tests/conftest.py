@@ -32,4 +32,4 @@ def other_backbone(tmp_path_factory: pytest.TempPathFactory) -> str:
     from reco_lightning.tiny_clip import save_tiny_clip
 
     captions = [t.format(c=c, s=s) for t in TEMPLATES for c in COLOURS for s in SHAPES]
-    return str(save_tiny_clip(tmp_path_factory.mktemp("other") / "clip", captions, vocab_size=300, seed=1))
+    return str(save_tiny_clip(tmp_path_factory.mktemp("other") / "clip", captions, seed=1))

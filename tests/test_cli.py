@@ -59,6 +59,32 @@ def test_validate_and_test_and_predict_from_checkpoint(tiny_dir, tmp_path, in_pr
     assert (tmp_path / "test" / "lightning_logs" / "version_0" / "k_sweep_shapes.png").stat().st_size > 1000
 
 
+def test_test_with_checkpoint_uses_the_configured_memory_not_the_trained_one(tiny_dir, tmp_path, in_project):
+    from reco_lightning.cli import lightning_main
+    from reco_lightning.memory import MemoryStore
+
+    main(["fit", *tiny_args(tiny_dir, tmp_path), "--trainer.max_steps=1", "--trainer.val_check_interval=1"])
+    ckpt = next(tmp_path.rglob("last.ckpt"))
+    full = MemoryStore.open(tiny_dir / "memory")
+    MemoryStore.write(
+        tmp_path / "half",
+        full.image_embeddings[:60],
+        full.text_embeddings[:60],
+        full.ids[:60],
+        fingerprint=full.fingerprint,
+    )
+    cli = lightning_main(
+        [
+            "test",
+            *tiny_args(tiny_dir, tmp_path / "t"),
+            f"--ckpt_path={ckpt}",
+            f"--model.memory={tmp_path / 'half'}",
+        ]
+    )
+    assert cli.model.retriever.memory.path == tmp_path / "half"
+    assert len(cli.model.retriever.memory) == 60
+
+
 def test_print_config(tiny_dir, tmp_path, in_project, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", *tiny_args(tiny_dir, tmp_path), "--print_config"])
@@ -79,7 +105,9 @@ def test_ddp_on_cpu_with_two_processes(tiny_dir, tmp_path, in_project):
         "--trainer.max_steps=2",
         "--trainer.val_check_interval=2",
     ]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         output, _ = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:

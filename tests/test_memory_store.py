@@ -125,3 +125,22 @@ def test_concat_appends_rows_without_reencoding(written, tmp_path):
 def test_search_params_reach_the_backend_on_open(written):
     store = MemoryStore.open(written[0], search_params={})
     assert isinstance(store.index("text"), MemoryBackend)
+
+
+def test_ivfpq_memory_opens_with_search_overrides_and_swaps_with_exact(tmp_path):
+    import torch
+
+    from reco_lightning.retrieval import Retriever
+
+    image, text = unit(3000, d=16, seed=3), unit(3000, d=16, seed=4)
+    spec = {"class_path": "ivfpq", "init_args": {"nlist": 16, "m": 4, "nbits": 6, "nprobe": 2}}
+    approx = MemoryStore.write(tmp_path / "ivfpq", image, text, backend=spec, fingerprint={**FP, "dim": 16})
+    exact = MemoryStore.write(tmp_path / "exact", image, text, fingerprint={**FP, "dim": 16})
+    store = MemoryStore.open(approx, search_params={"nprobe": 16, "rerank": 64})
+    assert store.index("image").nprobe == 16 and store.manifest["backend"]["init_args"]["nprobe"] == 2
+    query = torch.from_numpy(image[:20])
+    ivf_rows = Retriever(store, k=5)(query, "image").rows
+    exact_rows = Retriever(MemoryStore.open(exact), k=5)(query, "image").rows
+    assert (ivf_rows[:, 0] == torch.arange(20)).all(), "re-ranked top-1 of a stored vector is itself"
+    overlap = sum(len(set(a) & set(b)) for a, b in zip(ivf_rows.tolist(), exact_rows.tolist(), strict=True))
+    assert overlap / exact_rows.numel() >= 0.9

@@ -4,7 +4,7 @@ from reco_lightning.tiny_clip import build_clip_tokenizer, save_tiny_clip
 
 
 def test_tokenizer_covers_any_text_without_unknowns():
-    tok = build_clip_tokenizer(["a photo of a red square", "a blue circle"] * 3, vocab_size=300)
+    tok = build_clip_tokenizer(["a photo of a red square", "a blue circle"] * 3)
     pieces = tok.tokenize("A photo of a red square! Zebra-42 ü")
     assert pieces[:6] == ["a</w>", "photo</w>", "of</w>", "a</w>", "red</w>", "square</w>"]
     ids = tok("zebra!")["input_ids"]
@@ -13,7 +13,7 @@ def test_tokenizer_covers_any_text_without_unknowns():
 
 
 def test_saved_backbone_loads_through_from_pretrained(tmp_path):
-    path = save_tiny_clip(tmp_path / "clip", ["a red square"] * 4, vocab_size=280, embed_dim=24)
+    path = save_tiny_clip(tmp_path / "clip", ["a red square"] * 4, embed_dim=24)
     model = CLIPModel.from_pretrained(path)
     processor = CLIPProcessor.from_pretrained(path)
     assert model.config.projection_dim == 24

@@ -1,19 +1,28 @@
-"""reco_lightning: retrieval-enhanced contrastive vision-text models (RECO, ICLR 2024) in PyTorch Lightning."""
+"""reco_lightning: retrieval-enhanced contrastive vision-text models (RECO, ICLR 2024) in PyTorch Lightning.
 
-from reco_lightning.encoders import FrozenCLIP
-from reco_lightning.fusion import FusionTransformer
-from reco_lightning.losses import RecoContrastiveLoss
-from reco_lightning.memory import MemoryBackend, MemoryStore
-from reco_lightning.model import RecoModule
-from reco_lightning.retrieval import Retriever
+Top-level names load on first use, so `import reco_lightning.memory` (a faiss-only tool) does not pay
+for importing Lightning and transformers.
+"""
 
-__all__ = [
-    "FrozenCLIP",
-    "FusionTransformer",
-    "MemoryBackend",
-    "MemoryStore",
-    "RecoContrastiveLoss",
-    "RecoModule",
-    "Retriever",
-]
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "FrozenCLIP": "reco_lightning.encoders",
+    "FusionTransformer": "reco_lightning.fusion",
+    "MemoryBackend": "reco_lightning.memory",
+    "MemoryStore": "reco_lightning.memory",
+    "RecoContrastiveLoss": "reco_lightning.losses",
+    "RecoModule": "reco_lightning.model",
+    "Retriever": "reco_lightning.retrieval",
+    "ZeroShotEvaluation": "reco_lightning.callbacks",
+}
+
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'reco_lightning' has no attribute {name!r}")

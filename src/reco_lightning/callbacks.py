@@ -57,6 +57,8 @@ class ClassificationSet:
         split: webdataset split folder.
         class_groups: extra top-1 restricted to images of these classes (names as in classnames),
             e.g. {"seen": [...], "unseen": [...]}; classification is still over all classes.
+        during: evaluate it at validation in `fit`, at `test`, or both (a validation set for
+            checkpoint selection, the official test split for the final report).
     """
 
     name: str
@@ -66,6 +68,7 @@ class ClassificationSet:
     templates: str | None = None
     split: str = "test"
     class_groups: dict[str, list[str]] | None = None
+    during: Literal["fit", "test", "both"] = "both"
 
 
 @dataclass
@@ -76,6 +79,7 @@ class RetrievalSet:
     annotations: str
     image_column: str = "filepath"
     caption_column: str = "caption"
+    during: Literal["fit", "test", "both"] = "both"
 
 
 class DataEpochHooks(pl.Callback):
@@ -171,7 +175,10 @@ class ZeroShotEvaluation(pl.Callback):
         self._run(trainer, pl_module)
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        report, sweep = self.evaluate(pl_module, rank=trainer.global_rank, world_size=trainer.world_size)
+        stage = "fit" if trainer.state.fn == "fit" else "test"
+        report, sweep = self.evaluate(pl_module, trainer.global_rank, trainer.world_size, stage=stage)
+        if not report.rows:
+            return
         for row in report.rows:
             for metric, value in row.metrics.items():
                 pl_module.log(f"zeroshot/{row.dataset}/{row.setting}/{metric}", value, sync_dist=False)
@@ -190,18 +197,23 @@ class ZeroShotEvaluation(pl.Callback):
     # --- evaluation without a trainer too ------------------------------------------------------------
     @torch.no_grad()
     def evaluate(
-        self, pl_module: pl.LightningModule, rank: int = 0, world_size: int = 1
+        self, pl_module: pl.LightningModule, rank: int = 0, world_size: int = 1, stage: str | None = None
     ) -> tuple[EvaluationReport, dict[str, dict[str, dict[int, float]]]]:
-        """Score every set under every setting; returns the report and the k sweep (set -> series -> k -> top1)."""
+        """Score every set (of ``stage``: "fit" or "test"; None: all) under every setting.
+
+        Returns the report and the k sweep (set -> series -> k -> top1).
+        """
         was_training = pl_module.training
         pl_module.eval()
         report = EvaluationReport()
         sweep: dict[str, dict[str, dict[int, float]]] = {}
         try:
             for spec in self.classification:
-                sweep[spec.name] = self._classification(pl_module, spec, report, rank, world_size)
+                if stage is None or spec.during in (stage, "both"):
+                    sweep[spec.name] = self._classification(pl_module, spec, report, rank, world_size)
             for spec in self.retrieval:
-                self._retrieval(pl_module, spec, report)
+                if stage is None or spec.during in (stage, "both"):
+                    self._retrieval(pl_module, spec, report)
         finally:
             pl_module.train(was_training)
         return report, {name: series for name, series in sweep.items() if series}
@@ -238,7 +250,10 @@ class ZeroShotEvaluation(pl.Callback):
         classnames = dataset.classnames
         groups = _group_labels(spec, classnames)
         if not isinstance(dataset, IterableDataset):
-            indices = list(range(len(dataset)))[: self.limit_images]
+            indices = list(range(len(dataset)))
+            if self.limit_images is not None and self.limit_images < len(indices):
+                step = len(indices) / self.limit_images  # evenly spread: image folders are sorted by class
+                indices = [indices[int(i * step)] for i in range(self.limit_images)]
             dataset = Subset(dataset, indices[rank::world])
 
         ks = [None, *self.k_sweep]  # None: the module's trained k

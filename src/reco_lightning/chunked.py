@@ -21,8 +21,9 @@ import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
+from reco_lightning.atomic import atomic_write_text
 from reco_lightning.data.pairs import PairCollator, PairSource, PairStream
-from reco_lightning.memory.base import RecoMemoryError, atomic_write_text
+from reco_lightning.memory.base import RecoMemoryError
 
 __all__ = ["clear_work", "concat_parts", "iter_chunks", "predict_in_chunks"]
 

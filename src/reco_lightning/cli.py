@@ -22,11 +22,26 @@ from reco_lightning.model import RecoModule
 __all__ = ["RecoCLI", "main"]
 
 
+# Settings that belong to the run, not to the trained weights: with --ckpt_path, LightningCLI would take
+# them from the checkpoint's hyper-parameters and silently undo a memory swap asked for in the config.
+INFERENCE_SETTINGS = ("memory", "memory_search_params", "memory_device", "refine_image", "refine_text")
+
+
 class RecoCLI(LightningCLI):
-    """LightningCLI with the data module's backbone tied to the model's, so the two never disagree."""
+    """LightningCLI with the data module's backbone tied to the model's, and memory swap kept at test time."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.backbone", "data.init_args.backbone")
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        requested = {}
+        if subcommand:
+            model = self.config[subcommand].get("model")
+            requested = {key: model.get(key) for key in INFERENCE_SETTINGS} if model is not None else {}
+        super()._parse_ckpt_path()
+        for key, value in requested.items():
+            self.config[subcommand]["model"][key] = value
 
 
 def lightning_main(args: Sequence[str] | None = None, run: bool = True) -> RecoCLI:
@@ -164,6 +179,29 @@ def cache_main(args: Sequence[str]) -> None:
         print(f"{stage} feature cache written to {out}")
 
 
+def demo_main(args: Sequence[str]) -> None:
+    from jsonargparse import ArgumentParser
+
+    from reco_lightning.demo.fashion_mnist import DEFAULT_ROOT, FashionMNISTError
+    from reco_lightning.demo.pipeline import run_demo
+
+    parser = ArgumentParser(
+        prog="reco demo", description="The real-data demo (Fashion-MNIST, seen/unseen classes)."
+    )
+    parser.add_argument("--out", default="artifacts/demo", help="where data, backbone, memories and runs go")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--grid", type=bool, default=True, help="also train and test the other 3 search/fusion settings"
+    )
+    parser.add_argument("--limit", type=int | None, default=None, help="shrink every split (quick check)")
+    parser.add_argument("--data_root", default=DEFAULT_ROOT, help="Fashion-MNIST idx files")
+    cfg = parser.parse_args(list(args))
+    try:
+        run_demo(cfg.out, seed=cfg.seed, grid=cfg.grid, limit=cfg.limit, data_root=cfg.data_root)
+    except FashionMNISTError as err:
+        raise SystemExit(f"reco demo: {err}") from None
+
+
 def prepare_tiny_main(args: Sequence[str]) -> None:
     from jsonargparse import ArgumentParser
 
@@ -184,6 +222,8 @@ def main(args: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] == "memory":
         memory_main(argv[1:])
+    elif argv and argv[0] == "demo":
+        demo_main(argv[1:])
     elif argv and argv[0] == "cache":
         cache_main(argv[1:])
     elif argv and argv[0] == "prepare-tiny":

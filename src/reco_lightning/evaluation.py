@@ -12,10 +12,10 @@ This is exactly the position of j in a stable descending sort, without sorting.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
+
+from reco_lightning.atomic import atomic_write_bytes
 
 __all__ = [
     "EvaluationReport",
@@ -346,18 +348,6 @@ def retrieval_metrics(
 # --------------------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same directory + os.replace, so readers never see a half file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 @dataclass
 class EvaluationRow:
     """One evaluated (dataset, setting) pair, e.g. ("cars", "reco[uni-search,cross-fusion]")."""
@@ -447,8 +437,8 @@ class EvaluationReport:
         out.mkdir(parents=True, exist_ok=True)
         json_path, md_path = out / "zeroshot_report.json", out / "zeroshot_report.md"
         text = json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n"
-        _atomic_write(json_path, text.encode("utf-8"))
-        _atomic_write(md_path, self.to_markdown().encode("utf-8"))
+        atomic_write_bytes(json_path, text.encode("utf-8"))
+        atomic_write_bytes(md_path, self.to_markdown().encode("utf-8"))
         return json_path, md_path
 
     def __str__(self) -> str:
@@ -530,12 +520,7 @@ def plot_k_sweep(
 
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            figure.savefig(handle, format="png")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    atomic_write_bytes(out, buffer.getvalue())
     return out

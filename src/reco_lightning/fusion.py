@@ -27,6 +27,12 @@ class FusionTransformer(nn.Module):
         dropout: dropout in attention and feed-forward.
         residual: add the original query embedding to the output before normalising, so an untrained
             or uninformative memory starts from the frozen embedding instead of noise.
+        retrieved_skip: also add the mean of the (valid) retrieved embeddings. With either skip on, the
+            transformer branch starts at zero (final LayerNorm gain 0), so the fusion starts as
+            "query + mean of neighbours" and learns corrections. Off in the paper's design; it matters
+            when the fusion is trained on few concepts: learned maps are then only fitted on the
+            directions of those concepts, and the skip carries retrieved information about unseen
+            concepts through unchanged.
     """
 
     QUERY, RETRIEVED = 0, 1
@@ -40,12 +46,14 @@ class FusionTransformer(nn.Module):
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
         residual: bool = False,
+        retrieved_skip: bool = False,
     ) -> None:
         super().__init__()
         width = width or dim
         if width % num_heads:
             raise ValueError(f"fusion width {width} is not divisible by num_heads={num_heads}: change either")
-        self.dim, self.width, self.residual = dim, width, residual
+        self.dim, self.width = dim, width
+        self.residual, self.retrieved_skip = residual, retrieved_skip
         self.proj_in = nn.Identity() if width == dim else nn.Linear(dim, width)
         self.type_embedding = nn.Embedding(2, width)
         layer = nn.TransformerEncoderLayer(
@@ -61,6 +69,8 @@ class FusionTransformer(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.proj_out = nn.Identity() if width == dim else nn.Linear(width, dim)
         nn.init.normal_(self.type_embedding.weight, std=0.02)
+        if residual or retrieved_skip:
+            nn.init.zeros_(self.norm.weight)  # the learned branch starts silent; the skips carry the signal
 
     def forward(self, query: Tensor, retrieved: Tensor, retrieved_mask: Tensor | None = None) -> Tensor:
         """Refine ``query`` [B, D] with ``retrieved`` [B, k, D].
@@ -82,4 +92,10 @@ class FusionTransformer(nn.Module):
         out = self.proj_out(self.norm(self.encoder(tokens, src_key_padding_mask=padding)[:, 0]))
         if self.residual:
             out = out + query
+        if self.retrieved_skip:
+            weights = torch.ones(retrieved.shape[:2], device=retrieved.device, dtype=retrieved.dtype)
+            if retrieved_mask is not None:
+                weights = weights * retrieved_mask.to(retrieved.dtype)
+            mean = (weights.unsqueeze(-1) * retrieved).sum(1) / weights.sum(1, keepdim=True).clamp(min=1.0)
+            out = out + mean
         return F.normalize(out, dim=-1)

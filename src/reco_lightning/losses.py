@@ -38,11 +38,21 @@ def gather_with_grad(x: Tensor) -> Tensor:
     return torch.cat([part[:n] for part, n in zip(all_gather(padded), sizes, strict=True)], dim=0)
 
 
-def info_nce(a: Tensor, b: Tensor, logit_scale: Tensor) -> Tensor:
-    """Symmetric InfoNCE (the CLIP loss): row i of ``a`` matches row i of ``b``."""
+def info_nce(a: Tensor, b: Tensor, logit_scale: Tensor, positives: Tensor | None = None) -> Tensor:
+    """Symmetric InfoNCE (the CLIP loss): row i of ``a`` matches row i of ``b``.
+
+    ``positives`` [N, N] (bool, diagonal True) marks further matching pairs, e.g. pairs with the same
+    caption: the target then spreads uniformly over them instead of calling them negatives.
+    """
     logits = logit_scale * a @ b.t()
-    labels = torch.arange(a.shape[0], device=a.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+    if positives is None:
+        labels = torch.arange(a.shape[0], device=a.device)
+        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+    targets = positives.float() / positives.float().sum(dim=1, keepdim=True)
+    return 0.5 * (
+        F.cross_entropy(logits, targets)
+        + F.cross_entropy(logits.t(), targets.t() / targets.t().sum(1, keepdim=True))
+    )
 
 
 class RecoContrastiveLoss(nn.Module):
@@ -53,6 +63,9 @@ class RecoContrastiveLoss(nn.Module):
         max_logit_scale: upper bound on 1/temperature, as in CLIP, for stability.
         learn_temperature: train the temperature (the paper's setting) or keep it fixed.
         mixed_terms: include NCE(v_bar, t) and NCE(v, t_bar); off trains only refined-vs-refined.
+        duplicate_threshold: pairs whose frozen text embeddings have cosine >= this are positives of
+            each other rather than negatives (datasets with many identical captions, such as captions
+            made from class names). None: plain InfoNCE, as in the paper.
     """
 
     def __init__(
@@ -61,13 +74,14 @@ class RecoContrastiveLoss(nn.Module):
         max_logit_scale: float = 100.0,
         learn_temperature: bool = True,
         mixed_terms: bool = True,
+        duplicate_threshold: float | None = None,
     ) -> None:
         super().__init__()
         self.log_scale = nn.Parameter(
             torch.tensor(math.log(1.0 / init_temperature)), requires_grad=learn_temperature
         )
         self.max_log_scale = math.log(max_logit_scale)
-        self.mixed_terms = mixed_terms
+        self.mixed_terms, self.duplicate_threshold = mixed_terms, duplicate_threshold
 
     @property
     def logit_scale(self) -> Tensor:
@@ -80,9 +94,14 @@ class RecoContrastiveLoss(nn.Module):
         if v.shape[0] == 0:  # every sample of the global batch was bad: a zero loss that still backpropagates
             zero = scale * 0.0 + v_bar.sum() * 0.0 + t_bar.sum() * 0.0
             return {"loss": zero, "refined": zero}
-        parts = {"refined": info_nce(v_bar, t_bar, scale)}
+        positives = None
+        if self.duplicate_threshold is not None:
+            positives = (t @ t.t() >= self.duplicate_threshold) | torch.eye(
+                t.shape[0], dtype=torch.bool, device=t.device
+            )
+        parts = {"refined": info_nce(v_bar, t_bar, scale, positives)}
         if self.mixed_terms:
-            parts["refined_image"] = info_nce(v_bar, t, scale)
-            parts["refined_text"] = info_nce(v, t_bar, scale)
+            parts["refined_image"] = info_nce(v_bar, t, scale, positives)
+            parts["refined_text"] = info_nce(v, t_bar, scale, positives)
         parts["loss"] = sum(parts.values())
         return parts

@@ -44,9 +44,9 @@ class RecoModule(pl.LightningModule):
         fusion: "cross" (fuse the other modality, the paper's best) or "uni".
         near_duplicate_threshold: training excludes memory items at least this similar to the query.
         exclusion_margin: extra candidates searched during training so k survive exclusion.
-        fusion_width / fusion_layers / fusion_heads / fusion_mlp_ratio / fusion_dropout / fusion_residual:
-            the FusionTransformer of each side (see fusion.py).
-        init_temperature / learn_temperature / mixed_loss_terms: the loss (see losses.py).
+        fusion_width / fusion_layers / fusion_heads / fusion_mlp_ratio / fusion_dropout / fusion_residual /
+            fusion_retrieved_skip: the FusionTransformer of each side (see fusion.py).
+        init_temperature / learn_temperature / mixed_loss_terms / duplicate_threshold: the loss (see losses.py).
         lr / weight_decay / warmup_steps / min_lr_ratio / betas: AdamW with linear warmup then cosine decay
             to ``min_lr_ratio * lr`` over the run's total steps.
         refine_image / refine_text: which sides are refined at evaluation and prediction time.
@@ -69,9 +69,11 @@ class RecoModule(pl.LightningModule):
         fusion_mlp_ratio: float = 4.0,
         fusion_dropout: float = 0.0,
         fusion_residual: bool = False,
+        fusion_retrieved_skip: bool = False,
         init_temperature: float = 0.07,
         learn_temperature: bool = True,
         mixed_loss_terms: bool = True,
+        duplicate_threshold: float | None = None,
         lr: float = 1e-4,
         weight_decay: float = 0.05,
         warmup_steps: int = 100,
@@ -91,6 +93,7 @@ class RecoModule(pl.LightningModule):
             "mlp_ratio": fusion_mlp_ratio,
             "dropout": fusion_dropout,
             "residual": fusion_residual,
+            "retrieved_skip": fusion_retrieved_skip,
         }
         self.image_fusion = FusionTransformer(dim, **fusion_kwargs)
         self.text_fusion = FusionTransformer(dim, **fusion_kwargs)

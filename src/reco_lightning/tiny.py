@@ -94,7 +94,7 @@ def prepare_tiny(directory: str | os.PathLike, n_train: int = 256, n_val: int = 
         make_shape_classes(directory / "zeroshot", per_class=4, seed=seed + 2)
     if not (directory / "clip" / "config.json").is_file():
         captions = [t.format(c=c, s=s) for t in TEMPLATES for c in COLOURS for s in SHAPES]
-        save_tiny_clip(directory / "clip", captions, vocab_size=300, seed=seed)
+        save_tiny_clip(directory / "clip", captions, seed=seed)
     if not (directory / "memory" / "manifest.json").is_file():
         build_memory(
             train_csv,

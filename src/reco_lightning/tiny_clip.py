@@ -8,44 +8,71 @@ the same path a user takes with ``openai/clip-vit-base-patch32``.
 
 from __future__ import annotations
 
-import json
+import itertools
 import os
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import pre_tokenizers
 
 __all__ = ["build_clip_tokenizer", "new_clip", "save_clip", "save_tiny_clip", "tiny_clip_config"]
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
-def build_clip_tokenizer(texts: Iterable[str], vocab_size: int = 512):
-    """Train a CLIP-compatible BPE (same normalizer, pre-tokenizer, ``</w>`` suffix) on ``texts``.
+def build_clip_tokenizer(texts: Iterable[str], max_merges: int = 2000):
+    """A CLIP BPE tokenizer learned on ``texts``, identical in every process for the same texts.
 
-    The initial alphabet is all 256 byte symbols, so any input string tokenizes without unknowns.
+    The ``tokenizers`` trainer breaks ties between equally frequent pairs differently from one process
+    to the next; on templated captions every class name is equally frequent, so token ids (and the
+    weights trained on them) changed between two builds. Here the classic BPE loop runs in Python with
+    ties broken by the pair itself. Same normalizer, byte-level pre-tokenizer and ``</w>`` suffix as
+    CLIP; all 256 byte symbols (alone and word-final) are in the vocabulary, so any string tokenizes.
+    On a small caption corpus the loop ends when every word is a single token.
     """
     from transformers import CLIPTokenizer
+    from transformers.utils import logging as hf_logging
 
-    reference = CLIPTokenizer()  # empty vocab; only its normalizer/pre-tokenizer are borrowed
-    backend = Tokenizer(models.BPE(unk_token=EOS, end_of_word_suffix="</w>", continuing_subword_prefix=""))
-    backend.normalizer = reference.backend_tokenizer.normalizer
-    backend.pre_tokenizer = reference.backend_tokenizer.pre_tokenizer
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[BOS, EOS],
-        end_of_word_suffix="</w>",
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(texts, trainer)
-    model = json.loads(backend.to_str())["model"]
-    vocab: dict[str, int] = model["vocab"]
-    for symbol in pre_tokenizers.ByteLevel.alphabet():  # a one-symbol word ("!") is looked up as "!</w>"
-        vocab.setdefault(symbol + "</w>", len(vocab))
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        reference = CLIPTokenizer()  # empty vocab; only its normalizer/pre-tokenizer are borrowed
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    normalizer = reference.backend_tokenizer.normalizer
+    pre_tokenizer = reference.backend_tokenizer.pre_tokenizer
+    word_counts: Counter[str] = Counter()
+    for text in texts:
+        word_counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab: dict[str, int] = {BOS: 0, EOS: 1}
+    for symbol in [*alphabet, *(a + "</w>" for a in alphabet)]:
+        vocab.setdefault(symbol, len(vocab))
+    words = {w: [*w[:-1], w[-1] + "</w>"] for w in sorted(word_counts)}
+    merges: list[tuple[str, str]] = []
+    while len(merges) < max_merges:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for word, pieces in words.items():
+            for pair in itertools.pairwise(pieces):
+                pairs[pair] += word_counts[word]
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        vocab.setdefault(best[0] + best[1], len(vocab))
+        for word, pieces in words.items():
+            merged, i = [], 0
+            while i < len(pieces):
+                if i + 1 < len(pieces) and (pieces[i], pieces[i + 1]) == best:
+                    merged.append(pieces[i] + pieces[i + 1])
+                    i += 2
+                else:
+                    merged.append(pieces[i])
+                    i += 1
+            words[word] = merged
     return CLIPTokenizer(vocab=vocab, merges=merges)
 
 
@@ -137,10 +164,10 @@ def new_clip(tokenizer, seed: int = 0, **config_kwargs):
 def save_tiny_clip(
     directory: str | os.PathLike,
     captions: Iterable[str],
-    vocab_size: int = 512,
+    max_merges: int = 2000,
     seed: int = 0,
     **config_kwargs,
 ) -> Path:
     """Tokenizer trained on ``captions`` + random tiny CLIPModel, saved in hub layout; returns the directory."""
-    tokenizer = build_clip_tokenizer(captions, vocab_size=vocab_size)
+    tokenizer = build_clip_tokenizer(captions, max_merges=max_merges)
     return save_clip(directory, new_clip(tokenizer, seed=seed, **config_kwargs), tokenizer)

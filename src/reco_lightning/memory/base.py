@@ -18,6 +18,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from reco_lightning.atomic import atomic_write_text
+
 __all__ = [
     "BACKENDS",
     "MemoryBackend",
@@ -106,8 +108,11 @@ class MemoryBackend(ABC):
     def add(self, vectors: np.ndarray) -> None:
         """Append rows; their ids continue from ``ntotal``."""
 
-    def build(self, vectors: np.ndarray, train_size: int | None = None, seed: int = 0) -> None:
-        """Train on (a sample of) ``vectors`` when needed, then add them all in chunks."""
+    def build(self, vectors: np.ndarray, train_size: int | None = 100_000, seed: int = 0) -> None:
+        """Train on a sample of ``train_size`` rows (all if None) when needed, then add them all in chunks.
+
+        Quantiser k-means barely improves past ~100k points and costs minutes per extra 100k on CPU.
+        """
         vectors = self._check(vectors, "vectors")
         if self.needs_training:
             sample = vectors
@@ -121,7 +126,10 @@ class MemoryBackend(ABC):
     # --- searching ------------------------------------------------------------------------------------
     @abstractmethod
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Return (scores float32 [B, k], row ids int64 [B, k]), best first; id -1 where fewer than k exist."""
+        """Return (scores float32 [B, k], row ids int64 [B, k]), best first.
+
+        Where fewer than k vectors are found the id is -1 (its score is meaningless; -inf by convention).
+        """
 
     def attach(self, rows: np.ndarray) -> None:  # noqa: B027 - intentional no-op default
         """Give read access to the store's full-precision rows (fp16 memmap) for exact re-ranking."""
@@ -163,6 +171,7 @@ class MemoryBackend(ABC):
         os.close(fd)
         try:
             self._save_index(Path(tmp))
+            os.chmod(tmp, 0o644)
             os.replace(tmp, directory / "index.faiss")
         finally:
             if os.path.exists(tmp):
@@ -209,16 +218,3 @@ class MemoryBackend(ABC):
             raise RecoMemoryError(
                 f"k={k} but the memory holds {self.ntotal} vectors: use 0 < k <= {self.ntotal}"
             )
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a small text file so readers see either the old or the new content, never half of it."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -8,7 +8,7 @@ import faiss
 import numpy as np
 
 from reco_lightning.memory.base import MemoryBackend, register_backend
-from reco_lightning.memory.gpu import index_to_gpu
+from reco_lightning.memory.gpu import index_to_cpu, index_to_gpu
 
 __all__ = ["ExactBackend"]
 
@@ -41,18 +41,10 @@ class ExactBackend(MemoryBackend):
         return self.ntotal * self.dim * 4
 
     def _save_index(self, path: Path) -> None:
-        faiss.write_index(_cpu(self.index), str(path))
+        faiss.write_index(index_to_cpu(self.index), str(path))
 
     def _load_index(self, path: Path) -> None:
         index = faiss.read_index(str(path))
         if index.d != self.dim:
             raise ValueError(f"index dim {index.d} != {self.dim}")
         self.index = index
-
-
-def _cpu(index: faiss.Index) -> faiss.Index:
-    return (
-        faiss.index_gpu_to_cpu(index)
-        if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__
-        else index
-    )

@@ -6,7 +6,7 @@ import warnings
 
 import faiss
 
-__all__ = ["faiss_num_gpus", "index_to_gpu"]
+__all__ = ["faiss_num_gpus", "index_to_cpu", "index_to_gpu"]
 
 _warned = False
 
@@ -37,3 +37,10 @@ def index_to_gpu(index: faiss.Index, device: int | None) -> faiss.Index:
     gpu_index = faiss.index_cpu_to_gpu(resources, int(device), index, options)
     gpu_index.reco_resources = resources  # keep the resources alive as long as the index
     return gpu_index
+
+
+def index_to_cpu(index: faiss.Index) -> faiss.Index:
+    """A CPU copy of a GPU index (for saving or measuring); CPU indexes are returned as they are."""
+    if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__:
+        return faiss.index_gpu_to_cpu(index)
+    return index

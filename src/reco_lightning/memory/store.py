@@ -27,7 +27,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from reco_lightning.memory.base import MemoryBackend, RecoMemoryError, atomic_write_text, backend_from_spec
+from reco_lightning.atomic import atomic_write_text
+from reco_lightning.memory.base import MemoryBackend, RecoMemoryError, backend_from_spec
 
 __all__ = ["MODALITIES", "MemoryStore", "Modality", "replace_directory"]
 
@@ -109,7 +110,7 @@ class MemoryStore:
         ids: np.ndarray | None = None,
         backend: str | dict[str, Any] = "exact",
         fingerprint: dict[str, Any] | None = None,
-        train_size: int | None = None,
+        train_size: int | None = 100_000,
     ) -> MemoryStore:
         """An in-RAM memory over given (normalised) embeddings; indexes built here."""
         image, text, ids = _validated_arrays(image_embeddings, text_embeddings, ids)
@@ -134,7 +135,7 @@ class MemoryStore:
         backend: str | dict[str, Any] = "exact",
         fingerprint: dict[str, Any] | None = None,
         source: str = "arrays",
-        train_size: int | None = None,
+        train_size: int | None = 100_000,
         overwrite: bool = False,
     ) -> Path:
         """Write a complete memory directory atomically and return its path."""
@@ -187,6 +188,33 @@ class MemoryStore:
             backend=backend or stores[0].manifest["backend"],
             fingerprint=first,
             source="concat:" + ",".join(str(s.path) for s in stores),
+            overwrite=overwrite,
+        )
+
+    def select(
+        self,
+        rows: np.ndarray,
+        out: str | os.PathLike,
+        backend: str | dict[str, Any] | None = None,
+        overwrite: bool = False,
+    ) -> Path:
+        """Write the memory made of ``rows`` of this one (e.g. a class subset), re-indexed, not re-encoded."""
+        import pyarrow.parquet as pq
+
+        if self.path is None:
+            raise RecoMemoryError("select needs a memory opened from disk (its metadata lives there)")
+        rows = np.asarray(rows, dtype=np.int64)
+        meta = pq.read_table(self.path / "metadata.parquet").take(rows)
+        return MemoryStore.write(
+            out,
+            np.asarray(self.image_embeddings[rows]),
+            np.asarray(self.text_embeddings[rows]),
+            ids=np.asarray(self.ids[rows]),
+            captions=meta.column("caption").to_pylist(),
+            keys=meta.column("key").to_pylist(),
+            backend=backend or self.manifest["backend"],
+            fingerprint=self.fingerprint,
+            source=f"select:{self.path} ({len(rows)} of {len(self)} rows)",
             overwrite=overwrite,
         )
 
@@ -290,7 +318,7 @@ def finish_memory(
     backend: str | dict[str, Any] | MemoryBackend,
     fingerprint: dict[str, Any] | None,
     source: str,
-    train_size: int | None = None,
+    train_size: int | None = 100_000,
 ) -> None:
     """Index the embeddings already in ``directory`` and write the manifest last (it marks completion)."""
     from tqdm.auto import tqdm

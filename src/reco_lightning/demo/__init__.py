@@ -1,0 +1,48 @@
+"""Real-data demo ingredients: Fashion-MNIST splits and pair files, and a stand-in CLIP that lacks some classes.
+
+The backbone names load lazily (module ``__getattr__``), so that ``python -m reco_lightning.demo.backbone``
+does not find its own module already imported by this package (runpy warns about that).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from reco_lightning.demo.fashion_mnist import (
+    CAPTION_TEMPLATES,
+    DEFAULT_SEEN_CLASSES,
+    FASHION_MNIST_CLASSES,
+    DemoSplits,
+    FashionMNISTError,
+    load_fashion_mnist,
+    make_captions,
+    make_splits,
+    write_image_folder,
+    write_pairs,
+)
+
+_BACKBONE_NAMES = ("BackboneRecipe", "ensure_backbone", "train_backbone", "zero_shot_accuracy")
+
+__all__ = [
+    "CAPTION_TEMPLATES",
+    "DEFAULT_SEEN_CLASSES",
+    "FASHION_MNIST_CLASSES",
+    "BackboneRecipe",
+    "DemoSplits",
+    "FashionMNISTError",
+    "ensure_backbone",
+    "load_fashion_mnist",
+    "make_captions",
+    "make_splits",
+    "train_backbone",
+    "write_image_folder",
+    "write_pairs",
+    "zero_shot_accuracy",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _BACKBONE_NAMES:
+        return getattr(importlib.import_module("reco_lightning.demo.backbone"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,137 @@
+"""The memory-backend benchmark end to end on tiny data: report schema, sanity of its numbers, artefacts."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+TINY = ["--n", "3000", "--dim", "32", "--queries", "40", "--m", "8", "--batch1-queries", "10"]
+TINY += ["--batch-seconds", "0.05", "--autofaiss-index-key", "IVF16,Flat", "--autofaiss-query-ms", "50"]
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    # on sys.path (not only loaded from its file) so spawned per-backend processes can import it too
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module("memory_backends")
+
+
+def test_all_backends_in_process(bench, tmp_path) -> None:
+    pytest.importorskip("autofaiss")
+    report = bench.main([*TINY, "--out", str(tmp_path), "--in-process"])
+    on_disk = json.loads((tmp_path / "memory_backends.json").read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    for key, kind in (
+        ("matmul_gflops", float),
+        ("n", int),
+        ("dim", int),
+        ("exact_fraction_of_matmul", float),
+    ):
+        assert isinstance(on_disk[key], kind), key
+    assert on_disk["n"] == 3000 and on_disk["dim"] == 32 and on_disk["matmul_gflops"] > 0
+    backends = on_disk["backends"]
+    assert set(backends) == {"exact", "ivfpq", "ivfpq_rerank", "autofaiss"}
+    for name, r in backends.items():
+        assert "error" not in r, (name, r)
+        for key in ("build_s", "bytes_per_vector", "recall@1", "recall@10", "qps_batch1", "qps_batch1024"):
+            assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] >= 0, (name, key)
+        assert r["peak_rss_mb"] > 0 and r["ntotal"] == 3000 and 0 <= r["recall@10"] <= 1
+    assert backends["exact"]["recall@1"] == backends["exact"]["recall@10"] == 1.0
+    assert backends["exact"]["bytes_per_vector"] == 32 * 4
+    assert backends["ivfpq"]["bytes_per_vector"] < 32 * 4
+    assert backends["ivfpq_rerank"]["recall@10"] > backends["ivfpq"]["recall@10"]
+    assert backends["ivfpq_rerank"]["build_shared_with"] == "ivfpq"  # one IVF-PQ build serves both
+    assert backends["ivfpq_rerank"]["init_args"]["rerank"] == 200
+    # the fraction is the exact backend's FLOP rate over the best measured matmul rate
+    flops = 2 * 3000 * 32 * backends["exact"]["qps_batch1024"] / 1e9
+    assert on_disk["exact_fraction_of_matmul"] == pytest.approx(flops / on_disk["matmul_gflops"])
+    assert (
+        on_disk["exact_fraction_of_matmul_interleaved"]
+        == backends["exact"]["kernel_fraction_interleaved"]
+        > 0
+    )
+    auto = backends["autofaiss"]
+    assert auto["index_key"] == "IVF16,Flat"
+    assert isinstance(auto["within_memory_budget"], bool) and isinstance(
+        auto["within_query_time_budget"], bool
+    )
+    assert auto["within_memory_budget"] is False  # default budget 1/16 of exact; IVF-Flat is bigger
+    markdown = (tmp_path / "memory_backends.md").read_text()
+    assert "| ivfpq_rerank |" in markdown and "recall@10" in markdown
+    assert (tmp_path / "memory_backends.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "_work").exists()
+
+
+def test_spawned_backend_is_measured_in_its_own_process(bench, tmp_path) -> None:
+    args = [
+        "--n",
+        "2000",
+        "--dim",
+        "16",
+        "--queries",
+        "30",
+        "--batch1-queries",
+        "5",
+        "--batch-seconds",
+        "0.05",
+    ]
+    report = bench.main([*args, "--backends", "exact", "--out", str(tmp_path)])
+    exact = report["backends"]["exact"]
+    assert exact["isolated_process"] is True and exact["recall@10"] == 1.0
+    # per-process peak: the child's own high-water mark, at least what its imports already hold
+    assert exact["rss_after_imports_mb"] <= exact["peak_rss_mb"] < exact["rss_after_imports_mb"] + 500
+
+
+def test_real_memory_uses_held_out_rows_as_queries(bench, tmp_path) -> None:
+    memory = tmp_path / "memory"
+    memory.mkdir()
+    np.save(memory / "image_emb.npy", np.random.default_rng(0).standard_normal((1500, 16)).astype(np.float16))
+    args = [
+        "--n",
+        "1000",
+        "--dim",
+        "16",
+        "--queries",
+        "30",
+        "--batch1-queries",
+        "5",
+        "--batch-seconds",
+        "0.05",
+    ]
+    args += ["--m", "4", "--backends", "exact,ivfpq_rerank", "--in-process", "--memory", str(memory)]
+    report = bench.main([*args, "--out", str(tmp_path / "o")])
+    real = report["real_memory"]
+    assert real["n"] == 1470 and real["dim"] == 16 and real["queries"] == 30
+    assert real["backends"]["exact"]["recall@10"] == 1.0
+    assert real["backends"]["ivfpq_rerank"]["recall@10"] > 0.8
+    assert "real memory" in (tmp_path / "o" / "memory_backends.md").read_text()
+    with pytest.raises(SystemExit, match="image_emb.npy"):
+        bench.main([*args[:-1], str(tmp_path), "--out", str(tmp_path / "o2")])
+
+
+def test_helpers() -> None:
+    bench = _load()
+    truth = np.array([[1, 2, 3], [4, 5, 6]])
+    approx = np.array([[1, 3, 9], [6, 7, 8]])
+    assert bench.recall_at(approx, truth, 1) == 0.5
+    assert bench.recall_at(approx, truth, 3) == pytest.approx(3 / 6)
+    assert bench.default_nlist(1_000_000, 100_000) == 4096
+    assert bench.default_nlist(100_000, 100_000) == 1024
+    assert bench.default_nlist(3000, 3000) == 128  # capped: >= 20 training points per list
+    assert bench._memory_bytes("128M") == 128 * 2**20 and bench._memory_bytes("1.5GB") == int(1.5 * 2**30)
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location(
+        "memory_backends_helpers", BENCHMARKS / "memory_backends.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

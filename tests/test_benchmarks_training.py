@@ -1,0 +1,104 @@
+"""The training-throughput and streaming-RAM benchmarks end to end at tiny sizes: schema and sane numbers."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def benchmarks(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module("train_throughput"), importlib.import_module("streaming_ram")
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+def test_train_throughput_tiny(benchmarks, tmp_path) -> None:
+    throughput, _ = benchmarks
+    args = ["--models", "demo", "--memory-size", "2000", "--on-the-fly-batch-sizes", "8"]
+    args += ["--cached-batch-sizes", "8,64", "--steps", "2", "--warmup", "1", "--matmul-sizes", "256"]
+    args += ["--min-seconds", "0"]
+    report = throughput.main([*args, "--threads", "1", "--out", str(tmp_path)])
+    on_disk = json.loads((tmp_path / "train_throughput.json").read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    assert _positive(on_disk["matmul_gflops"]) and on_disk["models"] == ["demo"]
+    demo = on_disk["demo"]
+    for key in (
+        "on_the_fly_samples_per_s",
+        "cached_samples_per_s",
+        "cached_gflops",
+        "cached_fraction_of_matmul",
+        "speedup",
+        "speedup_same_batch_size",
+        "cached_flops_per_step",
+        "on_the_fly_flops_per_step_torch",
+    ):
+        assert _positive(demo[key]), key
+    assert demo["k"] == 10 and demo["dim"] == 64 and demo["memory_size"] == 2000
+    assert demo["on_the_fly_batch_size"] == 8 and demo["cached_batch_size"] in (8, 64)
+    assert set(demo["on_the_fly"]) == {"8"} and set(demo["cached"]) == {"8", "64"}
+    # the cache removes CLIP and the search: cached training must be faster per sample
+    assert demo["on_the_fly_samples_per_s"] < demo["cached_samples_per_s"]
+    assert demo["speedup"] == pytest.approx(demo["cached_samples_per_s"] / demo["on_the_fly_samples_per_s"])
+    assert demo["cached_fraction_of_matmul"] == pytest.approx(
+        demo["cached_gflops"] / on_disk["matmul_gflops"]
+    )
+    # the FLOP counter and the documented formula agree (the counter skips CPU attention)
+    assert demo["cached_flops_counter_vs_analytic"] == pytest.approx(1.0, rel=0.05)
+    for mode in ("on_the_fly", "cached"):
+        phases = demo["breakdown_s"][mode]
+        assert all(v >= 0 for v in phases.values())
+    assert demo["breakdown_s"]["on_the_fly"]["clip_embed"] > demo["breakdown_s"]["cached"]["clip_embed"]
+    assert isinstance(next(iter(demo["targets"].values())), bool)
+    ops = demo["cached_profile_top_ops"]
+    assert ops and all(o["self_s"] >= 0 and 0 <= o["share"] <= 1 for o in ops)
+    assert "| demo |" in (tmp_path / "train_throughput.md").read_text()
+
+
+def test_analytic_flops_formula(benchmarks) -> None:
+    throughput, _ = benchmarks
+    b, k, d = 4, 3, 8
+    parts = throughput.analytic_cached_step_flops(b, k, d)
+    seq = k + 1
+    assert parts["fusion_linear"] == 2 * 3 * 2 * b * seq * (4 * d * d + 2 * d * 4 * d)
+    assert parts["fusion_attention"] == 2 * 3 * 4 * b * seq * seq * d
+    assert parts["loss"] == 7 * 2 * b * b * d
+    assert parts["total"] == parts["fusion_linear"] + parts["fusion_attention"] + parts["loss"]
+    # a query-only last layer keeps K/V of every token but drops the rest for the k retrieved tokens
+    query_only = 2 * 3 * 2 * b * (2 * d * d * seq + 2 * d * d + 2 * d * 4 * d)
+    assert parts["fusion_linear_query_only_last_layer"] == query_only < parts["fusion_linear"]
+
+
+def test_streaming_ram_tiny(benchmarks, tmp_path) -> None:
+    _, streaming = benchmarks
+    args = ["--sizes", "200,600", "--per-shard", "100", "--image-size", "32", "--batch-size", "16"]
+    args += ["--num-workers", "1", "--sample-every", "2", "--first-batches", "2", "--shuffle-buffer", "50"]
+    report = streaming.main([*args, "--out", str(tmp_path)])
+    on_disk = json.loads((tmp_path / "streaming_ram.json").read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    assert [r["pairs"] for r in on_disk["runs"]] == [200, 600]
+    for run in on_disk["runs"]:
+        assert run["pairs_streamed"] == run["pairs"] and run["bad_samples"] == 0
+        for key in ("peak_rss_mb", "rss_after_first_batches_mb", "seconds", "peak_pss_mb", "bytes"):
+            assert _positive(run[key]), key
+        assert run["peak_rss_mb"] >= run["rss_after_first_batches_mb"]
+        assert max(s["processes"] for s in run["samples"]) == 2  # the worker was measured too
+    assert isinstance(on_disk["flat"], bool)
+    assert on_disk["by_size"]["600"]["shards"] == 6
+    assert "| 600 |" in (tmp_path / "streaming_ram.md").read_text()
+
+
+def test_is_flat(benchmarks) -> None:
+    _, streaming = benchmarks
+    assert streaming.is_flat([1000.0, 1040.0])  # < 50 MB
+    assert streaming.is_flat([1000.0, 1090.0])  # < 10%
+    assert not streaming.is_flat([300.0, 400.0])
