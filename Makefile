@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo tiny test lint format bench clean
+.PHONY: install data demo tiny test lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,16 +21,19 @@ install: $(STAMP)
 
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 
-demo: $(STAMP)
-	test -f $(FASHION_MNIST) || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
+# Fashion-MNIST from Debian (real images for the demo and its CI test); without it they say so and stop/skip.
+data:
+	@test -f $(FASHION_MNIST) || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
 		|| echo "could not install dataset-fashion-mnist (needs root and Debian's package registry)"
+
+demo: $(STAMP) data
 	$(BIN)/reco demo
 
 tiny: $(STAMP)
 	$(BIN)/reco prepare-tiny --out artifacts/tiny
 	$(BIN)/reco fit --config configs/tiny.yaml
 
-test: $(STAMP)
+test: $(STAMP) data
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
 
