@@ -14,6 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from reco_lightning.atomic import replace_directory
 from reco_lightning.tiny_clip import save_tiny_clip
 
 __all__ = ["COLOURS", "SHAPES", "make_shape_classes", "make_shape_pairs", "prepare_tiny"]
@@ -76,7 +77,7 @@ def make_shape_classes(directory: str | os.PathLike, per_class: int, seed: int =
         for i in range(per_class):
             _draw(shape, COLOURS[colour], rng).save(tmp / f"{label:02d}" / f"{i:04d}.png")
     (tmp / "classnames.txt").write_text("\n".join(names) + "\n")
-    os.replace(tmp, directory)
+    replace_directory(tmp, directory)
     return directory
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from tokenizers import pre_tokenizers
 
+from reco_lightning.atomic import replace_directory
+
 __all__ = ["build_clip_tokenizer", "new_clip", "save_clip", "save_tiny_clip", "tiny_clip_config"]
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -136,9 +138,7 @@ def save_clip(directory: str | os.PathLike, model, tokenizer) -> Path:
     try:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
+        replace_directory(tmp, directory)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

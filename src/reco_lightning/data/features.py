@@ -30,10 +30,9 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from reco_lightning.atomic import atomic_write_text
+from reco_lightning.atomic import atomic_write_text, replace_directory
 from reco_lightning.chunked import clear_work, iter_chunks, predict_in_chunks
 from reco_lightning.data.pairs import PairCollator, open_source
-from reco_lightning.memory.store import replace_directory
 
 if TYPE_CHECKING:
     from reco_lightning.data.pairs import ImageTextDataModule

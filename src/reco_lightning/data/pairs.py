@@ -22,6 +22,7 @@ import math
 import os
 import random
 import tarfile
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +61,7 @@ class PairRecord:
     load: Callable[[], bytes | str]
 
 
-class PairSource:
+class PairSource(ABC):
     """A finite sequence of pairs in a deterministic order, split into units (files or shards).
 
     ``units`` are independently readable chunks; ``iter_unit(unit, keep)`` yields ``(position, pair)`` for
@@ -70,14 +71,17 @@ class PairSource:
 
     name: str
 
+    @abstractmethod
     def units(self) -> list[Any]:
-        raise NotImplementedError
+        """The independently readable parts, in source order."""
 
+    @abstractmethod
     def unit_length(self, unit: Any) -> int:
-        raise NotImplementedError
+        """Pairs in ``unit``."""
 
+    @abstractmethod
     def iter_unit(self, unit: Any, keep: Callable[[int], bool]) -> Iterator[tuple[int, PairRecord]]:
-        raise NotImplementedError
+        """``(position in unit, pair)`` for the kept positions of ``unit``."""
 
     def __len__(self) -> int:
         return sum(self.unit_length(u) for u in self.units())

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from reco_lightning.atomic import atomic_write_text
+from reco_lightning.atomic import atomic_write_text, replace_directory
 from reco_lightning.data.zeroshot import load_classnames
 
 __all__ = [
@@ -415,9 +415,7 @@ def write_image_folder(
             (tmp / folders[labels[i]] / f"{i:0{width}d}.png").write_bytes(_png_bytes(images[i]))
         (tmp / "classnames.txt").write_text("".join(f"{n}\n" for n in classnames), encoding="utf-8")
         (tmp / ".digest").write_text(digest + "\n", encoding="utf-8")
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
+        replace_directory(tmp, root)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

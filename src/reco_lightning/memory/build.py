@@ -17,11 +17,12 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from reco_lightning.atomic import replace_directory
 from reco_lightning.chunked import clear_work, iter_chunks, predict_in_chunks
 from reco_lightning.data.pairs import PairCollator, open_source
 from reco_lightning.encoders import FrozenCLIP
 from reco_lightning.memory.base import RecoMemoryError
-from reco_lightning.memory.store import finish_memory, replace_directory, write_metadata
+from reco_lightning.memory.store import finish_memory, write_metadata
 
 __all__ = ["EncoderModule", "build_memory"]
 

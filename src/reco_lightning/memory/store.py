@@ -27,25 +27,14 @@ from typing import Any, Literal
 
 import numpy as np
 
-from reco_lightning.atomic import atomic_write_text
+from reco_lightning.atomic import atomic_write_text, replace_directory
 from reco_lightning.memory.base import MemoryBackend, RecoMemoryError, backend_from_spec
 
-__all__ = ["MODALITIES", "MemoryStore", "Modality", "replace_directory"]
+__all__ = ["MODALITIES", "MemoryStore", "Modality"]
 
 Modality = Literal["image", "text"]
 MODALITIES: tuple[Modality, Modality] = ("image", "text")
 FORMAT, VERSION = "reco-memory", 1
-
-
-def replace_directory(tmp: Path, final: Path) -> None:
-    """Move a completed ``tmp`` directory to ``final``, replacing any old one without a moment of absence."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
 
 
 class MemoryStore:
