@@ -61,10 +61,14 @@ def update_readme(text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
     parser.add_argument("--out", default="bench_out", help="directory for demo_accuracy.json")
-    parser.add_argument("--artifacts", default="artifacts", help="seed N's demo lives in ARTIFACTS/demo[_seedN]")
+    parser.add_argument(
+        "--artifacts", default="artifacts", help="seed N's demo lives in ARTIFACTS/demo[_seedN]"
+    )
     parser.add_argument("--limit", type=int, default=None, help="shrink every split (smoke runs)")
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite the README table")
     args = parser.parse_args(argv)

@@ -164,45 +164,21 @@ def build_vit_b32(directory: Path, seed: int = 0) -> dict[str, Any]:
 
 
 def build_demo(directory: Path, seed: int = 0) -> dict[str, Any]:
-    """Save the demo backbone's architecture with random weights (the demo trains its own; timing only).
-
-    Uses ``BackboneRecipe()`` defaults and a tokenizer learned on its caption templates;
-    falls back to a documented tiny config if the demo module is not importable.
-    """
+    """Save the demo backbone's architecture with random weights (the demo trains its own; timing only)."""
+    from reco_lightning.demo.backbone import BackboneRecipe
     from reco_lightning.tiny_clip import build_clip_tokenizer, new_clip, save_clip
 
-    try:
-        from reco_lightning.demo.backbone import BackboneRecipe
-
-        recipe = BackboneRecipe()
-        captions = [t.replace("{c}", c) for t in recipe.caption_templates for c in recipe.classnames]
-        tokenizer = build_clip_tokenizer(captions)
-        arch = {
-            "embed_dim": recipe.embed_dim,
-            "text_width": recipe.width,
-            "vision_width": recipe.width,
-            "layers": recipe.layers,
-            "heads": recipe.heads,
-            "image_size": recipe.image_size,
-            "patch_size": recipe.patch_size,
-            "max_text_len": recipe.max_text_len,
-        }
-        source = "reco_lightning.demo.backbone.BackboneRecipe() defaults"
-    except (ImportError, AttributeError) as err:  # the demo is optional for this benchmark
-        tokenizer = build_clip_tokenizer(["a photo of a shirt.", "a small image of a bag."])
-        arch = {
-            "embed_dim": 64,
-            "text_width": 128,
-            "vision_width": 128,
-            "layers": 4,
-            "heads": 4,
-            "image_size": 28,
-            "patch_size": 7,
-            "max_text_len": 16,
-        }
-        source = f"fallback tiny_clip_config (demo backbone not importable: {err})"
+    recipe = BackboneRecipe()
+    tokenizer = build_clip_tokenizer(
+        [t.replace("{c}", c) for t in recipe.caption_templates for c in recipe.classnames]
+    )
+    arch = recipe.architecture()
     save_clip(directory, new_clip(tokenizer, seed=seed, **arch), tokenizer)
-    return {"source": source, "vocab_size": len(tokenizer), **arch}
+    return {
+        "source": "reco_lightning.demo.backbone.BackboneRecipe() defaults",
+        "vocab_size": len(tokenizer),
+        **arch,
+    }
 
 
 BUILDERS: dict[str, Callable[[Path, int], dict[str, Any]]] = {"vit_b32": build_vit_b32, "demo": build_demo}
@@ -210,14 +186,10 @@ BUILDERS: dict[str, Callable[[Path, int], dict[str, Any]]] = {"vit_b32": build_v
 
 # --- memory and batches -------------------------------------------------------------------------------
 def _unit_vectors(n: int, dim: int, seed: int) -> np.ndarray:
-    """CLIP-like synthetic rows when the generator is available, else normalised Gaussian rows."""
-    try:
-        from reco_lightning.memory.synthetic import clustered_unit_vectors
+    """CLIP-like synthetic rows (see reco_lightning.memory.synthetic)."""
+    from reco_lightning.memory.synthetic import clustered_unit_vectors
 
-        return np.asarray(clustered_unit_vectors(n, dim, seed=seed), dtype=np.float32)
-    except (ImportError, TypeError):
-        x = np.random.default_rng(seed).standard_normal((n, dim), dtype=np.float32)
-        return x / np.linalg.norm(x, axis=1, keepdims=True)
+    return np.asarray(clustered_unit_vectors(n, dim, seed=seed), dtype=np.float32)
 
 
 def build_memory(n: int, dim: int, seed: int = 0):

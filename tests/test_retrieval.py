@@ -86,6 +86,8 @@ def test_search_widens_for_queries_whose_candidates_are_all_near_duplicates():
     mem = MemoryStore.from_arrays(x, x)
     retriever = Retriever(mem, k=3, exclusion_margin=4, near_duplicate_threshold=0.99)
     nb = retriever(torch.from_numpy(centre), "image", exclude_ids=torch.tensor([-1]))
-    assert nb.mask.all() and (nb.rows >= 40).all(), "found the 3 best non-duplicates beyond the first 7 candidates"
+    assert nb.mask.all() and (nb.rows >= 40).all(), (
+        "found the 3 best non-duplicates beyond the first 7 candidates"
+    )
     expected = np.argsort(-(others @ centre[0]))[:3] + 40
     assert nb.rows[0].tolist() == expected.tolist()

@@ -107,6 +107,19 @@ class BackboneRecipe:
     max_shift: int = 2
     seed: int = 0
 
+    def architecture(self) -> dict[str, int]:
+        """The :func:`reco_lightning.tiny_clip.new_clip` arguments of this recipe's model."""
+        return {
+            "embed_dim": self.embed_dim,
+            "text_width": self.width,
+            "vision_width": self.width,
+            "layers": self.layers,
+            "heads": self.heads,
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+            "max_text_len": self.max_text_len,
+        }
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready settings plus :data:`RECIPE_VERSION`; tuples become lists so a reload compares equal."""
         data = json.loads(json.dumps(asdict(self)))
@@ -233,18 +246,7 @@ def _train(recipe: BackboneRecipe, progress: bool) -> tuple[Any, Any, dict[str, 
     background = _preprocess(processor, np.zeros((1, 28, 28), dtype=np.uint8))[0, :, 0, 0]
     prep_s = time.perf_counter() - start
 
-    model = new_clip(
-        tokenizer,
-        seed=recipe.seed,
-        embed_dim=recipe.embed_dim,
-        text_width=recipe.width,
-        vision_width=recipe.width,
-        layers=recipe.layers,
-        heads=recipe.heads,
-        image_size=recipe.image_size,
-        patch_size=recipe.patch_size,
-        max_text_len=recipe.max_text_len,
-    )
+    model = new_clip(tokenizer, seed=recipe.seed, **recipe.architecture())
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]

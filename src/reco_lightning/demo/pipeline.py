@@ -119,13 +119,10 @@ def prepare_demo(
     write_pairs(images, labels, val_rows, layout.root / "pairs", "val", caption_seed=seed)
     write_image_folder(test_images, test_labels, layout.test, progress=False)
 
+    steps = {"steps": 400} if limit is not None else {}  # a shorter pre-training for the small slice
     recipe = BackboneRecipe(
-        data_root=data_root, split_seed=seed, seed=seed, backbone_size=sizes["backbone_size"]
+        data_root=data_root, split_seed=seed, seed=seed, backbone_size=sizes["backbone_size"], **steps
     )
-    if limit is not None:
-        recipe = BackboneRecipe(
-            data_root=data_root, split_seed=seed, seed=seed, backbone_size=sizes["backbone_size"], steps=400
-        )
     ensure_backbone(layout.backbone, recipe)
 
     trainer = {"accelerator": "cpu", "devices": 1}
