@@ -398,19 +398,18 @@ def analytic_cached_step_flops(
 ) -> dict[str, float]:
     """FLOPs of one cached training step (a multiply-add = 2 FLOPs), by part.
 
-    Per side, the fusion encoder runs on L = k + 1 tokens of width W (hidden H = W * mlp_ratio):
+    Per side, the fusion encoder reads L = k + 1 tokens of width W (hidden H = W * mlp_ratio):
 
-    * linear layers, forward: 2 * B * L * (4 W^2 + 2 W H) per layer (q, k, v, out projections + MLP);
-      all L tokens go through the whole layer although only the query's output is read;
-    * attention, forward: 2 * 2 * B * L^2 * W per layer (Q K^T and A V);
+    * every layer but the last, forward: linear 2 * B * L * (4 W^2 + 2 W H) (q, k, v, out projections +
+      MLP) and attention 2 * 2 * B * L^2 * W (Q K^T and A V);
+    * the last layer runs only the query position (only its output is read; keys and values still need
+      every token): linear 2 * B * (2 W^2 L + 2 W^2 + 2 W H), attention 2 * 2 * B * L * W;
     * optional in/out projections when W != D: 2 B L D W + 2 B W D;
     * backward = 2 x forward (input and weight gradients; inputs need gradients down to the first layer
       because the learned type embedding is added to them), so x3 in total.
 
-    Only the query's output is read, so the last layer could run its attention output, out-projection
-    and MLP on the query token alone (keys and values still need every token): per sample and layer
-    2 * (2 W^2 L + 2 W^2 + 2 W H) instead of 2 * L * (4 W^2 + 2 W H) forward. ``fusion_linear_query_only_last_layer``
-    is that count (an optimisation the package does not do; given to size what it would save).
+    ``fusion_linear_all_tokens`` is the linear count if the last layer ran every token (what a stock
+    ``nn.TransformerEncoder`` does), to size the saving.
 
     Loss: each InfoNCE term has one [B, D] x [D, B] logits matmul (2 B^2 D); backward needs two matmuls
     for NCE(v_bar, t_bar) and one for each mixed term (v and t are frozen): (3 + 2 + 1 + 1) * 2 B^2 D.
@@ -419,19 +418,17 @@ def analytic_cached_step_flops(
     w = width or dim
     hidden = int(w * mlp_ratio)
     seq = k + 1
-    linear = 2 * batch * seq * (4 * w * w + 2 * w * hidden) * layers
-    attention = 2 * 2 * batch * seq * seq * w * layers
+    per_layer = 2 * batch * seq * (4 * w * w + 2 * w * hidden)
+    query_only_last = 2 * batch * (2 * w * w * seq + 2 * w * w + 2 * w * hidden)
+    linear = per_layer * (layers - 1) + query_only_last
+    attention = 2 * 2 * batch * seq * w * (seq * (layers - 1) + 1)
     projections = 0 if w == dim else 2 * batch * seq * dim * w + 2 * batch * w * dim
     fusion = 2 * 3 * (linear + attention + projections)  # two sides, forward + backward
     loss_matmuls = (3 + 2 + 1 + 1) if mixed_terms else (1 + 2)
     loss = loss_matmuls * 2 * batch * batch * dim
-    per_layer = 2 * batch * seq * (4 * w * w + 2 * w * hidden)
-    query_only_last = 2 * batch * (2 * w * w * seq + 2 * w * w + 2 * w * hidden)
     return {
         "fusion_linear": float(2 * 3 * (linear + projections)),
-        "fusion_linear_query_only_last_layer": float(
-            2 * 3 * (linear - per_layer + query_only_last + projections)
-        ),
+        "fusion_linear_all_tokens": float(2 * 3 * (per_layer * layers + projections)),
         "fusion_attention": float(2 * 3 * attention),
         "loss": float(loss),
         "total": float(fusion + loss),

@@ -69,13 +69,16 @@ def test_analytic_flops_formula(benchmarks) -> None:
     b, k, d = 4, 3, 8
     parts = throughput.analytic_cached_step_flops(b, k, d)
     seq = k + 1
-    assert parts["fusion_linear"] == 2 * 3 * 2 * b * seq * (4 * d * d + 2 * d * 4 * d)
-    assert parts["fusion_attention"] == 2 * 3 * 4 * b * seq * seq * d
+    # one layer, run for the query position only: K/V of every token, the rest for the query alone
+    assert parts["fusion_linear"] == 2 * 3 * 2 * b * (2 * d * d * seq + 2 * d * d + 2 * d * 4 * d)
+    assert parts["fusion_attention"] == 2 * 3 * 4 * b * seq * d
     assert parts["loss"] == 7 * 2 * b * b * d
     assert parts["total"] == parts["fusion_linear"] + parts["fusion_attention"] + parts["loss"]
-    # a query-only last layer keeps K/V of every token but drops the rest for the k retrieved tokens
-    query_only = 2 * 3 * 2 * b * (2 * d * d * seq + 2 * d * d + 2 * d * 4 * d)
-    assert parts["fusion_linear_query_only_last_layer"] == query_only < parts["fusion_linear"]
+    all_tokens = 2 * 3 * 2 * b * seq * (4 * d * d + 2 * d * 4 * d)
+    assert parts["fusion_linear_all_tokens"] == all_tokens > parts["fusion_linear"]
+    two = throughput.analytic_cached_step_flops(b, k, d, layers=2)
+    assert two["fusion_linear"] == parts["fusion_linear"] + all_tokens
+    assert two["fusion_attention"] == parts["fusion_attention"] + 2 * 3 * 4 * b * seq * seq * d
 
 
 def test_streaming_ram_tiny(benchmarks, tmp_path) -> None:

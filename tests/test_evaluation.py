@@ -16,6 +16,7 @@ from reco_lightning.evaluation import (
     build_prompts,
     class_embeddings_from_prompt_embeddings,
     classification_metrics,
+    group_transfer_rates,
     plot_k_sweep,
     retrieval_metrics,
 )
@@ -205,6 +206,30 @@ def test_accumulator_checks_class_count_and_empty():
         pytest.raises(ValueError, match="no samples"),
     ):
         fresh.compute()
+
+
+def test_group_transfer_rates_by_hand():
+    # rows = true class; classes 0,1 "seen", 2 "unseen"
+    confusion = torch.tensor([[5, 1, 4], [0, 8, 2], [3, 0, 7]])
+    groups = {"seen": torch.tensor([0, 1]), "unseen": torch.tensor([2])}
+    rates = group_transfer_rates(confusion, groups)
+    assert rates == {"seen_to_unseen": 100.0 * 6 / 20, "unseen_to_seen": 100.0 * 3 / 10}
+
+
+def test_accumulator_with_groups_adds_synced_transfer_rates():
+    scores, labels = _tied_random_scores(120, 5, seed=4)
+    groups = {"a": torch.tensor([0, 1]), "b": torch.tensor([2, 3, 4])}
+    rank0 = ZeroShotClassificationAccumulator(5, groups=groups)
+    rank1 = ZeroShotClassificationAccumulator(5, groups=groups)
+    rank0.update(scores[:50], labels[:50])
+    rank1.update(scores[50:], labels[50:])
+    rank0.merge_state(rank1)
+    got = rank0.compute()
+    pred = scores.argmax(1)
+    in_a, in_b = labels < 2, labels >= 2
+    assert got["a_to_b"] == pytest.approx(100.0 * float((pred[in_a] >= 2).float().mean()))
+    assert got["b_to_a"] == pytest.approx(100.0 * float((pred[in_b] < 2).float().mean()))
+    assert {k: v for k, v in got.items() if "_to_" not in k} == classification_metrics(scores, labels)
 
 
 def test_classification_is_deterministic():

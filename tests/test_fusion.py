@@ -60,3 +60,34 @@ def test_bad_heads_and_shapes_are_refused():
         FusionTransformer(10, num_heads=4)
     with pytest.raises(ValueError, match=r"expected query \[B, D\]"):
         FusionTransformer(8, num_heads=2)(torch.randn(8), torch.randn(1, 2, 8))
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_query_only_last_layer_equals_the_whole_encoder(layers):
+    """The last layer computes the query position only; outputs and gradients match the full encoder."""
+    torch.manual_seed(0)
+    fusion = FusionTransformer(32, num_layers=layers, num_heads=4, dropout=0.0, residual=True)
+    torch.nn.init.ones_(fusion.norm.weight)  # make the learned branch matter
+    q, r = torch.randn(5, 32), torch.randn(5, 7, 32)
+    mask = torch.rand(5, 7) > 0.3
+
+    def full_encoder() -> torch.Tensor:
+        tokens = fusion.proj_in(torch.cat([q.unsqueeze(1), r], dim=1))
+        types = torch.ones(8, dtype=torch.long)
+        types[0] = 0
+        tokens = tokens + fusion.type_embedding(types)
+        padding = torch.nn.functional.pad(~mask, (1, 0), value=False)
+        out = fusion.proj_out(fusion.norm(fusion.encoder(tokens, src_key_padding_mask=padding)[:, 0]))
+        return torch.nn.functional.normalize(out + q, dim=-1)
+
+    weights = torch.randn(5, 32)  # a loss whose gradient is not zero (|unit vector|^2 would be)
+    want = full_encoder()
+    (want * weights).sum().backward()
+    want_grads = [p.grad.clone() for p in fusion.parameters()]
+    fusion.zero_grad()
+    got = fusion(q, r, mask)
+    (got * weights).sum().backward()
+    assert torch.allclose(got, want, atol=1e-6)
+    for name_param, want_grad in zip(fusion.named_parameters(), want_grads, strict=True):
+        assert want_grad.abs().sum() > 0, name_param[0]
+        assert torch.allclose(name_param[1].grad, want_grad, atol=1e-6), name_param[0]

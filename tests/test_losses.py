@@ -74,13 +74,13 @@ def _loss_on(model, loss_fn, v, t):
     return loss_fn(v, t, v_bar, t_bar)["loss"]
 
 
-def _ddp_worker(rank: int, world: int, port: int, v, t, out_dir: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, v, t, cut: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
         model = torch.nn.parallel.DistributedDataParallel(_model())
         loss_fn = RecoContrastiveLoss(learn_temperature=False)
-        shard = slice(rank * len(v) // world, (rank + 1) * len(v) // world)
+        shard = slice(0, cut) if rank == 0 else slice(cut, len(v))  # world == 2
         loss = _loss_on(model, loss_fn, v[shard], t[shard])
         loss.backward()
         grads = [p.grad.clone() for p in model.parameters()]
@@ -95,7 +95,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_two_processes_match_one_process_on_concatenated_batch(tmp_path):
+@pytest.mark.parametrize("cut", [4, 3], ids=["even", "uneven"])
+def test_ddp_two_processes_match_one_process_on_concatenated_batch(tmp_path, cut):
     v, t = unit(8, 8, seed=3), unit(8, 8, seed=4)
     model = _model()
     loss = _loss_on(model, RecoContrastiveLoss(learn_temperature=False), v, t)
@@ -103,7 +104,7 @@ def test_ddp_two_processes_match_one_process_on_concatenated_batch(tmp_path):
     single_grads = [p.grad for p in model.parameters()]
 
     mp.start_processes(
-        _ddp_worker, args=(2, _free_port(), v, t, str(tmp_path)), nprocs=2, start_method="spawn"
+        _ddp_worker, args=(2, _free_port(), v, t, cut, str(tmp_path)), nprocs=2, start_method="spawn"
     )
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt")

@@ -369,7 +369,12 @@ def _group_labels(spec: ClassificationSet, classnames: list[str]) -> dict[str, T
 def _group_accumulators(
     num_classes: int, groups: dict[str, Tensor], device: torch.device
 ) -> dict[str, ZeroShotClassificationAccumulator]:
-    return {name: ZeroShotClassificationAccumulator(num_classes).to(device) for name in ("all", *groups)}
+    return {
+        name: ZeroShotClassificationAccumulator(num_classes, groups=groups if name == "all" else None).to(
+            device
+        )
+        for name in ("all", *groups)
+    }
 
 
 def _progress(iterable, desc: str):

@@ -182,7 +182,13 @@ def cache_main(args: Sequence[str]) -> None:
 def demo_main(args: Sequence[str]) -> None:
     from jsonargparse import ArgumentParser
 
-    from reco_lightning.demo.fashion_mnist import DEFAULT_ROOT, FashionMNISTError
+    from reco_lightning.demo.fashion_mnist import (
+        DEFAULT_ROOT,
+        DEFAULT_SPLIT,
+        DEMO_SPLITS,
+        FashionMNISTError,
+        resolve_split,
+    )
     from reco_lightning.demo.pipeline import run_demo
 
     parser = ArgumentParser(
@@ -195,9 +201,22 @@ def demo_main(args: Sequence[str]) -> None:
     )
     parser.add_argument("--limit", type=int | None, default=None, help="shrink every split (quick check)")
     parser.add_argument("--data_root", default=DEFAULT_ROOT, help="Fashion-MNIST idx files")
+    parser.add_argument(
+        "--split",
+        default=DEFAULT_SPLIT,
+        help=f"seen classes: one of {sorted(DEMO_SPLITS)} or comma-separated class names/ids",
+    )
     cfg = parser.parse_args(list(args))
     try:
-        run_demo(cfg.out, seed=cfg.seed, grid=cfg.grid, limit=cfg.limit, data_root=cfg.data_root)
+        seen = resolve_split(cfg.split)
+        run_demo(
+            cfg.out,
+            seed=cfg.seed,
+            grid=cfg.grid,
+            limit=cfg.limit,
+            data_root=cfg.data_root,
+            seen_classes=seen,
+        )
     except FashionMNISTError as err:
         raise SystemExit(f"reco demo: {err}") from None
 

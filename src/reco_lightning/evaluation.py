@@ -36,6 +36,7 @@ __all__ = [
     "build_prompts",
     "class_embeddings_from_prompt_embeddings",
     "classification_metrics",
+    "group_transfer_rates",
     "plot_k_sweep",
     "retrieval_metrics",
 ]
@@ -234,11 +235,18 @@ class ZeroShotClassificationAccumulator(Metric):
     confusion: Tensor
     topk_correct: Tensor
 
-    def __init__(self, num_classes: int, top_k: Sequence[int] = (1, 5), **kwargs: Any) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        top_k: Sequence[int] = (1, 5),
+        groups: dict[str, Tensor] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = int(num_classes)
+        self.groups = {name: torch.as_tensor(c, dtype=torch.long).cpu() for name, c in (groups or {}).items()}
         self.top_k = _check_top_k(top_k)
         self.add_state(
             "confusion", torch.zeros(num_classes, num_classes, dtype=torch.long), dist_reduce_fx="sum"
@@ -255,8 +263,26 @@ class ZeroShotClassificationAccumulator(Metric):
         self.topk_correct += correct
 
     def compute(self) -> dict[str, float]:
-        """Metrics over everything seen since the last reset (after cross-process sync)."""
-        return _metrics_from_counts(self.confusion, self.topk_correct, self.top_k)
+        """Metrics over everything seen since the last reset (after cross-process sync), plus
+        :func:`group_transfer_rates` when the accumulator was given class groups."""
+        metrics = _metrics_from_counts(self.confusion, self.topk_correct, self.top_k)
+        return {**metrics, **group_transfer_rates(self.confusion, self.groups)}
+
+
+def group_transfer_rates(confusion: Tensor, groups: dict[str, Tensor]) -> dict[str, float]:
+    """``{g}_to_{h}``: percent of the images of group g's classes that are predicted as a class of group h.
+
+    With seen/unseen groups, ``seen_to_unseen`` says how much of a seen-class loss comes from images now
+    sent to the newly reachable unseen classes rather than confused within their own group.
+    """
+    confusion = confusion.cpu()
+    rates = {}
+    for g, g_classes in groups.items():
+        total = int(confusion[g_classes].sum())
+        for h, h_classes in groups.items():
+            if h != g and total:
+                rates[f"{g}_to_{h}"] = 100.0 * int(confusion[g_classes][:, h_classes].sum()) / total
+    return rates
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -14,6 +14,17 @@ from torch import Tensor, nn
 __all__ = ["FusionTransformer"]
 
 
+def _query_only(layer: nn.TransformerEncoderLayer, tokens: Tensor, padding: Tensor | None) -> Tensor:
+    """The pre-LN ``layer``'s output at the query token only [B, W]: the same numbers as running the
+    whole layer and taking position 0, without the feed-forward and attention outputs of the k retrieved
+    positions that nothing reads (the last layer is the only layer in the paper's fusion)."""
+    normed = layer.norm1(tokens)
+    attended = layer.self_attn(normed[:, :1], normed, normed, key_padding_mask=padding, need_weights=False)[0]
+    hidden = tokens[:, :1] + layer.dropout1(attended)
+    feed = layer.linear2(layer.dropout(layer.activation(layer.linear1(layer.norm2(hidden)))))
+    return (hidden + layer.dropout2(feed))[:, 0]
+
+
 class FusionTransformer(nn.Module):
     """Pre-LN transformer encoder over [query, k retrieved], output at the query token.
 
@@ -89,7 +100,9 @@ class FusionTransformer(nn.Module):
         padding = None
         if retrieved_mask is not None:
             padding = F.pad(~retrieved_mask.bool(), (1, 0), value=False)  # True = ignore; query never ignored
-        out = self.proj_out(self.norm(self.encoder(tokens, src_key_padding_mask=padding)[:, 0]))
+        for layer in self.encoder.layers[:-1]:
+            tokens = layer(tokens, src_key_padding_mask=padding)
+        out = self.proj_out(self.norm(_query_only(self.encoder.layers[-1], tokens, padding)))
         if self.residual:
             out = out + query
         if self.retrieved_skip:

@@ -11,6 +11,7 @@ ranks, so parameters receive exactly the gradient of the single-process loss on 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -18,6 +19,29 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["RecoContrastiveLoss", "gather_with_grad", "info_nce"]
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather of equal-sized tensors whose backward hands each rank the summed gradient of its rows.
+
+    Every rank's loss reads every rank's rows, so the gradient of the summed losses with respect to this
+    rank's rows is the all-reduced (summed) gradient of the gathered tensor, sliced to those rows. (Our own
+    Function: ``torch.distributed.nn.functional.all_gather`` is deprecated for a private module.)
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows = x.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = dist.get_rank() * ctx.rows
+        return grad[start : start + ctx.rows]
 
 
 def gather_with_grad(x: Tensor) -> Tensor:
@@ -28,14 +52,14 @@ def gather_with_grad(x: Tensor) -> Tensor:
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
-
     count = torch.tensor([x.shape[0]], device=x.device)
     counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
     dist.all_gather(counts, count)
     sizes = [int(c) for c in counts]
-    padded = F.pad(x, (0, 0, 0, max(sizes) - x.shape[0]))
-    return torch.cat([part[:n] for part, n in zip(all_gather(padded), sizes, strict=True)], dim=0)
+    largest = max(sizes)
+    gathered = _AllGatherWithGrad.apply(F.pad(x, (0, 0, 0, largest - x.shape[0])))
+    parts = gathered.split(largest, dim=0)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)], dim=0)
 
 
 def info_nce(a: Tensor, b: Tensor, logit_scale: Tensor, positives: Tensor | None = None) -> Tensor:

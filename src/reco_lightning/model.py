@@ -135,7 +135,8 @@ class RecoModule(pl.LightningModule):
         if self.retriever is None and self.hparams.memory:
             self.set_memory(self.hparams.memory)
 
-    def _require_retriever(self) -> Retriever:
+    def require_retriever(self) -> Retriever:
+        """The memory's retriever, or a one-line error saying how to attach a memory."""
         if self.retriever is None:
             raise RuntimeError(
                 "RecoModule has no memory: set model.memory to a memory directory (build one with "
@@ -175,7 +176,7 @@ class RecoModule(pl.LightningModule):
             dummy = torch.zeros(1, 1, embeddings.shape[1], device=embeddings.device)
             mask = torch.zeros(1, 1, dtype=torch.bool, device=embeddings.device)
             return fusion(dummy[:, 0], dummy, mask)[:0]
-        retriever = self._require_retriever()
+        retriever = self.require_retriever()
         if rows is not None:
             neighbours = retriever.gather(rows, modality, embeddings.device)
         else:

@@ -55,7 +55,7 @@ class FeatureCacheError(RuntimeError):
 
 def cache_requirements(model: RecoModule, source: str) -> dict[str, Any]:
     """Everything a cache's contents depend on; two equal dicts mean the cache is valid for the model."""
-    retriever = model._require_retriever()
+    retriever = model.require_retriever()
     hp = model.hparams
     return {
         "backbone": model.backbone.fingerprint["id"],
@@ -77,7 +77,7 @@ class _CacheEncoder(pl.LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         v, t = self.model.embed(batch)
-        retriever = self.model._require_retriever()
+        retriever = self.model.require_retriever()
         ids = batch["id"]
         k = retriever.k
         if len(ids):
@@ -308,5 +308,4 @@ def cached_loader(
         world_size=world,
         num_workers=hp.num_workers,
     )
-    datamodule._streams[stage] = dataset
     return DataLoader(dataset, batch_size=None, num_workers=hp.num_workers)

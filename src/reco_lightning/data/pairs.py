@@ -26,7 +26,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytorch_lightning as pl
 import torch
@@ -459,6 +459,12 @@ class PairCollator:
         return batch
 
 
+class EpochShuffled(Protocol):
+    """A dataset whose order is a function of the epoch (PairStream, CachedPairs)."""
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+
 class ImageTextDataModule(pl.LightningDataModule):
     """Streaming train/val/predict pairs for RecoModule (see the module docstring for DDP guarantees).
 
@@ -494,7 +500,7 @@ class ImageTextDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         self._collator: PairCollator | None = None
         self.bad_samples: dict[str, list[str]] = {}
-        self._streams: dict[str, PairStream] = {}
+        self._streams: dict[str, EpochShuffled] = {}  # what set_epoch reshuffles, per stage
 
     @property
     def collator(self) -> PairCollator:
@@ -539,7 +545,9 @@ class ImageTextDataModule(pl.LightningDataModule):
         if self.hparams.feature_cache and stage in ("train", "val"):
             from reco_lightning.data.features import cached_loader
 
-            return cached_loader(self, stage, source, shuffle)
+            loader = cached_loader(self, stage, source, shuffle)
+            self._streams[stage] = loader.dataset  # reshuffled per epoch like a PairStream
+            return loader
         stream = self.stream(stage, source, shuffle)
         return DataLoader(
             stream,

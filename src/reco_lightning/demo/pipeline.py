@@ -26,18 +26,29 @@ from typing import Any
 
 import numpy as np
 
-from reco_lightning.demo.backbone import BackboneRecipe, ensure_backbone
+from reco_lightning.atomic import atomic_write_text
+from reco_lightning.demo.backbone import RECIPE_FILENAME, BackboneRecipe, ensure_backbone
 from reco_lightning.demo.fashion_mnist import (
     DEFAULT_ROOT,
     DEFAULT_SEEN_CLASSES,
     FASHION_MNIST_CLASSES,
     load_fashion_mnist,
     make_splits,
+    split_name,
     write_image_folder,
     write_pairs,
 )
 
-__all__ = ["GRID", "DemoLayout", "prepare_demo", "run_demo", "summarise"]
+__all__ = [
+    "GRID",
+    "DemoLayout",
+    "class_groups",
+    "discard_if_protocol_changed",
+    "prepare_demo",
+    "run_config",
+    "run_demo",
+    "summarise",
+]
 
 CONFIG = Path(__file__).resolve().parents[3] / "configs" / "demo.yaml"
 # (search, fusion); the first is the paper's best and the demo's headline "reco"
@@ -63,6 +74,10 @@ class DemoLayout:
         return self.root / "memory_seen"
 
     @property
+    def protocol(self) -> Path:
+        return self.root / "protocol.json"
+
+    @property
     def fusion_train(self) -> Path:
         return self.root / "pairs" / "fusion_train.csv"
 
@@ -84,6 +99,7 @@ def prepare_demo(
     seed: int = 0,
     val_per_class: int = 200,
     limit: int | None = None,
+    seen_classes: tuple[int, ...] = DEFAULT_SEEN_CLASSES,
 ) -> DemoLayout:
     """Data files, backbone and both memories, each built only if missing.
 
@@ -102,7 +118,7 @@ def prepare_demo(
         keep = np.random.default_rng(seed).permutation(len(test_labels))[: max(limit // 4, 200)]
         test_images, test_labels = test_images[np.sort(keep)], test_labels[np.sort(keep)]
         val_per_class = min(val_per_class, 20)
-    splits = make_splits(labels, DEFAULT_SEEN_CLASSES, seed=seed, **sizes)
+    splits = make_splits(labels, seen_classes, seed=seed, **sizes)
     write_pairs(images, labels, splits.memory, layout.root / "pairs", "memory", caption_seed=seed)
     write_pairs(images, labels, splits.fusion_train, layout.root / "pairs", "fusion_train", caption_seed=seed)
     # validation images: train images in neither the backbone's nor the memory's split
@@ -121,10 +137,23 @@ def prepare_demo(
 
     steps = {"steps": 400} if limit is not None else {}  # a shorter pre-training for the small slice
     recipe = BackboneRecipe(
-        data_root=data_root, split_seed=seed, seed=seed, backbone_size=sizes["backbone_size"], **steps
+        data_root=data_root,
+        seen_classes=tuple(seen_classes),
+        split_seed=seed,
+        seed=seed,
+        backbone_size=sizes["backbone_size"],
+        **steps,
     )
     ensure_backbone(layout.backbone, recipe)
 
+    protocol = {
+        "seed": seed,
+        "seen_classes": sorted(int(c) for c in seen_classes),
+        "limit": limit,
+        "backbone": json.loads((layout.backbone / RECIPE_FILENAME).read_text()),
+        **sizes,
+    }
+    discard_if_protocol_changed(layout, protocol)
     trainer = {"accelerator": "cpu", "devices": 1}
     if not (layout.memory_all / "manifest.json").is_file():
         build_memory(
@@ -138,28 +167,74 @@ def prepare_demo(
         )
     if not (layout.memory_seen / "manifest.json").is_file():
         memory = MemoryStore.open(layout.memory_all, load_indexes=False)
-        seen_rows = np.flatnonzero(np.isin(labels[np.asarray(memory.ids)], DEFAULT_SEEN_CLASSES))
+        seen_rows = np.flatnonzero(np.isin(labels[np.asarray(memory.ids)], seen_classes))
         memory.select(seen_rows, layout.memory_seen, overwrite=True)
     return layout
 
 
-def run_config(layout: DemoLayout) -> Path:
-    """configs/demo.yaml with every ``artifacts/demo`` path rooted at this run's directory.
+def discard_if_protocol_changed(layout: DemoLayout, protocol: dict[str, Any]) -> bool:
+    """Delete the memories and feature caches of a root prepared under another protocol; True if it did.
 
-    For the default root this is configs/demo.yaml itself; other roots (other seeds, the CI slice) get
-    their own copy, so no path in the file (the evaluation sets included) points at another run.
+    The memories depend on the split and the backbone, not only on their own files: a root reused with
+    another seed, split, size or backbone recipe must not silently serve the old memory. The new protocol
+    is recorded (``protocol.json``) before anything is rebuilt, so an interrupted memory build resumes
+    under it instead of starting over.
     """
+    recorded = json.loads(layout.protocol.read_text()) if layout.protocol.is_file() else None
+    if recorded == protocol:
+        return False
+    for stale in (layout.memory_all, layout.memory_seen, layout.root / "cache"):
+        shutil.rmtree(stale, ignore_errors=True)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(layout.protocol, json.dumps(protocol, indent=2) + "\n")
+    return True
+
+
+def class_groups(seen_classes: tuple[int, ...]) -> dict[str, list[str]]:
+    """The evaluation's ``class_groups`` for a split: seen and unseen class names in label order."""
+    return {
+        "seen": [FASHION_MNIST_CLASSES[c] for c in sorted(seen_classes)],
+        "unseen": [n for c, n in enumerate(FASHION_MNIST_CLASSES) if c not in seen_classes],
+    }
+
+
+def run_config(layout: DemoLayout, seen_classes: tuple[int, ...] = DEFAULT_SEEN_CLASSES) -> Path:
+    """configs/demo.yaml with every ``artifacts/demo`` path rooted at this run's directory and the
+    evaluation's class groups set to this run's split.
+
+    For the default root and split this is configs/demo.yaml itself; other runs (other seeds or splits, the
+    CI slice) get their own copy, so no path or group in the file points at another run.
+    """
+    import yaml
+
     text = CONFIG.read_text()
-    if layout.root.resolve() == (Path.cwd() / "artifacts" / "demo").resolve():
+    default_root = layout.root.resolve() == (Path.cwd() / "artifacts" / "demo").resolve()
+    config = yaml.safe_load(text.replace("artifacts/demo/", f"{layout.root}/"))
+    groups = class_groups(tuple(seen_classes))
+    same_groups = True
+    for callback in config.get("trainer", {}).get("callbacks", []):
+        for dataset in callback.get("init_args", {}).get("classification", []):
+            if "class_groups" in dataset:
+                same_groups &= dataset["class_groups"] == groups
+                dataset["class_groups"] = {name: list(names) for name, names in groups.items()}
+    if default_root and same_groups:
         return CONFIG
     path = layout.root / "demo.yaml"
-    path.write_text(text.replace("artifacts/demo/", f"{layout.root}/"))
+    layout.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, yaml.safe_dump(config, sort_keys=False))
     return path
 
 
-def _cli_args(layout: DemoLayout, search: str, fusion: str, seed: int, extra: list[str]) -> list[str]:
+def _cli_args(
+    layout: DemoLayout,
+    search: str,
+    fusion: str,
+    seed: int,
+    extra: list[str],
+    seen_classes: tuple[int, ...] = DEFAULT_SEEN_CLASSES,
+) -> list[str]:
     return [
-        "--config", str(run_config(layout)),
+        "--config", str(run_config(layout, seen_classes)),
         f"--seed_everything={seed}",
         f"--model.search={search}",
         f"--model.fusion={fusion}",
@@ -170,7 +245,12 @@ def _cli_args(layout: DemoLayout, search: str, fusion: str, seed: int, extra: li
 
 
 def train_and_test(
-    layout: DemoLayout, search: str, fusion: str, seed: int = 0, extra: list[str] | None = None
+    layout: DemoLayout,
+    search: str,
+    fusion: str,
+    seed: int = 0,
+    extra: list[str] | None = None,
+    seen_classes: tuple[int, ...] = DEFAULT_SEEN_CLASSES,
 ) -> dict:
     """`reco cache` + `reco fit` + `reco test` (full memory swapped in) for one grid setting; returns the report."""
     from reco_lightning.cli import main
@@ -178,7 +258,7 @@ def train_and_test(
     extra = list(extra or [])
     run_dir = layout.run_dir(search, fusion)
     shutil.rmtree(run_dir, ignore_errors=True)
-    args = _cli_args(layout, search, fusion, seed, extra)
+    args = _cli_args(layout, search, fusion, seed, extra, seen_classes)
     main(["cache", *args])
     main(["fit", *args])
     best = sorted(run_dir.rglob("best*.ckpt")) or sorted(run_dir.rglob("last.ckpt"))
@@ -198,7 +278,8 @@ def train_and_test(
 def summarise(
     reports: dict[tuple[str, str], dict], dataset: str = "fashion_mnist_test"
 ) -> dict[str, dict[str, float]]:
-    """{"clip": {...}, "reco[uni-search,cross-fusion]": {...}, ...} with seen / unseen / all top-1."""
+    """{"clip": {...}, "reco[uni-search,cross-fusion]": {...}, ...}: seen / unseen / all top-1 and the
+    percent of seen-class images predicted as an unseen class."""
     rows: dict[str, dict[str, float]] = {}
     for (search, fusion), report in reports.items():
         for row in report["rows"]:
@@ -208,6 +289,7 @@ def summarise(
                 "seen": row["metrics"]["top1_seen"],
                 "unseen": row["metrics"]["top1_unseen"],
                 "all": row["metrics"]["top1"],
+                "seen_to_unseen": row["metrics"]["seen_to_unseen"],
             }
             if row["setting"] == "clip":
                 rows.setdefault("clip", m)
@@ -217,9 +299,13 @@ def summarise(
 
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:
-    lines = ["| model | seen top-1 | unseen top-1 | all top-1 |", "|---|---:|---:|---:|"]
+    lines = [
+        "| model | seen top-1 | unseen top-1 | all top-1 | seen images sent to an unseen class |",
+        "|---|---:|---:|---:|---:|",
+    ]
     lines += [
-        f"| {name} | {m['seen']:.2f} | {m['unseen']:.2f} | {m['all']:.2f} |" for name, m in rows.items()
+        f"| {name} | {m['seen']:.2f} | {m['unseen']:.2f} | {m['all']:.2f} | {m['seen_to_unseen']:.2f} |"
+        for name, m in rows.items()
     ]
     return "\n".join(lines) + "\n"
 
@@ -231,19 +317,32 @@ def run_demo(
     limit: int | None = None,
     data_root: str = DEFAULT_ROOT,
     extra: list[str] | None = None,
+    seen_classes: tuple[int, ...] = DEFAULT_SEEN_CLASSES,
 ) -> dict[str, Any]:
     """Prepare, then train and test the paper's setting (and the grid); print and save the summary."""
     start = time.time()
-    layout = prepare_demo(root, data_root=data_root, seed=seed, limit=limit)
+    seen_classes = tuple(sorted(seen_classes))
+    layout = prepare_demo(root, data_root=data_root, seed=seed, limit=limit, seen_classes=seen_classes)
     settings = GRID if grid else GRID[:1]
-    reports = {setting: train_and_test(layout, *setting, seed=seed, extra=extra) for setting in settings}
+    reports = {
+        setting: train_and_test(layout, *setting, seed=seed, extra=extra, seen_classes=seen_classes)
+        for setting in settings
+    }
     rows = summarise(reports)
-    result = {"seed": seed, "limit": limit, "seconds": round(time.time() - start, 1), "top1": rows}
+    result = {
+        "seed": seed,
+        "limit": limit,
+        "split": split_name(seen_classes),
+        "seen_classes": class_groups(seen_classes)["seen"],
+        "seconds": round(time.time() - start, 1),
+        "top1": rows,
+    }
     table = format_table(rows)
     (layout.root / "demo_results.json").write_text(json.dumps(result, indent=2) + "\n")
     (layout.root / "demo_results.md").write_text(table)
     print(
-        f"\nRECO demo (Fashion-MNIST test split; unseen classes absent from the backbone's pre-training), "
+        f"\nRECO demo (Fashion-MNIST test split; split {result['split']!r}, unseen classes "
+        f"{class_groups(seen_classes)['unseen']} absent from the backbone's pre-training), "
         f"{result['seconds']:.0f} s:\n{table}"
     )
     return result

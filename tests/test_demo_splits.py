@@ -1,0 +1,126 @@
+"""Named seen/unseen splits of the demo, the per-run config and the protocol guard of a demo root."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from reco_lightning.demo.fashion_mnist import (
+    DEFAULT_SEEN_CLASSES,
+    DEFAULT_SPLIT,
+    DEMO_SPLITS,
+    FASHION_MNIST_CLASSES,
+    FashionMNISTError,
+    resolve_split,
+    split_name,
+)
+from reco_lightning.demo.pipeline import (
+    CONFIG,
+    DemoLayout,
+    class_groups,
+    discard_if_protocol_changed,
+    run_config,
+)
+
+
+def test_named_splits_are_proper_halves():
+    assert DEMO_SPLITS[DEFAULT_SPLIT] == DEFAULT_SEEN_CLASSES
+    for name, seen in DEMO_SPLITS.items():
+        assert len(seen) == 5 and seen == tuple(sorted(seen)), name
+        assert split_name(seen) == name
+    # the two family splits are complements of each other
+    assert set(DEMO_SPLITS["tops"]) | set(DEMO_SPLITS["shoes"]) == set(range(10))
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("tops", (0, 2, 4, 6, 8)),
+        ("look-alikes", (0, 3, 4, 7, 8)),
+        ("8,0", (0, 8)),
+        ("coat, bag", (4, 8)),
+        (["ankle boot", 1], (1, 9)),
+    ],
+)
+def test_resolve_split(spec, expected):
+    assert resolve_split(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["hats", "coat,hats", "", "12", ",".join(FASHION_MNIST_CLASSES)])
+def test_bad_split_is_one_line_naming_the_choices(spec):
+    with pytest.raises(FashionMNISTError) as info:
+        resolve_split(spec)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "tops" in message or "subset" in message
+
+
+def test_cli_rejects_a_bad_split_in_one_line(tmp_path: Path):
+    from reco_lightning.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--out", str(tmp_path / "d"), "--split", "hats"])
+    assert str(info.value).startswith("reco demo: unknown split or class 'hats'")
+
+
+def test_split_name_of_a_custom_split():
+    assert split_name((8, 1)) == "1-8"
+
+
+def test_class_groups_partition_the_classes():
+    groups = class_groups(DEMO_SPLITS["look-alikes"])
+    assert groups["seen"] == ["t-shirt or top", "dress", "coat", "sneaker", "bag"]
+    assert groups["unseen"] == ["trouser", "pullover", "sandal", "shirt", "ankle boot"]
+
+
+def _evaluation_groups(config_path: Path) -> list[dict]:
+    config = yaml.safe_load(config_path.read_text())
+    return [
+        dataset["class_groups"]
+        for callback in config["trainer"]["callbacks"]
+        for dataset in callback.get("init_args", {}).get("classification", [])
+    ]
+
+
+def test_shipped_config_evaluates_the_default_split():
+    groups = _evaluation_groups(CONFIG)
+    assert groups and all(g == class_groups(DEFAULT_SEEN_CLASSES) for g in groups)
+
+
+def test_run_config_for_another_split_and_root(tmp_path: Path):
+    layout = DemoLayout(tmp_path / "demo_x")
+    path = run_config(layout, DEMO_SPLITS["shoes"])
+    assert path == layout.root / "demo.yaml"
+    groups = _evaluation_groups(path)
+    assert groups and all(g == class_groups(DEMO_SPLITS["shoes"]) for g in groups)
+    text = path.read_text()
+    assert "artifacts/demo/" not in text and f"{layout.root}/memory_seen" in text
+    assert "&id" not in text  # no YAML anchors: each evaluation set has its own readable groups
+
+
+def test_default_run_uses_the_shipped_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    assert run_config(DemoLayout(Path("artifacts/demo"))) == CONFIG
+    other = run_config(DemoLayout(Path("artifacts/demo")), DEMO_SPLITS["shoes"])
+    assert other != CONFIG and other.is_file()
+
+
+def test_protocol_change_discards_memories_and_caches(tmp_path: Path):
+    layout = DemoLayout(tmp_path / "demo")
+    for directory in (layout.memory_all, layout.memory_seen, layout.root / "cache" / "uni"):
+        directory.mkdir(parents=True)
+        (directory / "manifest.json").write_text("{}")
+    first = {"seed": 0, "seen_classes": [0, 2, 4, 6, 8]}
+    assert discard_if_protocol_changed(layout, first)  # no record yet: nothing can be trusted
+    assert not layout.memory_all.exists() and not (layout.root / "cache").exists()
+    assert json.loads(layout.protocol.read_text()) == first
+
+    layout.memory_all.mkdir()
+    assert not discard_if_protocol_changed(layout, dict(first))  # same protocol: kept (a build resumes)
+    assert layout.memory_all.is_dir()
+
+    assert discard_if_protocol_changed(layout, {**first, "seen_classes": [1, 3, 5, 7, 9]})
+    assert not layout.memory_all.exists()
