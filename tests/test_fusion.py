@@ -91,3 +91,18 @@ def test_query_only_last_layer_equals_the_whole_encoder(layers):
     for name_param, want_grad in zip(fusion.named_parameters(), want_grads, strict=True):
         assert want_grad.abs().sum() > 0, name_param[0]
         assert torch.allclose(name_param[1].grad, want_grad, atol=1e-6), name_param[0]
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.3, 1.0])
+def test_untrained_skips_are_query_plus_weighted_mean_of_valid_neighbours(weight):
+    fusion = FusionTransformer(16, num_heads=4, residual=True, retrieved_skip=weight)
+    q, r = torch.randn(3, 16), torch.randn(3, 4, 16)
+    mask = torch.tensor([[True, True, True, True], [True, False, True, False], [False] * 4])
+    mean = (r * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+    want = torch.nn.functional.normalize(q + weight * mean, dim=-1)
+    assert torch.allclose(fusion(q, r, mask), want, atol=1e-6)
+
+
+def test_negative_retrieved_skip_is_refused():
+    with pytest.raises(ValueError, match="retrieved_skip is a weight >= 0"):
+        FusionTransformer(16, num_heads=4, retrieved_skip=-0.5)

@@ -206,6 +206,12 @@ def demo_main(args: Sequence[str]) -> None:
         default=DEFAULT_SPLIT,
         help=f"seen classes: one of {sorted(DEMO_SPLITS)} or comma-separated class names/ids",
     )
+    parser.add_argument(
+        "--calibrate",
+        type=bool,
+        default=True,
+        help="set the retrieval weight on the validation split's seen classes (else the config's)",
+    )
     cfg = parser.parse_args(list(args))
     try:
         seen = resolve_split(cfg.split)
@@ -216,6 +222,7 @@ def demo_main(args: Sequence[str]) -> None:
             limit=cfg.limit,
             data_root=cfg.data_root,
             seen_classes=seen,
+            calibrate=cfg.calibrate,
         )
     except FashionMNISTError as err:
         raise SystemExit(f"reco demo: {err}") from None

@@ -38,12 +38,15 @@ class FusionTransformer(nn.Module):
         dropout: dropout in attention and feed-forward.
         residual: add the original query embedding to the output before normalising, so an untrained
             or uninformative memory starts from the frozen embedding instead of noise.
-        retrieved_skip: also add the mean of the (valid) retrieved embeddings. With either skip on, the
-            transformer branch starts at zero (final LayerNorm gain 0), so the fusion starts as
-            "query + mean of neighbours" and learns corrections. Off in the paper's design; it matters
-            when the fusion is trained on few concepts: learned maps are then only fitted on the
-            directions of those concepts, and the skip carries retrieved information about unseen
-            concepts through unchanged.
+        retrieved_skip: weight of the mean of the (valid) retrieved embeddings added to the output
+            (0 = off; ``True`` means 1). With either skip on, the transformer branch starts at zero
+            (final LayerNorm gain 0), so the fusion starts as "query + weight x mean of neighbours" and
+            learns corrections. Off in the paper's design; it matters when the fusion is trained on few
+            concepts: learned maps are then only fitted on the directions of those concepts, and the skip
+            carries retrieved information about unseen concepts through unchanged. The weight sets how
+            far neighbours can pull a query: uni-modal similarities (caption to caption, image to image)
+            are much larger than cross-modal ones, so at weight 1 a few neighbours of another concept
+            can outvote the query's own image-text match.
     """
 
     QUERY, RETRIEVED = 0, 1
@@ -57,14 +60,16 @@ class FusionTransformer(nn.Module):
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
         residual: bool = False,
-        retrieved_skip: bool = False,
+        retrieved_skip: float = 0.0,
     ) -> None:
         super().__init__()
         width = width or dim
         if width % num_heads:
             raise ValueError(f"fusion width {width} is not divisible by num_heads={num_heads}: change either")
         self.dim, self.width = dim, width
-        self.residual, self.retrieved_skip = residual, retrieved_skip
+        if retrieved_skip < 0:
+            raise ValueError(f"retrieved_skip is a weight >= 0 (0 = off), got {retrieved_skip}")
+        self.residual, self.retrieved_skip = residual, float(retrieved_skip)
         self.proj_in = nn.Identity() if width == dim else nn.Linear(dim, width)
         self.type_embedding = nn.Embedding(2, width)
         layer = nn.TransformerEncoderLayer(
@@ -110,5 +115,5 @@ class FusionTransformer(nn.Module):
             if retrieved_mask is not None:
                 weights = weights * retrieved_mask.to(retrieved.dtype)
             mean = (weights.unsqueeze(-1) * retrieved).sum(1) / weights.sum(1, keepdim=True).clamp(min=1.0)
-            out = out + mean
+            out = out + self.retrieved_skip * mean
         return F.normalize(out, dim=-1)

@@ -69,7 +69,7 @@ class RecoModule(pl.LightningModule):
         fusion_mlp_ratio: float = 4.0,
         fusion_dropout: float = 0.0,
         fusion_residual: bool = False,
-        fusion_retrieved_skip: bool = False,
+        fusion_retrieved_skip: float = 0.0,
         init_temperature: float = 0.07,
         learn_temperature: bool = True,
         mixed_loss_terms: bool = True,

@@ -198,6 +198,64 @@ def class_groups(seen_classes: tuple[int, ...]) -> dict[str, list[str]]:
     }
 
 
+#: Retrieval weights tried by :func:`calibrate_retrieved_skip` (the demo config's ``fusion_retrieved_skip``).
+CALIBRATION_WEIGHTS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def calibrate_retrieved_skip(
+    layout: DemoLayout,
+    search: str,
+    fusion: str,
+    seen_classes: tuple[int, ...] = DEFAULT_SEEN_CLASSES,
+    weights: tuple[float, ...] = CALIBRATION_WEIGHTS,
+    tolerance: float = 0.5,
+) -> dict[str, Any]:
+    """Pick ``fusion_retrieved_skip``: the largest weight that costs seen classes at most ``tolerance``
+    points of validation top-1 (0 when every weight costs more).
+
+    Why: the skip decides how far neighbours pull a query. A fusion trained on a few seen concepts cannot
+    learn that trade-off (its training memory never disagrees with the query), and at weight 1 neighbours
+    of a newly reachable concept outvote seen images' own image-text match (see fusion.py). So the weight
+    is set the way one deploys a memory: on held-out images of the concepts the model already knows (the
+    validation split's seen classes; never a test image, never an unseen-class label), with the deployment
+    memory (all classes) attached, keep the most retrieval that costs those images nothing. It is measured
+    on the untrained fusion, which is exactly "query + weight x mean of neighbours" (the learned branch
+    starts at zero), so no training run is needed per weight.
+    """
+    import yaml
+
+    from reco_lightning.callbacks import ClassificationSet, ZeroShotEvaluation
+    from reco_lightning.model import RecoModule
+
+    config = yaml.safe_load(run_config(layout, seen_classes).read_text())
+    model_args = {**config["model"], "memory": str(layout.memory_all), "search": search, "fusion": fusion}
+    model = RecoModule(**model_args)
+    model.setup("validate")
+    evaluation = ZeroShotEvaluation(
+        classification=[
+            ClassificationSet(
+                "calibration",
+                str(layout.val),
+                templates="fashion_mnist",
+                class_groups={"seen": class_groups(seen_classes)["seen"]},
+            )
+        ],
+        settings=["clip", "reco"],
+        batch_size=512,
+    )
+    seen_top1: dict[float, float] = {}
+    clip_seen = None
+    for weight in weights:
+        for side in (model.image_fusion, model.text_fusion):
+            side.retrieved_skip = float(weight)
+        report, _ = evaluation.evaluate(model)
+        rows = {row.setting: row.metrics["top1_seen"] for row in report.rows}
+        clip_seen, seen_top1[weight] = rows["clip"], rows["reco"]
+    allowed = [w for w in weights if seen_top1[w] >= clip_seen - tolerance]
+    chosen = max(allowed) if allowed else 0.0
+    return {"clip_seen": clip_seen, "reco_seen": seen_top1, "tolerance": tolerance, "chosen": chosen}
+
+
 def run_config(layout: DemoLayout, seen_classes: tuple[int, ...] = DEFAULT_SEEN_CLASSES) -> Path:
     """configs/demo.yaml with every ``artifacts/demo`` path rooted at this run's directory and the
     evaluation's class groups set to this run's split.
@@ -251,13 +309,24 @@ def train_and_test(
     seed: int = 0,
     extra: list[str] | None = None,
     seen_classes: tuple[int, ...] = DEFAULT_SEEN_CLASSES,
+    calibrate: bool = True,
 ) -> dict:
-    """`reco cache` + `reco fit` + `reco test` (full memory swapped in) for one grid setting; returns the report."""
+    """`reco cache` + `reco fit` + `reco test` (full memory swapped in) for one grid setting; returns the
+    test report, with the :func:`calibrate_retrieved_skip` result under "calibration" when it ran.
+
+    Calibration is skipped when ``calibrate`` is False or ``extra`` sets ``--model.fusion_retrieved_skip``.
+    """
     from reco_lightning.cli import main
 
     extra = list(extra or [])
     run_dir = layout.run_dir(search, fusion)
     shutil.rmtree(run_dir, ignore_errors=True)
+    calibration = None
+    if calibrate and not any(a.startswith("--model.fusion_retrieved_skip") for a in extra):
+        calibration = calibrate_retrieved_skip(layout, search, fusion, seen_classes)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "calibration.json", json.dumps(calibration, indent=2) + "\n")
+        extra = [f"--model.fusion_retrieved_skip={calibration['chosen']}", *extra]
     args = _cli_args(layout, search, fusion, seed, extra, seen_classes)
     main(["cache", *args])
     main(["fit", *args])
@@ -272,14 +341,18 @@ def train_and_test(
             f"--trainer.default_root_dir={test_dir}",
         ]
     )
-    return json.loads(next(test_dir.rglob("zeroshot_report.json")).read_text())
+    report = json.loads(next(test_dir.rglob("zeroshot_report.json")).read_text())
+    if calibration is not None:
+        report["calibration"] = calibration
+    return report
 
 
 def summarise(
     reports: dict[tuple[str, str], dict], dataset: str = "fashion_mnist_test"
 ) -> dict[str, dict[str, float]]:
-    """{"clip": {...}, "reco[uni-search,cross-fusion]": {...}, ...}: seen / unseen / all top-1 and the
-    percent of seen-class images predicted as an unseen class."""
+    """{"clip": {...}, "reco[uni-search,cross-fusion]": {...}, ...}: seen / unseen / all top-1, the
+    percent of seen-class images predicted as an unseen class, and each RECO row's calibrated
+    ``retrieved_skip`` when it was calibrated."""
     rows: dict[str, dict[str, float]] = {}
     for (search, fusion), report in reports.items():
         for row in report["rows"]:
@@ -294,19 +367,24 @@ def summarise(
             if row["setting"] == "clip":
                 rows.setdefault("clip", m)
             elif row["setting"] == "reco":
+                if "calibration" in report:
+                    m["retrieved_skip"] = report["calibration"]["chosen"]
                 rows[f"reco[{search}-search,{fusion}-fusion]"] = m
     return rows
 
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:
     lines = [
-        "| model | seen top-1 | unseen top-1 | all top-1 | seen images sent to an unseen class |",
-        "|---|---:|---:|---:|---:|",
+        "| model | seen top-1 | unseen top-1 | all top-1 | seen images sent to an unseen class "
+        "| retrieval weight |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
-    lines += [
-        f"| {name} | {m['seen']:.2f} | {m['unseen']:.2f} | {m['all']:.2f} | {m['seen_to_unseen']:.2f} |"
-        for name, m in rows.items()
-    ]
+    for name, m in rows.items():
+        weight = f"{m['retrieved_skip']:.1f}" if "retrieved_skip" in m else "-"
+        lines.append(
+            f"| {name} | {m['seen']:.2f} | {m['unseen']:.2f} | {m['all']:.2f} | {m['seen_to_unseen']:.2f} "
+            f"| {weight} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -318,14 +396,20 @@ def run_demo(
     data_root: str = DEFAULT_ROOT,
     extra: list[str] | None = None,
     seen_classes: tuple[int, ...] = DEFAULT_SEEN_CLASSES,
+    calibrate: bool = True,
 ) -> dict[str, Any]:
-    """Prepare, then train and test the paper's setting (and the grid); print and save the summary."""
+    """Prepare, then train and test the paper's setting (and the grid); print and save the summary.
+
+    ``calibrate``: set each setting's retrieval weight with :func:`calibrate_retrieved_skip` (otherwise
+    the config's ``fusion_retrieved_skip``)."""
     start = time.time()
     seen_classes = tuple(sorted(seen_classes))
     layout = prepare_demo(root, data_root=data_root, seed=seed, limit=limit, seen_classes=seen_classes)
     settings = GRID if grid else GRID[:1]
     reports = {
-        setting: train_and_test(layout, *setting, seed=seed, extra=extra, seen_classes=seen_classes)
+        setting: train_and_test(
+            layout, *setting, seed=seed, extra=extra, seen_classes=seen_classes, calibrate=calibrate
+        )
         for setting in settings
     }
     rows = summarise(reports)
