@@ -264,18 +264,20 @@ def _interleaved_fraction(database: Path, block: np.ndarray, rounds: int = 5) ->
     """Exact search FLOP rate over GEMM rate, timed alternately on one [1024, dim] x [dim, 64k] block.
 
     Other processes on a shared machine slow long runs unevenly; alternating short runs of the two
-    kernels exposes both to the same conditions, so their ratio isolates faiss's own overhead.
+    kernels exposes both to the same conditions, so their ratio isolates the exact backend's own overhead
+    (top-k selection, merging; the package's search path, not a bare faiss call).
     """
-    import faiss
     import torch
 
+    from reco_lightning.memory.exact import ExactBackend
+
     _, rows = next(_iter_chunks(database))
-    index = faiss.IndexFlatIP(rows.shape[1])
-    index.add(rows)
+    backend = ExactBackend(rows.shape[1])
+    backend.add(rows)
     a, b = torch.from_numpy(block), torch.from_numpy(np.ascontiguousarray(rows.T))
     search, gemm = [], []
     for _ in range(rounds):
-        search.append(_timed(lambda: index.search(block, K)))
+        search.append(_timed(lambda: backend.search(block, K)))
         gemm.append(min(_timed(lambda: block @ b.numpy()), _timed(lambda: a @ b)))
     return min(gemm) / min(search)
 

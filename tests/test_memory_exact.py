@@ -1,0 +1,40 @@
+"""The exact backend's blocked GEMM search returns what faiss's flat search returns."""
+
+import faiss
+import numpy as np
+import pytest
+
+from reco_lightning.memory import exact as exact_module
+from reco_lightning.memory.base import MemoryBackend
+from reco_lightning.memory.exact import BLOCKED_MIN_BATCH, ExactBackend
+
+
+def unit(n: int, d: int, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize(("n", "k", "block"), [(5003, 10, 1000), (70, 70, 32), (300, 5, 16_384)])
+def test_blocked_search_equals_faiss_flat(monkeypatch: pytest.MonkeyPatch, n, k, block):
+    monkeypatch.setattr(exact_module, "BLOCK_ROWS", block)
+    backend = ExactBackend(24)
+    backend.add(unit(n, 24, seed=0))
+    queries = unit(BLOCKED_MIN_BATCH + 3, 24, seed=1)
+    want_scores, want_ids = backend.index.search(queries, k)
+    scores, ids = backend.search(queries, k)
+    assert ids.dtype == np.int64 and scores.dtype == np.float32
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+
+
+def test_small_batches_and_reloaded_indexes_agree(tmp_path):
+    backend = ExactBackend(16)
+    backend.add(unit(500, 16, seed=2))
+    backend.save(tmp_path / "index")
+    loaded = MemoryBackend.load(tmp_path / "index")
+    assert type(loaded.index) is faiss.IndexFlatIP  # the reloaded index takes the blocked path too
+    queries = unit(BLOCKED_MIN_BATCH, 16, seed=3)
+    blocked = loaded.search(queries, 7)
+    one_by_one = [loaded.search(q[None], 7) for q in queries]  # below the threshold: faiss
+    np.testing.assert_array_equal(blocked[1], np.concatenate([ids for _, ids in one_by_one]))
+    np.testing.assert_allclose(blocked[0], np.concatenate([s for s, _ in one_by_one]), atol=1e-5)
