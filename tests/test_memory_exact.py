@@ -14,9 +14,12 @@ def unit(n: int, d: int, seed: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-@pytest.mark.parametrize(("n", "k", "block"), [(5003, 10, 1000), (70, 70, 32), (300, 5, 16_384)])
-def test_blocked_search_equals_faiss_flat(monkeypatch: pytest.MonkeyPatch, n, k, block):
+@pytest.mark.parametrize(
+    ("n", "k", "block", "query_block"), [(5003, 10, 1000, 4096), (70, 70, 32, 4096), (300, 5, 16_384, 20)]
+)
+def test_blocked_search_equals_faiss_flat(monkeypatch: pytest.MonkeyPatch, n, k, block, query_block):
     monkeypatch.setattr(exact_module, "BLOCK_ROWS", block)
+    monkeypatch.setattr(exact_module, "BLOCK_QUERIES", query_block)
     backend = ExactBackend(24)
     backend.add(unit(n, 24, seed=0))
     queries = unit(BLOCKED_MIN_BATCH + 3, 24, seed=1)
