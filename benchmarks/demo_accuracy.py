@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
+from reco_lightning.atomic import atomic_write_text
 from reco_lightning.demo.fashion_mnist import DEFAULT_SPLIT, DEMO_SPLITS, resolve_split, split_name
 from reco_lightning.demo.pipeline import GRID, class_groups, run_demo
 
@@ -84,7 +83,7 @@ def update_readme(text: str) -> None:
         return
     head, rest = readme.split(START, 1)
     _, tail = rest.split(END, 1)
-    README.write_text(f"{head}{START}\n{text}{END}{tail}")
+    atomic_write_text(README, f"{head}{START}\n{text}{END}{tail}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -124,12 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(result, fh, indent=2)
-    os.replace(tmp, out / "demo_accuracy.json")
+    atomic_write_text(out / "demo_accuracy.json", json.dumps(result, indent=2))
     text = table(result)
-    (out / "demo_accuracy.md").write_text(text)
+    atomic_write_text(out / "demo_accuracy.md", text)
     print(text)
     if not args.no_readme:
         update_readme(text)

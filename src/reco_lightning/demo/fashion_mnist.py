@@ -230,13 +230,7 @@ def make_splits(
     pre-training inside the CPU time budget.
     """
     labels = np.asarray(labels, dtype=np.int64)
-    seen = tuple(sorted({int(c) for c in seen_classes}))
-    if not seen or any(c < 0 or c >= num_classes for c in seen):
-        raise FashionMNISTError(
-            f"seen_classes={list(seen_classes)} must be a non-empty subset of 0..{num_classes - 1}"
-        )
-    if len(seen) == num_classes:
-        raise FashionMNISTError("seen_classes covers every class: leave at least one class unseen")
+    seen = _checked_seen(seen_classes, num_classes)
     if backbone_size < 0 or memory_size < 0:
         raise FashionMNISTError("backbone_size and memory_size must be >= 0")
     backbone_counts = _per_class(backbone_size, seen)
@@ -286,12 +280,21 @@ def resolve_split(spec: str | Sequence[int | str]) -> tuple[int, ...]:
                 f"unknown split or class {item!r}: use one of {sorted(DEMO_SPLITS)} or class names "
                 f"{list(FASHION_MNIST_CLASSES)} (or their ids 0-9), comma-separated"
             )
-    n = len(FASHION_MNIST_CLASSES)
-    if not seen or any(c < 0 or c >= n for c in seen) or len(seen) == n:
+    return _checked_seen(seen, len(FASHION_MNIST_CLASSES))
+
+
+def _checked_seen(seen_classes: Sequence[int], num_classes: int) -> tuple[int, ...]:
+    """Sorted unique seen class ids; a non-empty subset of 0..num_classes-1 that leaves a class unseen."""
+    seen = tuple(sorted({int(c) for c in seen_classes}))
+    if not seen or any(c < 0 or c >= num_classes for c in seen):
         raise FashionMNISTError(
-            f"seen classes {sorted(seen)} must be a non-empty proper subset of 0..{n - 1}"
+            f"seen_classes={list(seen)} must be a non-empty subset of 0..{num_classes - 1}"
         )
-    return tuple(sorted(seen))
+    if len(seen) == num_classes:
+        raise FashionMNISTError(
+            "seen_classes covers every class: it must be a proper subset, leave at least one class unseen"
+        )
+    return seen
 
 
 def split_name(seen_classes: Sequence[int]) -> str:
