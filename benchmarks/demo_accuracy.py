@@ -1,12 +1,19 @@
-"""The demo protocol over several seeds and seen/unseen splits: frozen stand-in CLIP vs RECO.
+"""The demo over seeds, seen/unseen splits and both training protocols: every row of the comparison.
 
-    python benchmarks/demo_accuracy.py --seeds 3 --out DIR [--splits tops,shoes,look-alikes]
+    python benchmarks/demo_accuracy.py --seeds 3 --out DIR [--splits tops shoes look-alikes]
+                                       [--protocols open strict]
 
-Each (split, seed) draws its own index sets, pre-trains its own stand-in backbone (cached) and trains the
-fusion of every search/fusion setting. Writes DIR/demo_accuracy.json: "clip", "reco" (uni-search +
-cross-fusion) and "grid" (the other three) of the default split (the demo's), each with seen / unseen /
-all as {"mean", "std"} in percent, and "splits" with the same for every split run, per-seed numbers
-included. Prints the table and rewrites the README's results table between its markers.
+Each (split, seed) draws its own index sets and pre-trains its own stand-in backbone (cached, shared by
+both protocols); each protocol then calibrates its weights on the validation split and trains RECO, the
+control and (default protocol) the other three search/fusion settings and RECO trained with 10% of the
+memory. Rows: ``clip`` (frozen), ``lookup`` and ``mix`` (training-free, same neighbours), ``control``
+(same fusion and recipe, retrieval masked), ``reco`` (uni-search + cross-fusion) and the others.
+
+Writes DIR/demo_accuracy.json:
+``{"default": {"protocol", "split"}, "seeds", "seconds", "protocols": {P: {"splits": {S: {ROW: {"seen":
+{"mean", "std"}, "unseen": ..., "all": ..., "seen_to_unseen": ...}}}, "calibration": {S: per-seed
+weights}, "per_seed": {S: [rows of each seed]}}}}`` (top-1 in percent, population std over seeds), the
+markdown table, a bar plot, and rewrites the README's results table between its markers.
 """
 
 from __future__ import annotations
@@ -19,61 +26,69 @@ from pathlib import Path
 
 from reco_lightning.atomic import atomic_write_text
 from reco_lightning.demo.fashion_mnist import DEFAULT_SPLIT, DEMO_SPLITS, resolve_split, split_name
-from reco_lightning.demo.pipeline import GRID, class_groups, run_demo
+from reco_lightning.demo.pipeline import DEFAULT_PROTOCOL, PROTOCOLS, class_groups, run_demo
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 START, END = "<!-- demo-results:start -->", "<!-- demo-results:end -->"
-HEADLINE = f"reco[{GRID[0][0]}-search,{GRID[0][1]}-fusion]"
+METRICS = ("seen", "unseen", "all", "seen_to_unseen")
 
 
-def aggregate(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
-    """{setting: {split: {"mean", "std"}}} over seeds (population std over seeds; 0 for one seed)."""
+def aggregate(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
+    """{row: {metric: {"mean", "std"}}} over seeds (population std; 0 for one seed)."""
     out: dict[str, dict] = {}
-    for setting in per_seed[0]:
-        out[setting] = {}
-        for split in ("seen", "unseen", "all", "seen_to_unseen"):
-            values = [run[setting][split] for run in per_seed]
+    for row in per_seed[0]:
+        out[row] = {}
+        for metric in METRICS:
+            values = [run[row][metric] for run in per_seed if row in run]
             std = statistics.pstdev(values) if len(values) > 1 else 0.0
-            out[setting][split] = {"mean": round(statistics.fmean(values), 2), "std": round(std, 2)}
+            out[row][metric] = {"mean": round(statistics.fmean(values), 2), "std": round(std, 2)}
     return out
 
 
 def table(result: dict) -> str:
     lines = [
-        f"| split (unseen classes) | model ({result['seeds']} seeds, mean ± std) "
+        f"| protocol | split (unseen classes) | row ({result['seeds']} seeds, mean ± std) "
         "| seen top-1 | unseen top-1 | all top-1 | seen sent to unseen |",
-        "|---|---|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---:|",
     ]
-    for name, split in result["splits"].items():
-        label = f"{name} ({', '.join(split['unseen_classes'])})"
-        rows = [("clip (frozen stand-in)", split["clip"]), (f"RECO {HEADLINE}", split["reco"])]
-        rows += [(f"RECO {setting}", value) for setting, value in split["grid"].items()]
-        for model, m in rows:
-            cells = [
-                f"{m[s]['mean']:.1f} ± {m[s]['std']:.1f}" for s in ("seen", "unseen", "all", "seen_to_unseen")
-            ]
-            lines.append(f"| {label} | {model} | " + " | ".join(cells) + " |")
-            label = ""
+    for protocol, body in result["protocols"].items():
+        label_protocol = protocol + (" (default)" if protocol == result["default"]["protocol"] else "")
+        for split, rows in body["splits"].items():
+            unseen = ", ".join(class_groups(resolve_split(split))["unseen"])
+            label = f"{split} ({unseen})"
+            for row, m in rows.items():
+                cells = [f"{m[s]['mean']:.1f} ± {m[s]['std']:.1f}" for s in METRICS]
+                lines.append(f"| {label_protocol} | {label} | {row} | " + " | ".join(cells) + " |")
+                label_protocol, label = "", ""
     return "\n".join(lines) + "\n"
 
 
-def run_split(seen: tuple[int, ...], seeds: int, artifacts: str, limit: int | None) -> dict:
-    """Every seed of one split; its {"clip", "reco", "grid"} statistics plus the per-seed rows."""
-    name = split_name(seen)
-    per_seed = []
-    for seed in range(seeds):
-        suffix = ("" if name == DEFAULT_SPLIT else f"_{name}") + ("" if seed == 0 else f"_seed{seed}")
-        root = Path(artifacts) / f"demo{suffix}"
-        per_seed.append(run_demo(root, seed=seed, grid=True, limit=limit, seen_classes=seen)["top1"])
-    stats = aggregate(per_seed)
-    return {
-        "seen_classes": class_groups(seen)["seen"],
-        "unseen_classes": class_groups(seen)["unseen"],
-        "clip": stats["clip"],
-        "reco": stats[HEADLINE],
-        "grid": {setting: value for setting, value in stats.items() if setting not in ("clip", HEADLINE)},
-        "per_seed": per_seed,
-    }
+def plot(result: dict, path: Path) -> None:
+    """All-class top-1 of every row, one panel per protocol, bars per split, error bars = std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    protocols = list(result["protocols"])
+    fig, axes = plt.subplots(1, len(protocols), figsize=(7 * len(protocols), 4), squeeze=False)
+    for ax, protocol in zip(axes[0], protocols, strict=True):
+        splits = result["protocols"][protocol]["splits"]
+        rows = list(next(iter(splits.values())))
+        width = 0.8 / max(1, len(splits))
+        for i, (split, values) in enumerate(splits.items()):
+            xs = [j + i * width for j in range(len(rows))]
+            means = [values[r]["all"]["mean"] if r in values else 0 for r in rows]
+            stds = [values[r]["all"]["std"] if r in values else 0 for r in rows]
+            ax.bar(xs, means, width, yerr=stds, label=split, capsize=2)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))])
+        ax.set_xticklabels(rows, rotation=30, ha="right", fontsize=7)
+        ax.set_ylabel("all-class top-1 (%)")
+        ax.set_title(f"protocol {protocol}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def update_readme(text: str) -> None:
@@ -105,29 +120,64 @@ def main(argv: list[str] | None = None) -> dict:
         default=list(DEMO_SPLITS),
         help=f"splits to run: names among {list(DEMO_SPLITS)}, or comma-separated seen class names/ids",
     )
+    parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=list(PROTOCOLS))
+    parser.add_argument("--extra", nargs="*", default=[], help="extra `reco fit` arguments for every run")
+    parser.add_argument(
+        "--from-json", default=None, help="only re-render the table, plot and README from a JSON"
+    )
     args = parser.parse_args(argv)
+    if args.from_json:
+        result = json.loads(Path(args.from_json).read_text())
+        return _publish(result, Path(args.out), not args.no_readme)
     splits = [resolve_split(spec) for spec in args.splits]
 
     start = time.time()
-    per_split = {split_name(seen): run_split(seen, args.seeds, args.artifacts, args.limit) for seen in splits}
-    headline = DEFAULT_SPLIT if DEFAULT_SPLIT in per_split else next(iter(per_split))
+    protocols: dict[str, dict] = {}
+    for protocol in args.protocols:
+        body: dict[str, dict] = {"splits": {}, "calibration": {}, "per_seed": {}}
+        for seen in splits:
+            name = split_name(seen)
+            per_seed, weights = [], []
+            for seed in range(args.seeds):
+                suffix = ("" if name == DEFAULT_SPLIT else f"_{name}") + ("" if seed == 0 else f"_seed{seed}")
+                run = run_demo(
+                    Path(args.artifacts) / f"demo{suffix}",
+                    seed=seed,
+                    grid=protocol == DEFAULT_PROTOCOL,
+                    limit=args.limit,
+                    seen_classes=seen,
+                    protocol=protocol,
+                    memory_fraction=protocol == DEFAULT_PROTOCOL,
+                    extra=args.extra,
+                )
+                per_seed.append(run["top1"])
+                weights.append({row: c["chosen"] for row, c in run["calibration"].items()})
+            body["splits"][name] = aggregate(per_seed)
+            body["calibration"][name] = weights
+            body["per_seed"][name] = per_seed
+        protocols[protocol] = body
+    default_split = (
+        DEFAULT_SPLIT if any(split_name(s) == DEFAULT_SPLIT for s in splits) else split_name(splits[0])
+    )
+    default_protocol = DEFAULT_PROTOCOL if DEFAULT_PROTOCOL in protocols else next(iter(protocols))
     result = {
+        "default": {"protocol": default_protocol, "split": default_split},
         "seeds": args.seeds,
         "limit": args.limit,
         "seconds": round(time.time() - start, 1),
-        "split": headline,
-        "clip": per_split[headline]["clip"],
-        "reco": per_split[headline]["reco"],
-        "grid": per_split[headline]["grid"],
-        "splits": per_split,
+        "protocols": protocols,
     }
-    out = Path(args.out)
+    return _publish(result, Path(args.out), not args.no_readme)
+
+
+def _publish(result: dict, out: Path, readme: bool) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "demo_accuracy.json", json.dumps(result, indent=2))
     text = table(result)
     atomic_write_text(out / "demo_accuracy.md", text)
+    plot(result, out / "demo_accuracy.png")
     print(text)
-    if not args.no_readme:
+    if readme:
         update_readme(text)
     return result
 

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -8,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from reco_lightning.cli import main
+from reco_lightning.cli import is_user_error, lightning_main, main
+from reco_lightning.memory import MemoryStore, RecoMemoryError
 
 CONFIG = Path(__file__).parents[1] / "configs" / "tiny.yaml"
 
@@ -60,9 +62,6 @@ def test_validate_and_test_and_predict_from_checkpoint(tiny_dir, tmp_path, in_pr
 
 
 def test_test_with_checkpoint_uses_the_configured_memory_not_the_trained_one(tiny_dir, tmp_path, in_project):
-    from reco_lightning.cli import lightning_main
-    from reco_lightning.memory import MemoryStore
-
     main(["fit", *tiny_args(tiny_dir, tmp_path), "--trainer.max_steps=1", "--trainer.val_check_interval=1"])
     ckpt = next(tmp_path.rglob("last.ckpt"))
     full = MemoryStore.open(tiny_dir / "memory")
@@ -156,3 +155,171 @@ def test_memory_commands(tiny_dir, tmp_path, capsys):
     capsys.readouterr()
     main(["memory", "info", str(tmp_path / "val_mem")])
     assert json.loads(capsys.readouterr().out)["count"] == 64
+
+
+@pytest.fixture(scope="module")
+def trained_ckpt(tiny_dir, tmp_path_factory):
+    """One checkpoint (k=4, backbone artifacts/tiny/clip as configs/tiny.yaml says) for the inference tests."""
+    root = tmp_path_factory.mktemp("trained")
+    (root / "artifacts").mkdir()
+    (root / "artifacts" / "tiny").symlink_to(tiny_dir)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        main(["fit", *tiny_args(tiny_dir, root), "--trainer.max_steps=1", "--trainer.val_check_interval=1"])
+    return next(root.rglob("last.ckpt"))
+
+
+def test_inference_settings_given_with_a_checkpoint_are_honoured(
+    tiny_dir, tmp_path, in_project, trained_ckpt
+):
+    """A moved backbone directory, another k and search params: the run's values, not the checkpoint's."""
+    moved = shutil.copytree(tiny_dir / "clip", tmp_path / "moved_clip")
+    assert torch.load(trained_ckpt, weights_only=False)["hyper_parameters"]["k"] == 4
+    cli = lightning_main(
+        [
+            "validate",
+            *tiny_args(tiny_dir, tmp_path / "v"),
+            f"--ckpt_path={trained_ckpt}",
+            f"--model.backbone={moved}",
+            "--model.k=2",
+            "--model.memory_search_params={nprobe: 64}",  # an IVF knob: the exact memory ignores it
+            "--model.refine_text=false",
+            "--trainer.limit_val_batches=1",
+        ]
+    )
+    model = cli.model
+    assert model.backbone.name_or_path == str(moved) and cli.datamodule.hparams.backbone == str(moved)
+    assert model.hparams.k == 2 and model.retriever.k == 2
+    assert model.hparams.memory_search_params == {"nprobe": 64} and model.hparams.refine_text is False
+
+
+def test_checkpoint_beside_another_backbone_fails_in_one_line_naming_both(
+    tiny_dir, tmp_path, in_project, trained_ckpt, other_backbone, capsys
+):
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "validate",
+                *tiny_args(tiny_dir, tmp_path),
+                f"--ckpt_path={trained_ckpt}",
+                f"--model.backbone={other_backbone}",
+            ]
+        )
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("reco: error:")]
+    assert len(errors) == 1 and "Traceback" not in err
+    assert errors[0].startswith("reco: error: checkpoint was trained on backbone 'artifacts/tiny/clip'")
+    assert f"this model loads {other_backbone!r}" in errors[0]
+
+
+def test_errors_of_ours_are_one_line_on_stderr_with_exit_status_1(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RECO_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["memory", "info", str(tmp_path)])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == (
+        f"reco: error: {tmp_path} is not a memory: {tmp_path / 'manifest.json'} is missing "
+        "(RECO_DEBUG=1 shows the traceback)\n"
+    )
+    missing = tmp_path / "missing.csv"
+    with pytest.raises(SystemExit):
+        main(["memory", "build", "--source", str(missing), "--out", str(tmp_path / "m"), "--backbone", "x"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("reco: error: ") and str(missing) in err
+
+    monkeypatch.setenv("RECO_DEBUG", "1")
+    with pytest.raises(RecoMemoryError, match="is not a memory"):
+        main(["memory", "info", str(tmp_path)])
+
+
+def test_only_errors_written_for_the_user_lose_their_traceback(monkeypatch):
+    from reco_lightning.memory.synthetic import clustered_unit_vectors
+
+    def raised(call):
+        try:
+            call()
+        except Exception as err:
+            return err
+        raise AssertionError("no error")
+
+    assert is_user_error(raised(lambda: clustered_unit_vectors(-1, 8)))  # our ValueError, our message
+    assert is_user_error(raised(lambda: Path("/nonexistent/reco.csv").read_text()))
+    assert not is_user_error(raised(lambda: json.loads("{")))  # a library's ValueError: maybe a bug
+    assert not is_user_error(raised(lambda: {}["key"]))
+    import reco_lightning.cli as cli
+
+    monkeypatch.setattr(cli, "memory_main", lambda args: {}["bug"])
+    with pytest.raises(KeyError):  # a bug keeps its traceback
+        main(["memory", "info", "x"])
+
+
+def test_console_script_prints_one_line_and_debug_shows_the_traceback(tmp_path):
+    reco = Path(sys.executable).parent / "reco"
+    env = {k: v for k, v in os.environ.items() if k != "RECO_DEBUG"}
+    plain = subprocess.run(
+        [str(reco), "memory", "info", str(tmp_path)], capture_output=True, text=True, env=env
+    )
+    assert plain.returncode == 1 and plain.stdout == ""
+    assert plain.stderr.count("\n") == 1 and plain.stderr.startswith(
+        f"reco: error: {tmp_path} is not a memory"
+    )
+    debug = subprocess.run(
+        [str(reco), "memory", "info", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={**env, "RECO_DEBUG": "1"},
+    )
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "RecoMemoryError" in debug.stderr
+
+
+def test_memory_build_prints_rows_and_bad_samples_with_their_first_keys(tmp_path, tiny_dir, capsys):
+    lines = (tiny_dir / "train.csv").read_text().splitlines()[:9]
+    (tmp_path / "images").symlink_to(tiny_dir / "images")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    lines += ["broken.png,a red circle.", "images/train_000001.png,", "missing.png,a blue square."]
+    (tmp_path / "pairs.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "mem"
+    args = ["--source", str(tmp_path / "pairs.csv"), "--out", str(out), "--backbone", str(tiny_dir / "clip")]
+    main(["memory", "build", *args, "--accelerator", "cpu", "--devices", "1", "--batch_size", "4"])
+    keys = json.loads((out / "manifest.json").read_text())["bad_keys"]
+    assert len(keys) == 3
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"memory written to {out}: 8 rows, 3 bad samples skipped (first: {', '.join(keys)})"
+    )
+
+
+def test_calibrate_command_writes_the_sweep_and_the_choice(tiny_dir, tmp_path, capsys):
+    import yaml
+
+    from reco_lightning.cli import main
+
+    config = tmp_path / "run.yaml"
+    model = {
+        "backbone": str(tiny_dir / "clip"),
+        "memory": str(tiny_dir / "memory"),
+        "k": 4,
+        "fusion_heads": 4,
+        "fusion_residual": True,
+        "fusion_retrieved_skip": 0.5,
+    }
+    config.write_text(yaml.safe_dump({"model": model}))
+    out = tmp_path / "cal.json"
+    main(
+        [
+            "calibrate",
+            "--config", str(config),
+            "--parameter", "mix_alpha",
+            "--values", "[0.0, 0.5, 2.0]",
+            "--dataset.name", "shapes",
+            "--dataset.root", str(tiny_dir / "zeroshot"),
+            "--dataset.templates", "clip_generic",
+            "--out", str(out),
+        ]
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    scores = {float(v): s for v, s in result["values"].items()}
+    assert set(scores) == {0.0, 0.5, 2.0} and result["rule"] == "max"
+    best = max(scores.values())
+    assert result["chosen"] == min(v for v, s in scores.items() if s == best)
+    assert f"mix_alpha = {result['chosen']:g}" in capsys.readouterr().out

@@ -1,9 +1,10 @@
-"""The demo protocol on a small slice of Fashion-MNIST: RECO must beat the frozen backbone on unseen classes."""
+"""The demo protocol on a small slice of Fashion-MNIST: every row is produced, RECO beats the frozen backbone
+on unseen classes, the calibrated weights are chosen by the rule and used, duplicate captions reach the loss."""
 
-import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from reco_lightning.demo.fashion_mnist import DEFAULT_ROOT
 
@@ -13,34 +14,51 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_reco_beats_the_frozen_backbone_on_unseen_classes(tmp_path):
-    from reco_lightning.demo.pipeline import run_demo
+def test_open_protocol_slice_produces_every_row(tmp_path):
+    from reco_lightning.calibration import choose
+    from reco_lightning.data.features import open_feature_cache
+    from reco_lightning.demo.pipeline import MEMORY_FRACTION_ROW, run_demo
+    from reco_lightning.model import RecoModule
 
+    root = tmp_path / "demo"
     result = run_demo(
-        tmp_path / "demo",
+        root,
         limit=2000,
         grid=False,
         extra=["--trainer.max_epochs=2", "--trainer.enable_progress_bar=false"],
     )
     rows = result["top1"]
-    clip, reco = rows["clip"], rows["reco[uni-search,cross-fusion]"]
+    assert list(rows) == ["clip", "lookup", "mix", "control", "reco", MEMORY_FRACTION_ROW]
+    assert all(set(m) == {"seen", "unseen", "all", "seen_to_unseen"} for m in rows.values())
+    clip, reco = rows["clip"], rows["reco"]
     assert clip["unseen"] < 15, "the stand-in backbone must not know the unseen classes"
     assert reco["unseen"] > clip["unseen"] + 10, rows
-    assert (tmp_path / "demo" / "demo_results.md").is_file()
+    assert (root / "demo_results_open.md").is_file()
 
-    # the retrieval weight was calibrated on the validation split's seen classes and used for training
-    calibration = json.loads(
-        (tmp_path / "demo" / "runs" / "uni-search_cross-fusion" / "calibration.json").read_text()
-    )
-    weight = calibration["chosen"]
-    assert reco["retrieved_skip"] == weight
-    seen_top1 = {float(w): top1 for w, top1 in calibration["reco_seen"].items()}
-    allowed = [
-        w for w, top1 in seen_top1.items() if top1 >= calibration["clip_seen"] - calibration["tolerance"]
-    ]
-    assert weight == max(allowed, default=0.0)
-    hparams = next((tmp_path / "demo" / "runs" / "uni-search_cross-fusion").rglob("hparams.yaml")).read_text()
+    # weights: chosen by the open protocol's rule on validation top-1, then used in training
+    for name in ("mix_alpha", "reco[uni-search,cross-fusion]"):
+        calibration = result["calibration"][name]
+        scores = {float(w): s for w, s in calibration["values"].items()}
+        assert calibration["chosen"] == choose(scores, "max")
+    run = root / "runs" / "open" / "reco[uni-search,cross-fusion]"
+    hparams = next(run.rglob("hparams.yaml")).read_text()
+    weight = result["calibration"]["reco[uni-search,cross-fusion]"]["chosen"]
     assert f"fusion_retrieved_skip: {weight}" in hparams
+    test_config = next((run / "test").rglob("config.yaml")).read_text()
+    assert f"mix_alpha: {result['calibration']['mix_alpha']['chosen']}" in test_config
+    assert (
+        "mask_retrieved: true" in next((root / "runs" / "open" / "control").rglob("hparams.yaml")).read_text()
+    )
+
+    # duplicate captions reach the loss: the trained module's criterion marks identical cached captions
+    checkpoint = sorted(run.rglob("*.ckpt"))[0]
+    model = RecoModule.load_from_checkpoint(checkpoint, map_location="cpu")
+    assert model.criterion.duplicate_threshold == pytest.approx(0.9999)
+    cache = open_feature_cache(root / "cache" / "open" / "memory_all_uni" / "train")
+    texts = torch.from_numpy(cache["text_emb"][:256].astype("float32"))
+    positives = model.criterion.positives(texts, texts, 0)
+    # 80 distinct captions (10 classes x 8 templates) among 256 pairs: most rows have identical siblings
+    assert (positives.sum(1) > 1).float().mean() > 0.8
 
 
 def test_missing_dataset_is_one_clear_line(tmp_path, capsys):

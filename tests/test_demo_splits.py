@@ -97,8 +97,21 @@ def test_run_config_for_another_split_and_root(tmp_path: Path):
     groups = _evaluation_groups(path)
     assert groups and all(g == class_groups(DEMO_SPLITS["shoes"]) for g in groups)
     text = path.read_text()
-    assert "artifacts/demo/" not in text and f"{layout.root}/memory_seen" in text
+    assert "artifacts/demo/" not in text and f"{layout.root}/memory_all" in text
     assert "&id" not in text  # no YAML anchors: each evaluation set has its own readable groups
+
+
+def test_strict_protocol_config_trains_on_seen_pairs_and_memory(tmp_path: Path):
+    layout = DemoLayout(tmp_path / "demo")
+    config = yaml.safe_load(run_config(layout, protocol="strict", mix_alpha=0.3).read_text())
+    assert config["model"]["memory"] == str(layout.memory_seen)
+    assert config["data"]["init_args"]["train"] == str(layout.fusion_train)
+    callbacks = {c["class_path"].rsplit(".", 1)[1]: c["init_args"] for c in config["trainer"]["callbacks"]}
+    assert callbacks["ModelCheckpoint"]["monitor"].endswith("/reco/top1_seen")
+    assert callbacks["ZeroShotEvaluation"]["mix_alpha"] == 0.3
+    open_config = yaml.safe_load(run_config(layout).read_text())
+    assert open_config["model"]["memory"] == str(layout.memory_all)
+    assert open_config["data"]["init_args"]["train"] == str(layout.memory_pairs)
 
 
 def test_default_run_uses_the_shipped_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -106,6 +119,7 @@ def test_default_run_uses_the_shipped_config(tmp_path: Path, monkeypatch: pytest
     assert run_config(DemoLayout(Path("artifacts/demo"))) == CONFIG
     other = run_config(DemoLayout(Path("artifacts/demo")), DEMO_SPLITS["shoes"])
     assert other != CONFIG and other.is_file()
+    assert run_config(DemoLayout(Path("artifacts/demo")), protocol="strict") != CONFIG
 
 
 def test_protocol_change_discards_memories_and_caches(tmp_path: Path):

@@ -1,3 +1,6 @@
+import json
+import shutil
+
 import numpy as np
 import pytest
 import pytorch_lightning as pl
@@ -10,7 +13,8 @@ from reco_lightning.data.features import (
     cache_requirements,
     open_feature_cache,
 )
-from reco_lightning.data.pairs import ImageTextDataModule
+from reco_lightning.data.pairs import ImageTextDataModule, open_source
+from reco_lightning.memory import MemoryStore
 from reco_lightning.model import RecoModule
 
 TRAINER = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False}
@@ -18,8 +22,13 @@ TRAINER = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False}
 
 def module(tiny_dir, **kwargs):
     torch.manual_seed(0)
-    settings = {"k": 4, "fusion_heads": 4, "near_duplicate_threshold": 0.999, **kwargs}
-    m = RecoModule(backbone=str(tiny_dir / "clip"), memory=str(tiny_dir / "memory"), **settings)
+    settings = {
+        "k": 4,
+        "fusion_heads": 4,
+        "near_duplicate_threshold": 0.999,
+        "memory": str(tiny_dir / "memory"),
+    }
+    m = RecoModule(backbone=str(tiny_dir / "clip"), **{**settings, **kwargs})
     m.setup("fit")
     return m
 
@@ -41,11 +50,12 @@ def cache(tiny_dir, tmp_path_factory):
 def test_cache_rows_match_live_search_with_exclusion(tiny_dir, cache):
     model = module(tiny_dir)
     arrays = open_feature_cache(cache, cache_requirements(model, str(tiny_dir / "train.csv")))
-    assert arrays["ids"].tolist() == list(range(192))
+    ids = [r.id for r in open_source(tiny_dir / "train.csv")]
+    assert arrays["ids"].tolist() == ids
     dm = ImageTextDataModule(str(tiny_dir / "clip"), train=str(tiny_dir / "train.csv"), batch_size=64)
     batch = dm.collator(next(iter(dm.stream("train", dm.hparams.train, shuffle=False))))
     v, t = model.embed(batch)
-    assert batch["id"].tolist() == list(range(64))
+    assert batch["id"].tolist() == ids[:64]
     for query, modality in ((v, "image"), (t, "text")):
         live = model.retriever(query, modality, exclude_ids=batch["id"]).rows
         cached = torch.tensor(arrays[f"{modality}_neighbours"][:64])
@@ -63,7 +73,7 @@ def test_cached_and_on_the_fly_give_the_same_loss_on_the_same_batch(tiny_dir, ca
     live = next(iter(dm.stream("train", dm.hparams.train, shuffle=False)))
     live = dm.collator(live)
     arrays = open_feature_cache(cache)
-    rows = live["id"].numpy()
+    rows = live["position"].numpy()  # row i of the cache is pair i of the source
     cached = {
         "image_emb": torch.from_numpy(np.asarray(arrays["image_emb"][rows], dtype=np.float32)),
         "text_emb": torch.from_numpy(np.asarray(arrays["text_emb"][rows], dtype=np.float32)),
@@ -130,3 +140,52 @@ def test_fit_from_cache_is_one_yaml_field(tiny_dir, cache, tmp_path):
     stale = module(tiny_dir, k=3)
     with pytest.raises(FeatureCacheError, match="stale"):
         pl.Trainer(max_steps=1, logger=False, enable_progress_bar=False, accelerator="cpu").fit(stale, dm)
+
+
+def stamped(cache, directory, requirements):
+    """A copy of ``cache`` whose manifest says it was computed for ``requirements``."""
+    copy = directory / "cache"
+    shutil.copytree(cache, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "requirements": requirements}))
+    return copy
+
+
+def test_cache_is_keyed_on_source_content_search_params_and_columns(tiny_dir, cache, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "images").symlink_to(tiny_dir / "images")
+    lines = (tiny_dir / "train.csv").read_text().splitlines()
+    csv = data / "train.csv"
+    csv.write_text("\n".join([lines[0] + ",caption2", *(f"{line},other words" for line in lines[1:])]) + "\n")
+    model = module(tiny_dir)
+    copy = stamped(cache, tmp_path, cache_requirements(model, str(csv)))
+    open_feature_cache(copy, cache_requirements(model, str(csv)))  # current
+
+    # other columns of the same file decide other rows
+    with pytest.raises(
+        FeatureCacheError, match="caption_column: cache has 'caption', model needs 'caption2'"
+    ):
+        open_feature_cache(copy, cache_requirements(model, str(csv), caption_column="caption2"))
+    # the CSV regenerated in place: same path, other pairs
+    csv.write_text("\n".join([lines[0] + ",caption2", *(f"{line},x" for line in reversed(lines[1:]))]) + "\n")
+    with pytest.raises(FeatureCacheError, match="stale .*source_content: cache has"):
+        open_feature_cache(copy, cache_requirements(model, str(csv)))
+
+    # a search-time knob of the memory's index (nprobe) decides which neighbours were found
+    store = MemoryStore.open(tiny_dir / "memory")
+    ivf = MemoryStore.write(
+        tmp_path / "ivf",
+        store.image_embeddings,
+        store.text_embeddings,
+        store.ids,
+        backend={"class_path": "ivfpq", "init_args": {"nlist": 4, "m": 4, "nbits": 4, "nprobe": 1}},
+        fingerprint=store.fingerprint,
+        id_scheme=store.manifest["id_scheme"],
+    )
+    source = str(tiny_dir / "train.csv")
+    one, four = (module(tiny_dir, memory=str(ivf), memory_search_params={"nprobe": n}) for n in (1, 4))
+    probed = stamped(cache, tmp_path / "probed", cache_requirements(one, source))
+    open_feature_cache(probed, cache_requirements(one, source))
+    with pytest.raises(FeatureCacheError, match="stale .*memory_search: cache has"):
+        open_feature_cache(probed, cache_requirements(four, source))

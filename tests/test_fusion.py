@@ -106,3 +106,15 @@ def test_untrained_skips_are_query_plus_weighted_mean_of_valid_neighbours(weight
 def test_negative_retrieved_skip_is_refused():
     with pytest.raises(ValueError, match="retrieved_skip is a weight >= 0"):
         FusionTransformer(16, num_heads=4, retrieved_skip=-0.5)
+
+
+@pytest.mark.parametrize("width", [None, 32], ids=["width=dim", "width!=dim"])
+def test_skips_start_the_fusion_as_query_plus_weighted_mean(width):
+    """With the skips on, the untrained fusion is exactly normalize(query + w x mean of neighbours), also
+    when projections map a narrower or wider transformer in and out (proj_out's bias once leaked in)."""
+    torch.manual_seed(0)
+    fusion = FusionTransformer(16, width=width, num_heads=4, residual=True, retrieved_skip=0.6)
+    query = torch.nn.functional.normalize(torch.randn(5, 16), dim=-1)
+    retrieved = torch.nn.functional.normalize(torch.randn(5, 3, 16), dim=-1)
+    expected = torch.nn.functional.normalize(query + 0.6 * retrieved.mean(1), dim=-1)
+    assert torch.allclose(fusion(query, retrieved), expected, atol=1e-6)

@@ -1,6 +1,5 @@
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -54,8 +53,56 @@ def test_temperature_is_learnable_clip_initialised_and_capped():
     assert loss.logit_scale.item() == pytest.approx(1 / 0.07, rel=1e-5)
     with torch.no_grad():
         loss.log_scale.fill_(10.0)
+    loss.clamp_()
     assert loss.logit_scale.item() == pytest.approx(100.0, rel=1e-5)
     assert not RecoContrastiveLoss(learn_temperature=False).log_scale.requires_grad
+
+
+def test_temperature_above_the_cap_still_gets_a_gradient():
+    """A clamp inside forward would give exactly zero gradient once an optimiser step overshoots the cap,
+    freezing the temperature for good; the cap is applied to the parameter after each step instead."""
+    v, t, vb, tb = (unit(6, 8, seed=s) for s in range(4))
+    loss = RecoContrastiveLoss()
+    with torch.no_grad():
+        loss.log_scale.fill_(5.0)  # above log(100)
+    loss(v, t, vb, tb)["loss"].backward()
+    assert loss.log_scale.grad is not None and loss.log_scale.grad.abs().item() > 0
+
+
+def reference_soft_nce(a: torch.Tensor, b: torch.Tensor, scale: float, same: torch.Tensor) -> torch.Tensor:
+    """Element by element: each row's (and each column's) target is uniform over its positives."""
+    n = a.shape[0]
+    total = 0.0
+    for i in range(n):
+        row = [scale * float(a[i] @ b[j]) for j in range(n)]
+        col = [scale * float(a[j] @ b[i]) for j in range(n)]
+        pos = [j for j in range(n) if same[i, j]]
+        for logits in (row, col):
+            lse = math.log(sum(math.exp(x) for x in logits))
+            total += -sum(logits[j] - lse for j in pos) / len(pos)
+    return torch.tensor(total / (2 * n))
+
+
+def test_duplicates_are_uniform_positives_in_both_directions():
+    """Rows with several positives get a uniform target from text to image too (the column branch once
+    renormalised a row-normalised matrix, which weighted positives unevenly)."""
+    a, b = unit(6, 8, seed=5), unit(6, 8, seed=6)
+    same = torch.eye(6, dtype=torch.bool)  # a threshold is not transitive: 0~1 and 1~2, but not 0~2
+    for i, j in ((0, 1), (1, 2), (4, 5)):
+        same[i, j] = same[j, i] = True
+    got = info_nce(a, b, torch.tensor(4.0), same)
+    assert torch.allclose(got, reference_soft_nce(a, b, 4.0, same), atol=1e-5)
+
+
+def test_duplicate_threshold_marks_identical_captions_as_positives():
+    v, vb, tb = (unit(6, 8, seed=s) for s in (7, 8, 9))
+    t = unit(6, 8, seed=10)
+    t[1] = t[0]  # pairs 0 and 1 share a caption
+    out = RecoContrastiveLoss(init_temperature=0.5, duplicate_threshold=0.99)(v, t, vb, tb)
+    same = torch.eye(6, dtype=torch.bool)
+    same[0, 1] = same[1, 0] = True
+    expected = sum(reference_soft_nce(x, y, 2.0, same) for x, y in ((vb, tb), (vb, t), (v, tb)))
+    assert torch.allclose(out["loss"], expected, atol=1e-4)
 
 
 def test_gather_is_identity_without_distributed():
@@ -74,40 +121,43 @@ def _loss_on(model, loss_fn, v, t):
     return loss_fn(v, t, v_bar, t_bar)["loss"]
 
 
-def _ddp_worker(rank: int, world: int, port: int, v, t, cut: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+def _ddp_worker(rank: int, world: int, store: str, v, t, cut: int, threshold, out_dir: str) -> None:
+    # a file store, not a TCP port: no free-port race between picking a port and binding it
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         model = torch.nn.parallel.DistributedDataParallel(_model())
-        loss_fn = RecoContrastiveLoss(learn_temperature=False)
+        loss_fn = RecoContrastiveLoss(learn_temperature=False, duplicate_threshold=threshold)
         shard = slice(0, cut) if rank == 0 else slice(cut, len(v))  # world == 2
         loss = _loss_on(model, loss_fn, v[shard], t[shard])
         loss.backward()
         grads = [p.grad.clone() for p in model.parameters()]
         torch.save({"loss": loss.detach(), "grads": grads}, os.path.join(out_dir, f"rank{rank}.pt"))
+        # every rank done with every collective before any tears the group down: a rank that exits while
+        # its peer still talks to it can abort the peer's gloo threads (SIGABRT, "terminate called ...")
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.parametrize("threshold", [None, 0.99], ids=["plain", "duplicates"])
 @pytest.mark.parametrize("cut", [4, 3], ids=["even", "uneven"])
-def test_ddp_two_processes_match_one_process_on_concatenated_batch(tmp_path, cut):
+def test_ddp_two_processes_match_one_process_on_concatenated_batch(tmp_path, cut, threshold):
+    """Each rank computes only its rows against the global batch (B_local x B_global logits); the ranks'
+    mean loss and every rank's gradients equal the single-process loss and gradients."""
     v, t = unit(8, 8, seed=3), unit(8, 8, seed=4)
+    t[5] = t[2]  # a duplicate caption across the two ranks' shards
     model = _model()
-    loss = _loss_on(model, RecoContrastiveLoss(learn_temperature=False), v, t)
+    loss = _loss_on(model, RecoContrastiveLoss(learn_temperature=False, duplicate_threshold=threshold), v, t)
     loss.backward()
     single_grads = [p.grad for p in model.parameters()]
 
+    store = tmp_path / "store"
     mp.start_processes(
-        _ddp_worker, args=(2, _free_port(), v, t, cut, str(tmp_path)), nprocs=2, start_method="spawn"
+        _ddp_worker, args=(2, str(store), v, t, cut, threshold, str(tmp_path)), nprocs=2, start_method="spawn"
     )
-    for rank in range(2):
-        result = torch.load(tmp_path / f"rank{rank}.pt")
-        assert torch.allclose(result["loss"], loss.detach(), atol=1e-6), "every rank computes the global loss"
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    mean = (results[0]["loss"] + results[1]["loss"]) / 2
+    assert torch.allclose(mean, loss.detach(), atol=1e-6), "the ranks' shares average to the global loss"
+    for result in results:
         for got, want in zip(result["grads"], single_grads, strict=True):
             assert torch.allclose(got, want, atol=1e-6)

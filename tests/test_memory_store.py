@@ -144,3 +144,47 @@ def test_ivfpq_memory_opens_with_search_overrides_and_swaps_with_exact(tmp_path)
     assert (ivf_rows[:, 0] == torch.arange(20)).all(), "re-ranked top-1 of a stored vector is itself"
     overlap = sum(len(set(a) & set(b)) for a, b in zip(ivf_rows.tolist(), exact_rows.tolist(), strict=True))
     assert overlap / exact_rows.numel() >= 0.9
+
+
+@pytest.mark.parametrize("name", ["image_emb.npy", "text_emb.npy", "ids.npy"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda data: b"", id="empty"),
+        pytest.param(lambda data: data[:5], id="cut-in-magic"),
+        pytest.param(lambda data: data[:40], id="cut-in-header"),
+        pytest.param(lambda data: b"\x00" * len(data), id="zeroed"),
+        pytest.param(lambda data: data[: len(data) - 7], id="cut-in-data"),
+    ],
+)
+def test_empty_or_corrupt_array_files_give_one_error_naming_the_file(written, tmp_path, name, damage):
+    broken = shutil.copytree(written[0], tmp_path / "broken")
+    (broken / name).write_bytes(damage((broken / name).read_bytes()))
+    with pytest.raises(RecoMemoryError, match=rf"{name}.*empty, truncated or corrupt, rebuild the memory"):
+        MemoryStore.open(broken)
+
+
+def test_search_params_another_backend_does_not_understand_are_ignored_with_one_warning(tmp_path):
+    import warnings
+
+    from reco_lightning.memory import base
+
+    base._WARNED_IGNORED.clear()
+    image, text = unit(3000, d=16, seed=3), unit(3000, d=16, seed=4)
+    spec = {"class_path": "ivfpq", "init_args": {"nlist": 16, "m": 4, "nbits": 6, "nprobe": 2}}
+    approx = MemoryStore.write(tmp_path / "ivfpq", image, text, backend=spec)
+    exact = MemoryStore.write(tmp_path / "exact", image, text)
+    params = {"nprobe": 8, "rerank": 32}  # one config for both memories
+    with pytest.warns(UserWarning, match=r"\['nprobe', 'rerank'\] ignored: the 'exact' backend") as caught:
+        store = MemoryStore.open(exact, search_params=params)
+    assert len([w for w in caught if "ignored" in str(w.message)]) == 1, "two indexes, one warning"
+    _, rows = store.index("image").search(image[:4], 1)
+    assert rows[:, 0].tolist() == [0, 1, 2, 3]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # ivfpq understands both: nothing to say
+        approx_store = MemoryStore.open(approx, search_params=params)
+        MemoryStore.open(exact, search_params=params)  # already said once in this process
+    assert approx_store.index("text").nprobe == 8 and approx_store.index("text").rerank == 32
+    with pytest.warns(UserWarning, match=r"\['efSearch'\] ignored: the 'ivfpq' backend .*nprobe"):
+        store = MemoryStore.open(approx, search_params={"nprobe": 4, "efSearch": 64})
+    assert store.index("image").nprobe == 4

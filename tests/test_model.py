@@ -65,14 +65,30 @@ def test_fit_updates_fusion_only_and_keeps_backbone_in_eval(tiny_dir, tmp_path):
 
 
 def test_forward_shapes_and_training_exclusion(tiny_dir):
+    """Through forward (what training_step runs): both sides exclude the pair's own row, and text queries
+    hand their pair's images to the retriever for near-duplicate exclusion."""
     module = make(tiny_dir)
     module.setup("fit")
     batch = next(iter(datamodule(tiny_dir, batch_size=8).train_dataloader()))
+    retriever = module.retriever
+    calls = []
+
+    class Spy:
+        def __call__(self, query, modality, **kwargs):
+            found = retriever(query, modality, **kwargs)
+            calls.append((modality, kwargs, found.rows))
+            return found
+
+    module.retriever = Spy()
     out = module(batch, exclude_self=True)
     assert out["v_bar"].shape == out["t_bar"].shape == (8, 32)
-    neighbours = module.retriever(out["v"], "image", exclude_ids=batch["id"])
-    own_rows = [int(torch.nonzero(torch.from_numpy(module.retriever.memory.ids) == i)) for i in batch["id"]]
-    assert all(own not in rows for own, rows in zip(own_rows, neighbours.rows.tolist(), strict=True))
+    assert [c[0] for c in calls] == ["image", "text"]
+    memory_ids = torch.from_numpy(retriever.memory.ids)
+    for modality, kwargs, rows in calls:
+        assert torch.equal(kwargs["exclude_ids"], batch["id"])
+        found_ids = torch.where(rows >= 0, memory_ids[rows.clamp(min=0)], -1)
+        assert not (found_ids == batch["id"][:, None]).any(), f"{modality} side retrieved its own pair"
+    assert torch.equal(calls[1][1]["pair_images"], out["v"])
 
 
 def test_checkpoint_holds_fusion_not_backbone_and_round_trips(tiny_dir, tmp_path):
@@ -147,3 +163,52 @@ def test_schedule_warms_up_then_decays(tiny_dir, tmp_path):
     )
     assert lrs[0] == pytest.approx(5e-4) and lrs[1] == pytest.approx(1e-3)
     assert lrs[2] > lrs[3] > lrs[4] > lrs[5]
+
+
+def test_every_component_option_reaches_its_component(tiny_dir):
+    """Each RecoModule option is stored where it acts (duplicate_threshold was once accepted, saved in
+    hparams and never handed to the loss)."""
+    module = make(
+        tiny_dir,
+        k=3,
+        search="cross",
+        fusion="uni",
+        near_duplicate_threshold=0.9,
+        exclusion_margin=5,
+        fusion_width=16,
+        fusion_layers=2,
+        fusion_heads=2,
+        fusion_mlp_ratio=2.0,
+        fusion_dropout=0.2,
+        fusion_residual=True,
+        fusion_retrieved_skip=0.7,
+        init_temperature=0.05,
+        learn_temperature=False,
+        mixed_loss_terms=False,
+        duplicate_threshold=0.93,
+    )
+    module.setup("fit")
+    retriever = module.require_retriever()
+    assert (retriever.k, retriever.search, retriever.fusion) == (3, "cross", "uni")
+    assert (retriever.near_duplicate_threshold, retriever.exclusion_margin) == (0.9, 5)
+    for fusion in (module.image_fusion, module.text_fusion):
+        assert fusion.width == 16 and len(fusion.encoder.layers) == 2
+        layer = fusion.encoder.layers[0]
+        assert layer.self_attn.num_heads == 2 and layer.linear1.out_features == 32
+        assert layer.dropout.p == 0.2
+        assert fusion.residual and fusion.retrieved_skip == 0.7
+    criterion = module.criterion
+    assert criterion.logit_scale.item() == pytest.approx(20.0)
+    assert not criterion.log_scale.requires_grad
+    assert criterion.mixed_terms is False
+    assert criterion.duplicate_threshold == 0.93
+
+
+def test_temperature_is_capped_after_each_training_step(tiny_dir, tmp_path):
+    module = make(tiny_dir)
+    with torch.no_grad():
+        module.criterion.log_scale.fill_(6.0)  # 1/temperature ~ 403, above the cap of 100
+    trainer(tmp_path, max_steps=1, enable_checkpointing=False, num_sanity_val_steps=0).fit(
+        module, datamodule(tiny_dir)
+    )
+    assert module.criterion.logit_scale.item() <= 100.0 + 1e-3

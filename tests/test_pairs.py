@@ -28,7 +28,7 @@ def ids_of(stream: PairStream) -> list[list[int]]:
 def test_sources_read_csv_folder_and_shards(tmp_path, tiny_dir):
     assert isinstance(open_source(tiny_dir / "train.csv"), CsvSource)
     csv_pairs = list(open_source(tiny_dir / "train.csv"))
-    assert len(csv_pairs) == 192 and [r.id for r in csv_pairs[:3]] == [0, 1, 2]
+    assert len(csv_pairs) == 192 and len({r.id for r in csv_pairs}) == 192  # ids from distinct image paths
     assert decode(csv_pairs[0])["image"].size == (32, 32)
 
     folder = tmp_path / "folder"
@@ -44,9 +44,10 @@ def test_sources_read_csv_folder_and_shards(tmp_path, tiny_dir):
     ]
 
     good = write_shards(tmp_path / "shards", [3, 5])
-    source = open_source(tmp_path / "shards")
+    source = open_source(tmp_path / "shards", id_column="id")  # the json field holding declared ids
     assert isinstance(source, ShardSource) and len(source) == 8
     assert [r.id for r in source] == good == list(range(1000, 1008))
+    assert len({r.id for r in open_source(tmp_path / "shards")}) == 8  # else derived from member keys
     pattern = open_source(str(tmp_path / "shards" / "{00000..00001}.tar"))
     assert len(pattern) == 8
 
@@ -100,7 +101,7 @@ def test_bad_samples_are_dropped_and_reported_by_key(tmp_path, tiny_backbone):
     from transformers import CLIPProcessor
 
     collator = PairCollator(CLIPProcessor.from_pretrained(tiny_backbone), 16)
-    (batch,) = [collator(b) for b in PairStream(open_source(tmp_path), batch_size=6)]
+    (batch,) = [collator(b) for b in PairStream(open_source(tmp_path, id_column="id"), batch_size=6)]
     assert batch["id"].tolist() == [1000, 1002, 1003, 1005]
     assert batch["pixel_values"].shape[0] == 4 and len(batch["bad_keys"]) == 2
     assert all(key.startswith("00000.tar:") for key in batch["bad_keys"])

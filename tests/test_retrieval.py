@@ -50,7 +50,8 @@ def test_training_excludes_own_pair_and_near_duplicates():
     image = np.concatenate(
         [base, unit(base[:1] + 0.01 * rng.normal(size=(1, 16)))]
     )  # row 6: near-copy of row 0
-    mem = MemoryStore.from_arrays(image, image, ids=np.arange(7))
+    text = unit(rng.normal(size=(7, 16)))  # texts unlike the images: a check on the wrong modality fails
+    mem = MemoryStore.from_arrays(image, text, ids=np.arange(7))
     retriever = Retriever(mem, k=3, near_duplicate_threshold=0.95)
     q = torch.from_numpy(base[:1])
     assert retriever(q, "image").rows[0, :2].tolist() in ([0, 6], [6, 0])
@@ -91,3 +92,44 @@ def test_search_widens_for_queries_whose_candidates_are_all_near_duplicates():
     )
     expected = np.argsort(-(others @ centre[0]))[:3] + 40
     assert nb.rows[0].tolist() == expected.tolist()
+
+
+def _templated_memory():
+    """Pairs 0-3: distinct images, all captioned with the same text; pair 4: another caption."""
+    rng = np.random.default_rng(2)
+    images = unit(rng.normal(size=(5, 16)))
+    caption, other = unit(rng.normal(size=(2, 16)))
+    texts = np.stack([caption] * 4 + [other])
+    return MemoryStore.from_arrays(images, texts, ids=np.arange(5)), images, texts
+
+
+def test_text_queries_keep_other_pairs_with_the_same_caption():
+    """near_duplicate_of="image": a text query's neighbours with its exact caption but other images are
+    knowledge, not leaks; only a copy of the pair's own image is excluded."""
+    mem, images, texts = _templated_memory()
+    retriever = Retriever(mem, k=3, near_duplicate_threshold=0.95)
+    query, pair_image = torch.from_numpy(texts[:1]), torch.from_numpy(images[:1])
+    nb = retriever(query, "text", exclude_ids=torch.tensor([0]), pair_images=pair_image)
+    assert nb.mask.all() and sorted(nb.rows[0].tolist()) == [1, 2, 3]
+    with pytest.raises(ValueError, match="pair_images"):
+        retriever(query, "text", exclude_ids=torch.tensor([0]))
+
+
+def test_text_queries_with_query_exclusion_drop_every_same_caption():
+    mem, _images, texts = _templated_memory()
+    retriever = Retriever(mem, k=3, near_duplicate_threshold=0.95, near_duplicate_of="query")
+    nb = retriever(torch.from_numpy(texts[:1]), "text", exclude_ids=torch.tensor([0]))
+    assert nb.rows[0].tolist() == [4, -1, -1]
+
+
+def test_text_queries_drop_pairs_whose_image_copies_the_pair_image():
+    mem, images, texts = _templated_memory()
+    copy = np.concatenate([images, unit(images[:1] + 1e-3)])  # pair 5: the pair's image again, same caption
+    mem = MemoryStore.from_arrays(copy, np.concatenate([texts, texts[:1]]), ids=np.arange(6))
+    nb = Retriever(mem, k=4, near_duplicate_threshold=0.95)(
+        torch.from_numpy(texts[:1]),
+        "text",
+        exclude_ids=torch.tensor([0]),
+        pair_images=torch.from_numpy(images[:1]),
+    )
+    assert 5 not in nb.rows[0].tolist() and 0 not in nb.rows[0].tolist()

@@ -19,6 +19,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
+from reco_lightning.baselines import lookup, mix
 from reco_lightning.data.zeroshot import (
     ImageFolderClassification,
     RetrievalPairs,
@@ -35,12 +36,17 @@ from reco_lightning.evaluation import (
 
 __all__ = ["SETTINGS", "ClassificationSet", "DataEpochHooks", "RetrievalSet", "ZeroShotEvaluation"]
 
-# setting -> (refine the image side, refine the text side)
-SETTINGS: dict[str, tuple[bool, bool]] = {
-    "clip": (False, False),
-    "reco": (True, True),
-    "reco_image": (True, False),
-    "reco_text": (False, True),
+Side = Literal["frozen", "reco", "lookup", "mix"]
+
+# setting -> (what the image side is, what the text side is): the frozen embedding, RECO's fusion, or a
+# training-free use of the same neighbours (reco_lightning.baselines)
+SETTINGS: dict[str, tuple[Side, Side]] = {
+    "clip": ("frozen", "frozen"),
+    "reco": ("reco", "reco"),
+    "reco_image": ("reco", "frozen"),
+    "reco_text": ("frozen", "reco"),
+    "lookup": ("lookup", "frozen"),
+    "mix": ("mix", "mix"),
 }
 
 
@@ -91,6 +97,19 @@ class DataEpochHooks(pl.Callback):
     callback itself.
     """
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Lightning builds the first training iterator before any epoch hook, and on a resume it only
+        settles which epoch runs afterwards (a mid-epoch checkpoint moves it on): rebuild that iterator
+        when it was built for another epoch, so a resumed run does not replay an earlier epoch's order."""
+        datamodule = trainer.datamodule
+        epoch = trainer.fit_loop.epoch_progress.current.processed  # what Lightning gives samplers
+        if getattr(datamodule, "train_epoch", None) in (None, epoch):
+            return
+        datamodule.set_epoch(epoch)
+        fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
+        if fetcher is not None:
+            iter(fetcher)  # what FitLoop.setup_data does: a new iterator (and prefetch) over the loader
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         datamodule = trainer.datamodule
         if hasattr(datamodule, "set_epoch"):
@@ -135,7 +154,13 @@ class ZeroShotEvaluation(pl.Callback):
     Args:
         classification / retrieval: the evaluation sets.
         settings: rows of the report, from "clip", "reco" (both sides refined: the paper's classification
-            setting), "reco_image", "reco_text" (the paper's best retrieval setting).
+            setting), "reco_image", "reco_text" (the paper's best retrieval setting), and the training-free
+            baselines over the very same neighbours: "lookup" (the image side replaced by its neighbours'
+            average, a k-NN vote against frozen prompts) and "mix" (both sides ``normalize(x + mix_alpha x
+            mean of neighbours)``); see reco_lightning.baselines.
+        mix_alpha: the "mix" baseline's retrieval weight (calibrate it: `reco calibrate`).
+        lookup_temperature: None: "lookup" averages its neighbours uniformly; a float: softmax(score /
+            temperature) weights.
         k_sweep: also score "reco" at each of these k (inference-time k) and plot accuracy vs k.
         batch_size / num_workers: evaluation loader settings.
         during_fit: evaluate at every validation epoch end of `fit` (logged as zeroshot/...).
@@ -148,6 +173,8 @@ class ZeroShotEvaluation(pl.Callback):
         classification: Sequence[ClassificationSet] = (),
         retrieval: Sequence[RetrievalSet] = (),
         settings: Sequence[str] = ("clip", "reco"),
+        mix_alpha: float = 1.0,
+        lookup_temperature: float | None = None,
         k_sweep: Sequence[int] | None = None,
         batch_size: int = 256,
         num_workers: int = 0,
@@ -162,6 +189,7 @@ class ZeroShotEvaluation(pl.Callback):
             raise ValueError("ZeroShotEvaluation needs at least one classification or retrieval set")
         self.classification, self.retrieval = list(classification), list(retrieval)
         self.settings, self.k_sweep = list(settings), sorted(set(k_sweep or ()))
+        self.mix_alpha, self.lookup_temperature = float(mix_alpha), lookup_temperature
         self.batch_size, self.num_workers = batch_size, num_workers
         self.during_fit, self.report_dir, self.limit_images = during_fit, report_dir, limit_images
         self.last_report: EvaluationReport | None = None
@@ -256,14 +284,17 @@ class ZeroShotEvaluation(pl.Callback):
                 indices = [indices[int(i * step)] for i in range(self.limit_images)]
             dataset = Subset(dataset, indices[rank::world])
 
-        ks = [None, *self.k_sweep]  # None: the module's trained k
-        needed = set(self.settings) | ({"reco"} if self.k_sweep else set())
         encode = pl_module.backbone.encode_captions
-        weights = {(False, None): build_class_embeddings(classnames, templates, encode, self.batch_size)}
-        for k in ks:
-            if any(SETTINGS[s][1] for s in needed):
-                weights[(True, k)] = build_class_embeddings(
-                    classnames, templates, _refined(pl_module, encode, k), self.batch_size
+        weights: dict[tuple[Side, int | None], Tensor] = {}
+        for setting, k in [(s, None) for s in self.settings] + [("reco", k) for k in self.k_sweep]:
+            text_side = SETTINGS[setting][1]
+            key = (text_side, None if text_side == "frozen" else k)
+            if key not in weights:
+                weights[key] = build_class_embeddings(
+                    classnames,
+                    templates,
+                    self._side(pl_module, encode, "text", text_side, k),
+                    self.batch_size,
                 )
 
         accumulators: dict[tuple[str, int | None], dict[str, ZeroShotClassificationAccumulator]] = {}
@@ -275,13 +306,14 @@ class ZeroShotEvaluation(pl.Callback):
 
         for pixel_values, labels in _progress(self._loader(dataset, pl_module), f"zero-shot {spec.name}"):
             v = pl_module.backbone.encode_images(pixel_values.to(device))
-            refined = {}
+            images: dict[tuple[Side, int | None], Tensor] = {("frozen", None): v}
             for (setting, k), groups_acc in accumulators.items():
-                refine_image, refine_text = SETTINGS[setting]
-                if refine_image and k not in refined:
-                    refined[k] = pl_module.refine(v, "image", k=k)
-                image = refined[k] if refine_image else v
-                scores = image @ weights[(refine_text, k if refine_text else None)].to(device).t()
+                image_side, text_side = SETTINGS[setting]
+                image_key = (image_side, None if image_side == "frozen" else k)
+                if image_key not in images:
+                    images[image_key] = self._side(pl_module, lambda x: x, "image", image_side, k)(v)
+                text_key = (text_side, None if text_side == "frozen" else k)
+                scores = images[image_key] @ weights[text_key].to(device).t()
                 for group, acc in groups_acc.items():
                     mask = (
                         torch.isin(labels, groups[group])
@@ -328,26 +360,44 @@ class ZeroShotEvaluation(pl.Callback):
                 for i in range(0, len(captions), self.batch_size)
             ]
         )
-        refined_images = refined_texts = None
+        sides: dict[tuple[str, Side], Tensor] = {}
         for setting in self.settings:
-            refine_image, refine_text = SETTINGS[setting]
-            if refine_image and refined_images is None:
-                refined_images = _batched(lambda x: pl_module.refine(x, "image"), images, self.batch_size)
-            if refine_text and refined_texts is None:
-                refined_texts = _batched(lambda x: pl_module.refine(x, "text"), texts, self.batch_size)
+            for modality, side, frozen in zip(
+                ("image", "text"), SETTINGS[setting], (images, texts), strict=True
+            ):
+                if (modality, side) not in sides:
+                    transform = self._side(pl_module, lambda x: x, modality, side, None)
+                    sides[(modality, side)] = _batched(transform, frozen, self.batch_size)
+            image_side, text_side = SETTINGS[setting]
             report.add(
                 spec.name,
                 setting,
                 retrieval_metrics(
-                    refined_images if refine_image else images,
-                    refined_texts if refine_text else texts,
-                    dataset.text_to_image,
+                    sides[("image", image_side)], sides[("text", text_side)], dataset.text_to_image
                 ),
             )
 
+    def _side(
+        self,
+        pl_module: pl.LightningModule,
+        encode: Callable[[Any], Tensor],
+        modality: str,
+        side: Side,
+        k: int | None,
+    ) -> Callable[[Any], Tensor]:
+        """``encode`` followed by what ``side`` does to one modality's embeddings."""
+        if side == "frozen":
+            return encode
+        if side == "reco":
+            return lambda x: pl_module.refine(encode(x), modality, k=k)
+        if side == "lookup":
+            return lambda x: lookup(pl_module.neighbours(encode(x), modality, k=k), self.lookup_temperature)
 
-def _refined(pl_module: pl.LightningModule, encode: Callable[[list[str]], Tensor], k: int | None):
-    return lambda texts: pl_module.refine(encode(texts), "text", k=k)
+        def mixed(x: Any) -> Tensor:
+            embeddings = encode(x)
+            return mix(embeddings, pl_module.neighbours(embeddings, modality, k=k), self.mix_alpha)
+
+        return mixed
 
 
 def _batched(fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: int) -> Tensor:

@@ -5,6 +5,10 @@ source through ``Trainer.predict``. This module does the shared part: the source
 windows of rows; each window is split over the Trainer's ranks, every rank writes its share, and rank 0
 merges the shares in source order into one chunk file, written atomically. A re-run with the same plan
 skips finished chunks, so an interrupted build loses at most one chunk of work.
+
+Lightning's predict loop ends without a barrier, so ranks leave ``trainer.predict`` at different times:
+rank 0 merges only after a barrier that every rank reaches once its share is on disk, checks that the
+merged rows cover the chunk's window exactly, and the ranks meet again before the next chunk.
 """
 
 from __future__ import annotations
@@ -29,7 +33,11 @@ __all__ = ["clear_work", "concat_parts", "iter_chunks", "predict_in_chunks"]
 
 
 def concat_parts(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """Join per-batch (or per-rank) outputs: tensors are concatenated, lists extended, numbers summed."""
+    """Join per-batch (or per-rank) outputs: tensors are concatenated, lists and tuples extended, numbers summed.
+
+    Tensors and lists are per-row (one entry per ``position``, put in source order on merge); tuples are
+    per-chunk extras (e.g. the keys of bad samples), kept in the order they come.
+    """
     if not parts:
         return {}
     joined: dict[str, Any] = {}
@@ -37,8 +45,8 @@ def concat_parts(parts: list[dict[str, Any]]) -> dict[str, Any]:
         values = [p[key] for p in parts]
         if isinstance(first, torch.Tensor):
             joined[key] = torch.cat(values)
-        elif isinstance(first, list):
-            joined[key] = [item for value in values for item in value]
+        elif isinstance(first, list | tuple):
+            joined[key] = type(first)(item for value in values for item in value)
         else:
             joined[key] = sum(values)
     return joined
@@ -97,9 +105,31 @@ class _RankWriter(BasePredictionWriter):
         os.replace(tmp, path)
 
 
-def _merge_ranks(rank_dir: Path, final: Path) -> None:
-    parts = [torch.load(p, weights_only=False) for p in sorted(rank_dir.glob("rank*.pt"))]
+def _rank_file(rank_dir: Path, rank: int) -> Path:
+    return rank_dir / f"rank{rank}.pt"
+
+
+def _merge_ranks(rank_dir: Path, final: Path, world_size: int, window: tuple[int, int]) -> None:
+    """Merge the shares of ranks ``0..world_size-1`` in source order; refuse any that miss or repeat a row.
+
+    Only this run's ranks are read (a share left by a killed run with more ranks is ignored). Every
+    position of ``window`` must appear once, either as a row or among the ``bad`` samples counted.
+    """
+    files = [_rank_file(rank_dir, rank) for rank in range(world_size)]
+    parts = [torch.load(p, weights_only=False) for p in files if p.is_file()]
     merged = concat_parts([p for p in parts if p])
+    rows = len(merged.get("position", ()))
+    bad = int(merged.get("bad", 0))
+    positions = merged["position"] if rows else torch.zeros(0, dtype=torch.long)
+    span = window[1] - window[0]
+    unique = len(torch.unique(positions))
+    inside = rows == 0 or (window[0] <= int(positions.min()) and int(positions.max()) < window[1])
+    if rows + bad != span or unique != rows or not inside:
+        raise RecoMemoryError(
+            f"chunk {final.name} of rows [{window[0]}, {window[1]}) merged {rows} rows ({unique} distinct) and "
+            f"{bad} bad samples from {sum(p.is_file() for p in files)} of {world_size} rank files, but the plan "
+            f"needs {span}: the ranks' shares were incomplete; re-run the same command to redo this chunk"
+        )
     if merged:
         merged = _take(merged, torch.argsort(merged["position"]).tolist())  # source order, any world size
     tmp = final.with_suffix(".tmp")
@@ -121,8 +151,10 @@ def predict_in_chunks(
 ) -> tuple[list[Path], pl.Trainer]:
     """Predict every pair of ``pairs`` with ``module`` into ``work/chunks/*.pt``; resume a matching plan.
 
-    ``module.predict_step`` must return a dict with a ``position`` tensor (from the batch) and any other
-    tensors/lists/counts. ``plan`` identifies the job; an interrupted job with another plan is refused.
+    ``module.predict_step`` must return a dict with a ``position`` tensor (from the batch), the number of
+    ``bad`` samples it skipped, and any other tensors/lists (per row), tuples (per chunk) or counts; the
+    rows plus the bad samples of a chunk must cover its window exactly, else the chunk is refused.
+    ``plan`` identifies the job; an interrupted job with another plan is refused.
     Returns the chunk files (in order) and the Trainer (for its rank and barrier).
     """
     chunks_dir = work / "chunks"
@@ -151,12 +183,13 @@ def predict_in_chunks(
     n_chunks = (total + chunk_size - 1) // chunk_size
     files = [chunks_dir / f"{chunk:06d}.pt" for chunk in range(n_chunks)]
     for chunk, final in enumerate(files):
-        if final.is_file():
+        if final.is_file():  # written by rank 0 between two barriers: every rank sees the same files here
             continue
         rank_dir = chunks_dir / f"{chunk:06d}.ranks"
-        if trainer.global_rank == 0:
-            shutil.rmtree(rank_dir, ignore_errors=True)
         rank_dir.mkdir(exist_ok=True)
+        # Each rank clears only its own share (left by a killed run): a rank with no batch writes nothing,
+        # and no rank may delete a folder another rank is writing into.
+        _rank_file(rank_dir, trainer.global_rank).unlink(missing_ok=True)
         window = (chunk * chunk_size, min(total, (chunk + 1) * chunk_size))
         writers = [c for c in trainer.callbacks if not isinstance(c, _RankWriter)]
         trainer.callbacks = [*writers, _RankWriter(rank_dir)]
@@ -165,9 +198,10 @@ def predict_in_chunks(
             datamodule=_ChunkData(pairs, window, batch_size, num_workers, collator),
             return_predictions=False,
         )
+        trainer.strategy.barrier()  # every rank's share is on disk (predict itself ends without a barrier)
         if trainer.global_rank == 0:
-            _merge_ranks(rank_dir, final)
-        trainer.strategy.barrier()
+            _merge_ranks(rank_dir, final, trainer.world_size, window)
+        trainer.strategy.barrier()  # the chunk file exists before any rank looks at the next one
     return files, trainer
 
 

@@ -5,43 +5,84 @@ reco memory build --source pairs.csv --out mem --backbone DIR [--backend ivfpq .
 reco memory concat A B --out C
 reco memory info DIR
 reco prepare-tiny --out artifacts/tiny
+reco calibrate --config run.yaml --parameter mix_alpha --dataset.name val --dataset.root DIR --out cal.json
+reco demo [--protocol open|strict] [--split tops|shoes|look-alikes]
+
+Errors of ours (a RecoError, or a ValueError/RuntimeError raised by this package's code, or a missing
+file) print one line, ``reco: error: ...``, and exit with status 1; ``RECO_DEBUG=1`` shows the traceback.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import traceback
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import torch
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only
 
 from reco_lightning.data.pairs import ImageTextDataModule
+from reco_lightning.errors import RecoError
 from reco_lightning.model import RecoModule
 
 __all__ = ["RecoCLI", "main"]
 
 
 # Settings that belong to the run, not to the trained weights: with --ckpt_path, LightningCLI would take
-# them from the checkpoint's hyper-parameters and silently undo a memory swap asked for in the config.
-INFERENCE_SETTINGS = ("memory", "memory_search_params", "memory_device", "refine_image", "refine_text")
+# them from the checkpoint's hyper-parameters and silently undo a backbone move or a memory swap asked for
+# in the config. The run's value is used; the backbone is then checked against the checkpoint's.
+INFERENCE_SETTINGS = (
+    "backbone",
+    "memory",
+    "memory_search_params",
+    "memory_device",
+    "k",
+    "refine_image",
+    "refine_text",
+)
 
 
 class RecoCLI(LightningCLI):
-    """LightningCLI with the data module's backbone tied to the model's, and memory swap kept at test time."""
+    """LightningCLI with the data module's backbone tied to the model's, and the run's inference settings kept."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.backbone", "data.init_args.backbone")
 
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")
-        requested = {}
-        if subcommand:
-            model = self.config[subcommand].get("model")
-            requested = {key: model.get(key) for key in INFERENCE_SETTINGS} if model is not None else {}
+        model = self.config[subcommand].get("model") if subcommand else None
+        requested = {key: model.get(key) for key in INFERENCE_SETTINGS} if model is not None else {}
         super()._parse_ckpt_path()
+        if not requested:
+            return
+        config = self.config[subcommand]
         for key, value in requested.items():
-            self.config[subcommand]["model"][key] = value
+            if key == "backbone" and value is None:
+                continue  # none given: the checkpoint's
+            trained = config["model"].get(key)
+            if trained != value:
+                rank_zero_info(f"model.{key}={value!r} replaces the checkpoint's {trained!r}")
+            config["model"][key] = value
+        data = config.get("data")
+        if data is not None and data.get("init_args") is not None and "backbone" in data["init_args"]:
+            data["init_args"]["backbone"] = config["model"]["backbone"]  # the link ran before the ckpt merge
+
+    def after_instantiate_classes(self) -> None:
+        """Refuse a checkpoint trained on another backbone now, before any memory or data is opened."""
+        super().after_instantiate_classes()
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file() and isinstance(self.model, RecoModule):
+            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            # The module's own check (and message): the same one Lightning runs when it restores the weights.
+            self.model.on_load_checkpoint(
+                {"reco_backbone": checkpoint.get("reco_backbone"), "state_dict": {}}
+            )
 
 
 def lightning_main(args: Sequence[str] | None = None, run: bool = True) -> RecoCLI:
@@ -119,13 +160,22 @@ def memory_main(args: Sequence[str]) -> None:
             trainer_kwargs={"accelerator": c.accelerator, "devices": c.devices},
             overwrite=c.overwrite,
         )
-        print(f"memory written to {out}")
+        if rank_zero_only.rank == 0:  # every rank of a multi-device build runs this command
+            print(build_summary(out))
     elif sub == "concat":
         out = MemoryStore.concat(c.paths, c.out, backend=_plain(c.backend), overwrite=c.overwrite)
         print(f"memory written to {out}")
     else:
         store = MemoryStore.open(c.path)
         print(json.dumps({**store.manifest, "bytes": store.nbytes()}, indent=2))
+
+
+def build_summary(out: str | os.PathLike) -> str:
+    """One line on a finished build: where, how many rows, how many bad samples and the first of them."""
+    manifest = json.loads((Path(out) / "manifest.json").read_text())
+    bad, keys = manifest.get("bad_samples", 0), manifest.get("bad_keys", [])
+    first = f" (first: {', '.join(map(str, keys))})" if bad and keys else ""
+    return f"memory written to {out}: {manifest['count']} rows, {bad} bad samples skipped{first}"
 
 
 def _plain(value: Any) -> Any:
@@ -157,7 +207,8 @@ def cache_main(args: Sequence[str]) -> None:
             continue
         out = Path(root) / stage
         try:
-            open_feature_cache(out, cache_requirements(model, source))
+            columns = {key: data.hparams[key] for key in ("image_column", "caption_column", "id_column")}
+            open_feature_cache(out, cache_requirements(model, source, **columns))
             print(f"{stage} feature cache {out} is current")
             continue
         except FeatureCacheError:
@@ -179,6 +230,64 @@ def cache_main(args: Sequence[str]) -> None:
         print(f"{stage} feature cache written to {out}")
 
 
+def calibrate_main(args: Sequence[str]) -> None:
+    """`reco calibrate`: sweep mix_alpha or fusion_retrieved_skip on a validation classification set."""
+    from jsonargparse import ArgumentParser
+
+    from reco_lightning.atomic import atomic_write_text
+    from reco_lightning.calibration import DEFAULT_VALUES, PARAMETERS, calibrate
+    from reco_lightning.callbacks import ClassificationSet
+
+    parser = ArgumentParser(
+        prog="reco calibrate",
+        description="Pick a retrieval weight on validation data (never test data) by a stated rule; "
+        "prints and writes the choice. The model section of a `reco fit` config (with --ckpt_path: the "
+        "trained fusion) and its memory are used.",
+    )
+    parser.add_argument("--config", required=True, help="a `reco fit` config; its model section is used")
+    parser.add_argument("--ckpt_path", default=None, help="trained fusion weights (default: untrained)")
+    parser.add_argument("--memory", default=None, help="memory to calibrate with (default: the config's)")
+    parser.add_argument("--parameter", required=True, choices=sorted(PARAMETERS))
+    parser.add_argument("--values", type=list[float], default=list(DEFAULT_VALUES))
+    parser.add_argument("--rule", default="max", choices=["max", "keep"])
+    parser.add_argument("--metric", default="top1", help="top1, top5, mean_per_class_recall or top1_<group>")
+    parser.add_argument("--tolerance", type=float, default=0.5, help="points the 'keep' rule may lose")
+    parser.add_argument("--dataset", type=ClassificationSet, required=True, help="the validation set")
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--out", required=True, help="JSON file the sweep and the choice go to")
+    cfg = parser.parse_args(list(args))
+
+    import yaml
+
+    from reco_lightning.model import RecoModule
+
+    model_args = dict(yaml.safe_load(Path(cfg.config).read_text()).get("model") or {})
+    if cfg.memory:
+        model_args["memory"] = cfg.memory
+    if cfg.ckpt_path:
+        model = RecoModule.load_from_checkpoint(cfg.ckpt_path, map_location="cpu", **model_args)
+    else:
+        model = RecoModule(**model_args)
+    model.setup("validate")
+    dataset = cfg.dataset if isinstance(cfg.dataset, ClassificationSet) else ClassificationSet(**cfg.dataset)
+    result = calibrate(
+        model,
+        dataset,
+        cfg.parameter,
+        values=cfg["values"],  # Namespace.values is a method
+        rule=cfg.rule,
+        metric=cfg.metric,
+        tolerance=cfg.tolerance,
+        batch_size=cfg.batch_size,
+    )
+    atomic_write_text(Path(cfg.out), json.dumps(result, indent=2) + "\n")
+    sweep = ", ".join(f"{value:g}: {score:.2f}" for value, score in result["values"].items())
+    print(
+        f"{cfg.parameter} = {result['chosen']:g} (rule {cfg.rule} on {dataset.name} {cfg.metric}; frozen "
+        f"{result['clip']:.2f}; {sweep}); written to {cfg.out}"
+    )
+
+
 def demo_main(args: Sequence[str]) -> None:
     from jsonargparse import ArgumentParser
 
@@ -189,7 +298,7 @@ def demo_main(args: Sequence[str]) -> None:
         FashionMNISTError,
         resolve_split,
     )
-    from reco_lightning.demo.pipeline import run_demo
+    from reco_lightning.demo.pipeline import DEFAULT_PROTOCOL, PROTOCOLS, run_demo
 
     parser = ArgumentParser(
         prog="reco demo", description="The real-data demo (Fashion-MNIST, seen/unseen classes)."
@@ -207,10 +316,22 @@ def demo_main(args: Sequence[str]) -> None:
         help=f"seen classes: one of {sorted(DEMO_SPLITS)} or comma-separated class names/ids",
     )
     parser.add_argument(
+        "--protocol",
+        default=DEFAULT_PROTOCOL,
+        choices=sorted(PROTOCOLS),
+        help="open: train on the memory's own pairs (the paper's); strict: seen-class pairs and memory only",
+    )
+    parser.add_argument(
         "--calibrate",
         type=bool,
         default=True,
-        help="set the retrieval weight on the validation split's seen classes (else the config's)",
+        help="set mix_alpha and the retrieval weights on the validation split by the protocol's rule",
+    )
+    parser.add_argument(
+        "--memory_fraction",
+        type=bool,
+        default=True,
+        help="also train with 10%% of the memory and test with all of it (open protocol)",
     )
     cfg = parser.parse_args(list(args))
     try:
@@ -223,6 +344,8 @@ def demo_main(args: Sequence[str]) -> None:
             data_root=cfg.data_root,
             seen_classes=seen,
             calibrate=cfg.calibrate,
+            protocol=cfg.protocol,
+            memory_fraction=cfg.memory_fraction,
         )
     except FashionMNISTError as err:
         raise SystemExit(f"reco demo: {err}") from None
@@ -244,12 +367,48 @@ def prepare_tiny_main(args: Sequence[str]) -> None:
 
 
 def main(args: Sequence[str] | None = None) -> None:
-    """Entry point of the `reco` console script."""
+    """Entry point of the `reco` console script: our errors as one line on stderr, exit status 1."""
+    try:
+        _dispatch(args)
+    except Exception as err:
+        if not is_user_error(err) or os.environ.get("RECO_DEBUG", "") not in ("", "0"):
+            raise
+        sys.stderr.write(f"reco: error: {one_line(err)} (RECO_DEBUG=1 shows the traceback)\n")
+        raise SystemExit(1) from None
+
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Whether ``err`` carries a message written for the user rather than a bug's traceback.
+
+    Those are every RecoError, a missing or unreadable path, and a ValueError/RuntimeError raised by a
+    ``raise`` in this package (its message was written for the user). The same types raised inside a
+    library keep their traceback: they are more likely a bug than bad input.
+    """
+    if isinstance(err, RecoError | FileNotFoundError | PermissionError):
+        return True
+    if not isinstance(err, ValueError | RuntimeError):
+        return False
+    frames = traceback.extract_tb(err.__traceback__)
+    return bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(_PACKAGE_DIR)
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (multi-line messages joined with '; ')."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return "; ".join(lines) or type(err).__name__
+
+
+def _dispatch(args: Sequence[str] | None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] == "memory":
         memory_main(argv[1:])
     elif argv and argv[0] == "demo":
         demo_main(argv[1:])
+    elif argv and argv[0] == "calibrate":
+        calibrate_main(argv[1:])
     elif argv and argv[0] == "cache":
         cache_main(argv[1:])
     elif argv and argv[0] == "prepare-tiny":

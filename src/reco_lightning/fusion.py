@@ -87,6 +87,8 @@ class FusionTransformer(nn.Module):
         nn.init.normal_(self.type_embedding.weight, std=0.02)
         if residual or retrieved_skip:
             nn.init.zeros_(self.norm.weight)  # the learned branch starts silent; the skips carry the signal
+            if isinstance(self.proj_out, nn.Linear):
+                nn.init.zeros_(self.proj_out.bias)  # or its random bias would leak into the silent start
 
     def forward(self, query: Tensor, retrieved: Tensor, retrieved_mask: Tensor | None = None) -> Tensor:
         """Refine ``query`` [B, D] with ``retrieved`` [B, k, D].

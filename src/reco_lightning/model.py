@@ -16,17 +16,18 @@ import torch
 from torch import Tensor
 
 from reco_lightning.encoders import FrozenCLIP
+from reco_lightning.errors import RecoError
 from reco_lightning.fusion import FusionTransformer
 from reco_lightning.losses import RecoContrastiveLoss
 from reco_lightning.memory.store import MemoryStore, Modality, check_fingerprint
-from reco_lightning.retrieval import Choice, Retriever
+from reco_lightning.retrieval import Choice, NearDuplicateOf, Neighbours, Retriever
 
 __all__ = ["BackboneMismatchError", "RecoModule"]
 
 BACKBONE_PREFIX = "backbone."
 
 
-class BackboneMismatchError(RuntimeError):
+class BackboneMismatchError(RecoError, RuntimeError):
     """A checkpoint's fusion was trained on another backbone's embedding space."""
 
 
@@ -42,7 +43,9 @@ class RecoModule(pl.LightningModule):
         k: neighbours retrieved per query.
         search: "uni" (same-modality search, the paper's best) or "cross".
         fusion: "cross" (fuse the other modality, the paper's best) or "uni".
-        near_duplicate_threshold: training excludes memory items at least this similar to the query.
+        near_duplicate_threshold: training excludes memory items at least this similar to the pair.
+        near_duplicate_of: "image" (compare candidates' images with the pair's image, for both sides) or
+            "query" (compare with the query in its own modality); see Retriever.
         exclusion_margin: extra candidates searched during training so k survive exclusion.
         fusion_width / fusion_layers / fusion_heads / fusion_mlp_ratio / fusion_dropout / fusion_residual /
             fusion_retrieved_skip: the FusionTransformer of each side (see fusion.py).
@@ -50,6 +53,9 @@ class RecoModule(pl.LightningModule):
         lr / weight_decay / warmup_steps / min_lr_ratio / betas: AdamW with linear warmup then cosine decay
             to ``min_lr_ratio * lr`` over the run's total steps.
         refine_image / refine_text: which sides are refined at evaluation and prediction time.
+        mask_retrieved: the paper's "training without retrieval" control: every retrieved token is
+            masked, in training and at inference, so the same fusion and recipe learn from the pairs alone.
+            A gain of RECO counts only where it beats this control.
     """
 
     def __init__(
@@ -62,6 +68,7 @@ class RecoModule(pl.LightningModule):
         search: Choice = "uni",
         fusion: Choice = "cross",
         near_duplicate_threshold: float = 0.95,
+        near_duplicate_of: NearDuplicateOf = "image",
         exclusion_margin: int = 16,
         fusion_width: int | None = None,
         fusion_layers: int = 1,
@@ -81,6 +88,7 @@ class RecoModule(pl.LightningModule):
         betas: tuple[float, float] = (0.9, 0.98),
         refine_image: bool = True,
         refine_text: bool = True,
+        mask_retrieved: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -101,6 +109,7 @@ class RecoModule(pl.LightningModule):
             init_temperature=init_temperature,
             learn_temperature=learn_temperature,
             mixed_terms=mixed_loss_terms,
+            duplicate_threshold=duplicate_threshold,
         )
         self.retriever: Retriever | None = None
 
@@ -128,6 +137,7 @@ class RecoModule(pl.LightningModule):
             search=hp.search,
             fusion=hp.fusion,
             near_duplicate_threshold=hp.near_duplicate_threshold,
+            near_duplicate_of=hp.get("near_duplicate_of", "image"),
             exclusion_margin=hp.exclusion_margin,
         )
 
@@ -163,25 +173,42 @@ class RecoModule(pl.LightningModule):
         exclude_ids: Tensor | None = None,
         k: int | None = None,
         rows: Tensor | None = None,
+        pair_images: Tensor | None = None,
     ) -> Tensor:
         """RECO-refined embeddings of one modality (retrieve, then fuse).
 
         ``k`` overrides the trained k; ``rows`` [B, k] are precomputed neighbour rows (feature cache),
-        which replace the search (exclusion was applied when they were computed).
+        which replace the search (exclusion was applied when they were computed); ``pair_images``: the
+        frozen images of text queries' pairs, for near-duplicate exclusion in training.
         """
         fusion = self.image_fusion if modality == "image" else self.text_fusion
-        if embeddings.shape[0] == 0:
-            # no rows on this rank: still run the fusion once so every parameter joins the backward pass
-            # (DDP waits for all of them), and return its 0-row slice
-            dummy = torch.zeros(1, 1, embeddings.shape[1], device=embeddings.device)
-            mask = torch.zeros(1, 1, dtype=torch.bool, device=embeddings.device)
-            return fusion(dummy[:, 0], dummy, mask)[:0]
-        retriever = self.require_retriever()
+        if embeddings.shape[0] == 0 or self.hparams.get("mask_retrieved", False):
+            # mask_retrieved: one masked token stands for the k retrieved ones (the fusion reads nothing).
+            # No rows on this rank: still run the fusion once so every parameter joins the backward pass
+            # (DDP waits for all of them), and return its 0-row slice.
+            rows_ = max(1, embeddings.shape[0])
+            query = embeddings if embeddings.shape[0] else embeddings.new_zeros(1, embeddings.shape[1])
+            blank = embeddings.new_zeros(rows_, 1, embeddings.shape[1])
+            mask = torch.zeros(rows_, 1, dtype=torch.bool, device=embeddings.device)
+            return fusion(query, blank, mask)[: embeddings.shape[0]]
         if rows is not None:
-            neighbours = retriever.gather(rows, modality, embeddings.device)
+            neighbours = self.require_retriever().gather(rows, modality, embeddings.device)
         else:
-            neighbours = retriever(embeddings, modality, exclude_ids=exclude_ids, k=k)
+            neighbours = self.neighbours(embeddings, modality, exclude_ids, k, pair_images)
         return fusion(embeddings, neighbours.embeddings, neighbours.mask)
+
+    def neighbours(
+        self,
+        embeddings: Tensor,
+        modality: Modality,
+        exclude_ids: Tensor | None = None,
+        k: int | None = None,
+        pair_images: Tensor | None = None,
+    ) -> Neighbours:
+        """The retrieved items the fusion reads (also what the training-free baselines vote with)."""
+        return self.require_retriever()(
+            embeddings, modality, exclude_ids=exclude_ids, k=k, pair_images=pair_images
+        )
 
     def forward(self, batch: dict[str, Tensor], exclude_self: bool = False) -> dict[str, Tensor]:
         """Frozen and refined embeddings of a batch of pairs (raw inputs or feature-cache rows)."""
@@ -191,7 +218,7 @@ class RecoModule(pl.LightningModule):
             "v": v,
             "t": t,
             "v_bar": self.refine(v, "image", ids, rows=batch.get("image_neighbours")),
-            "t_bar": self.refine(t, "text", ids, rows=batch.get("text_neighbours")),
+            "t_bar": self.refine(t, "text", ids, rows=batch.get("text_neighbours"), pair_images=v),
         }
 
     # --- steps ----------------------------------------------------------------------------------------
@@ -208,7 +235,7 @@ class RecoModule(pl.LightningModule):
                 on_step=on_step,
                 on_epoch=not on_step,
                 prog_bar=name == "loss",
-                sync_dist=not on_step,
+                sync_dist=True,  # each rank holds its share of the global loss; the mean over ranks is it
             )
         if stage == "train":
             self.log("train/temperature", 1.0 / self.criterion.logit_scale, batch_size=batch_size)
@@ -216,6 +243,9 @@ class RecoModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         return self._shared_step(batch, "train")
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.criterion.clamp_()  # after the optimiser step: the cap must not zero the temperature's gradient
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         return self._shared_step(batch, "val")

@@ -48,7 +48,7 @@ class Recorder(pl.LightningModule):
 
 if __name__ == "__main__":
     shards, backbone, out = sys.argv[1:4]
-    data = ImageTextDataModule(backbone, train=shards, batch_size=4, num_workers=1)
+    data = ImageTextDataModule(backbone, train=shards, batch_size=4, num_workers=1, id_column="id")
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,

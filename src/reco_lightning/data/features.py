@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from reco_lightning.atomic import atomic_write_text, replace_directory
 from reco_lightning.chunked import clear_work, iter_chunks, predict_in_chunks
-from reco_lightning.data.pairs import PairCollator, open_source
+from reco_lightning.data.pairs import PairCollator, id_namespace_problem, open_source
 
 if TYPE_CHECKING:
     from reco_lightning.data.pairs import ImageTextDataModule
@@ -53,19 +54,47 @@ class FeatureCacheError(RuntimeError):
     """A feature cache that is missing, incomplete, or computed for another model, data or memory."""
 
 
-def cache_requirements(model: RecoModule, source: str) -> dict[str, Any]:
-    """Everything a cache's contents depend on; two equal dicts mean the cache is valid for the model."""
+def cache_requirements(
+    model: RecoModule,
+    source: str,
+    image_column: str = "filepath",
+    caption_column: str = "caption",
+    id_column: str | None = None,
+) -> dict[str, Any]:
+    """Everything a cache's rows depend on; two equal dicts mean the cache is valid for the model and data.
+
+    The source is keyed by content (a CSV's bytes; the name, size and mtime of every shard or folder
+    file), not only by path, so a file regenerated in place is stale; the memory by identity and the
+    search-time settings its indexes run with (nprobe, rerank); the data by the columns read from it.
+    The images a CSV points to are not hashed: replace them under new names, or rebuild the cache.
+    """
     retriever = model.require_retriever()
     hp = model.hparams
-    return {
+    pairs = open_source(source, image_column, caption_column, id_column)
+    requirements = {
         "backbone": model.backbone.fingerprint["id"],
         "source": str(Path(source).resolve()) if os.path.exists(source) else str(source),
+        "source_content": pairs.fingerprint(),
+        "image_column": image_column,
+        "caption_column": caption_column,
+        "id_column": id_column,
         "memory": retriever.memory.identity,
+        "memory_search": _memory_search(retriever.memory, hp),
         "k": int(hp.k),
         "search": hp.search,
         "near_duplicate_threshold": float(hp.near_duplicate_threshold),
+        "near_duplicate_of": retriever.near_duplicate_of,
         "exclusion_margin": int(hp.exclusion_margin),
     }
+    return json.loads(json.dumps(requirements))  # as the manifest will read back (tuples become lists)
+
+
+def _memory_search(memory: Any, hp: Any) -> dict[str, Any]:
+    """The search settings the memory's indexes actually run with (overrides applied), per modality."""
+    indexes = getattr(memory, "indexes", None) or {}
+    if not indexes:  # a memory opened without indexes: what the model asks for is all there is
+        return {"memory_search_params": dict(hp.get("memory_search_params") or {})}
+    return {name: index.spec() for name, index in sorted(indexes.items())}
 
 
 class _CacheEncoder(pl.LightningModule):
@@ -82,7 +111,7 @@ class _CacheEncoder(pl.LightningModule):
         k = retriever.k
         if len(ids):
             image_rows = retriever(v, "image", exclude_ids=ids).rows
-            text_rows = retriever(t, "text", exclude_ids=ids).rows
+            text_rows = retriever(t, "text", exclude_ids=ids, pair_images=v).rows
         else:
             image_rows = text_rows = torch.zeros(0, k, dtype=torch.long)
         return {
@@ -112,8 +141,12 @@ def build_feature_cache(
     out = Path(out)
     if model.retriever is None:
         model.setup("predict")
-    requirements = cache_requirements(model, source)
+    requirements = cache_requirements(model, source, image_column, caption_column, id_column)
     pairs = open_source(source, image_column, caption_column, id_column)
+    memory = model.require_retriever().memory
+    problem = id_namespace_problem(memory.manifest.get("id_scheme"), pairs, str(memory.path or "(in RAM)"))
+    if problem:
+        warnings.warn(problem, stacklevel=2)
     work = out.parent / f".{out.name}.partial"
     collator = PairCollator(model.backbone.processor, model.backbone.max_text_length)
     files, trainer = predict_in_chunks(
@@ -295,10 +328,14 @@ def cached_loader(
         raise ValueError(f"data.{stage} is not set")
     trainer = datamodule.trainer
     model = trainer.lightning_module if trainer is not None else None
-    requirements = cache_requirements(model, source) if model is not None else None
-    arrays = open_feature_cache(Path(datamodule.hparams.feature_cache) / stage, requirements)
-    rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
     hp = datamodule.hparams
+    requirements = (
+        cache_requirements(model, source, hp.image_column, hp.caption_column, hp.id_column)
+        if model is not None
+        else None
+    )
+    arrays = open_feature_cache(Path(hp.feature_cache) / stage, requirements)
+    rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
     dataset = CachedPairs(
         arrays,
         hp.batch_size,

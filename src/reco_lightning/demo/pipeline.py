@@ -1,15 +1,19 @@
 """The real-data demo, end to end: `reco demo` (the README's main job).
 
-Protocol (Fashion-MNIST, 10 classes; 5 "seen", 5 "unseen"):
+Setting (Fashion-MNIST, 10 classes; 5 "seen", 5 "unseen"):
 
 1. A stand-in CLIP is pre-trained on seen-class images only (demo/backbone.py): it does not know the
    unseen classes, like CLIP and the rare entities of the paper.
 2. A memory of image-text pairs of ALL classes is encoded from train images the backbone never saw.
-3. RECO's fusion is trained on seen-class pairs of that memory split, retrieving from the seen-only
-   memory (its own row excluded), with ``reco fit --config configs/demo.yaml`` from a feature cache.
-4. The trained model is tested on the official test split with the full memory swapped in, next to
-   the frozen backbone: top-1 on seen, unseen and all classes. The 2x2 search/fusion grid is trained
-   and tested the same way.
+3. RECO's fusion is trained under one of two protocols, with ``reco fit`` from a feature cache:
+   - ``open`` (the paper's, the default): on the memory's own pairs, retrieving from that memory (each
+     pair's own row and near-duplicate images excluded). Like WebLI, the memory names every concept in
+     its captions; the frozen backbone still never saw the unseen classes.
+   - ``strict``: on the seen-class pairs only, retrieving from the seen-only memory; the unseen classes
+     appear only at test time, in the swapped-in memory.
+4. The trained model is tested on the official test split with the full memory attached, next to the
+   frozen backbone, the training-free baselines over the same neighbours (``lookup``, ``mix``) and the
+   "training without retrieval" control (same fusion and recipe, every retrieved token masked).
 
 Every step is cached on disk and skipped when its output is already there.
 """
@@ -40,7 +44,9 @@ from reco_lightning.demo.fashion_mnist import (
 )
 
 __all__ = [
+    "DEFAULT_PROTOCOL",
     "GRID",
+    "PROTOCOLS",
     "DemoLayout",
     "class_groups",
     "discard_if_protocol_changed",
@@ -48,6 +54,7 @@ __all__ = [
     "run_config",
     "run_demo",
     "summarise",
+    "train_and_test",
 ]
 
 CONFIG = Path(__file__).resolve().parents[3] / "configs" / "demo.yaml"
@@ -89,8 +96,17 @@ class DemoLayout:
     def test(self) -> Path:
         return self.root / "test"
 
-    def run_dir(self, search: str, fusion: str) -> Path:
-        return self.root / "runs" / f"{search}-search_{fusion}-fusion"
+    @property
+    def memory_pairs(self) -> Path:
+        return self.root / "pairs" / "memory.csv"
+
+    @property
+    def memory_fraction(self) -> Path:
+        """A random tenth of memory_all: train with it, test with all of it (the paper's Fig. 3 middle)."""
+        return self.root / "memory_all_10pct"
+
+    def run_dir(self, protocol: str, name: str) -> Path:
+        return self.root / "runs" / protocol / name
 
 
 def prepare_demo(
@@ -165,11 +181,23 @@ def prepare_demo(
             trainer_kwargs=trainer,
             overwrite=True,
         )
+    memory = MemoryStore.open(layout.memory_all, load_indexes=False)
     if not (layout.memory_seen / "manifest.json").is_file():
-        memory = MemoryStore.open(layout.memory_all, load_indexes=False)
-        seen_rows = np.flatnonzero(np.isin(labels[np.asarray(memory.ids)], seen_classes))
-        memory.select(seen_rows, layout.memory_seen, overwrite=True)
+        pair_labels = _memory_labels(layout, np.asarray(memory.ids))
+        memory.select(np.flatnonzero(np.isin(pair_labels, seen_classes)), layout.memory_seen, overwrite=True)
+    if not (layout.memory_fraction / "manifest.json").is_file():
+        rows = np.sort(np.random.default_rng(seed + 2).permutation(len(memory))[: max(len(memory) // 10, 50)])
+        memory.select(rows, layout.memory_fraction, overwrite=True)
     return layout
+
+
+def _memory_labels(layout: DemoLayout, ids: np.ndarray) -> np.ndarray:
+    """Class label of each memory row, read from the memory's pair file by pair id."""
+    import csv
+
+    with open(layout.memory_pairs, newline="") as handle:
+        by_id = {int(row["id"]): int(row["label"]) for row in csv.DictReader(handle)}
+    return np.array([by_id[int(i)] for i in ids], dtype=np.int64)
 
 
 def discard_if_protocol_changed(layout: DemoLayout, protocol: dict[str, Any]) -> bool:
@@ -183,7 +211,7 @@ def discard_if_protocol_changed(layout: DemoLayout, protocol: dict[str, Any]) ->
     recorded = json.loads(layout.protocol.read_text()) if layout.protocol.is_file() else None
     if recorded == protocol:
         return False
-    for stale in (layout.memory_all, layout.memory_seen, layout.root / "cache"):
+    for stale in (layout.memory_all, layout.memory_seen, layout.memory_fraction, layout.root / "cache"):
         shutil.rmtree(stale, ignore_errors=True)
     layout.root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(layout.protocol, json.dumps(protocol, indent=2) + "\n")
@@ -198,68 +226,92 @@ def class_groups(seen_classes: tuple[int, ...]) -> dict[str, list[str]]:
     }
 
 
-#: Retrieval weights tried by :func:`calibrate_retrieved_skip` (the demo config's ``fusion_retrieved_skip``).
-CALIBRATION_WEIGHTS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+@dataclass(frozen=True)
+class Protocol:
+    """What the fusion trains on, and the validation rule its retrieval weights are calibrated by.
 
-
-def calibrate_retrieved_skip(
-    layout: DemoLayout,
-    search: str,
-    fusion: str,
-    seen_classes: tuple[int, ...] = DEFAULT_SEEN_CLASSES,
-    weights: tuple[float, ...] = CALIBRATION_WEIGHTS,
-    tolerance: float = 0.5,
-) -> dict[str, Any]:
-    """Pick ``fusion_retrieved_skip``: the largest weight that costs seen classes at most ``tolerance``
-    points of validation top-1 (0 when every weight costs more).
-
-    Why: the skip decides how far neighbours pull a query. A fusion trained on a few seen concepts cannot
-    learn that trade-off (its training memory never disagrees with the query), and at weight 1 neighbours
-    of a newly reachable concept outvote seen images' own image-text match (see fusion.py). So the weight
-    is set the way one deploys a memory: on held-out images of the concepts the model already knows (the
-    validation split's seen classes; never a test image, never an unseen-class label), with the deployment
-    memory (all classes) attached, keep the most retrieval that costs those images at most ``tolerance``
-    points (0.5: a margin for the noise of a 1,000-image validation set under the 1-point target). It is measured
-    on the untrained fusion, which is exactly "query + weight x mean of neighbours" (the learned branch
-    starts at zero), so no training run is needed per weight.
+    ``open`` (the paper's): the memory's own pairs and the memory itself, all 10 classes named in the
+    captions; weights picked for the best validation top-1 over all classes. ``strict``: seen-class pairs
+    and the seen-only memory; weights picked as the largest that costs the validation split's seen
+    classes at most 0.5 points (no unseen-class label is ever used).
     """
-    import yaml
 
-    from reco_lightning.callbacks import ClassificationSet, ZeroShotEvaluation
-    from reco_lightning.model import RecoModule
+    name: str
+    rule: str
+    metric: str
 
-    config = yaml.safe_load(run_config(layout, seen_classes).read_text())
-    model_args = {**config["model"], "memory": str(layout.memory_all), "search": search, "fusion": fusion}
-    model = RecoModule(**model_args)
-    model.setup("validate")
-    val_seen = ClassificationSet(
-        "calibration",
-        str(layout.val),
-        templates="fashion_mnist",
-        class_groups={"seen": class_groups(seen_classes)["seen"]},
+    def train_pairs(self, layout: DemoLayout) -> Path:
+        return layout.memory_pairs if self.name == "open" else layout.fusion_train
+
+    def train_memory(self, layout: DemoLayout) -> Path:
+        return layout.memory_all if self.name == "open" else layout.memory_seen
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    "open": Protocol("open", rule="max", metric="top1"),
+    "strict": Protocol("strict", rule="keep", metric="top1_seen"),
+}
+DEFAULT_PROTOCOL = "open"
+CALIBRATION_TOLERANCE = 0.5
+
+
+def _validation_set(layout: DemoLayout, seen_classes: tuple[int, ...]) -> Any:
+    from reco_lightning.callbacks import ClassificationSet
+
+    return ClassificationSet(
+        "calibration", str(layout.val), templates="fashion_mnist", class_groups=class_groups(seen_classes)
     )
 
-    def seen_top1_of(setting: str) -> float:
-        report, _ = ZeroShotEvaluation(classification=[val_seen], settings=[setting]).evaluate(model)
-        return report.rows[0].metrics["top1_seen"]
 
-    clip_seen = seen_top1_of("clip")
-    seen_top1: dict[float, float] = {}
-    for weight in weights:
-        for side in (model.image_fusion, model.text_fusion):
-            side.retrieved_skip = float(weight)
-        seen_top1[weight] = seen_top1_of("reco")
-    allowed = [w for w in weights if seen_top1[w] >= clip_seen - tolerance]
-    chosen = max(allowed) if allowed else 0.0
-    return {"clip_seen": clip_seen, "reco_seen": seen_top1, "tolerance": tolerance, "chosen": chosen}
+def _untrained_model(config: Path, memory: Path, **overrides: Any) -> Any:
+    import yaml
+
+    from reco_lightning.model import RecoModule
+
+    model_args = {**yaml.safe_load(config.read_text())["model"], "memory": str(memory), **overrides}
+    model = RecoModule(**model_args)
+    model.setup("validate")
+    return model
 
 
-def run_config(layout: DemoLayout, seen_classes: tuple[int, ...] = DEFAULT_SEEN_CLASSES) -> Path:
-    """configs/demo.yaml with every ``artifacts/demo`` path rooted at this run's directory and the
-    evaluation's class groups set to this run's split.
+def calibrate_weight(
+    layout: DemoLayout,
+    parameter: str,
+    protocol: Protocol,
+    seen_classes: tuple[int, ...] = DEFAULT_SEEN_CLASSES,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """``mix_alpha`` or ``fusion_retrieved_skip`` by the protocol's rule on the validation split, with
+    the deployment memory (all classes) attached (see reco_lightning.calibration).
 
-    For the default root and split this is configs/demo.yaml itself; other runs (other seeds or splits, the
-    CI slice) get their own copy, so no path or group in the file points at another run.
+    ``fusion_retrieved_skip`` is measured on the untrained fusion, which is exactly "query + weight x mean
+    of neighbours" (its learned branch starts at zero), so no training run is needed per weight."""
+    from reco_lightning.calibration import calibrate
+
+    model = _untrained_model(run_config(layout, seen_classes, protocol.name), layout.memory_all, **overrides)
+    return calibrate(
+        model,
+        _validation_set(layout, seen_classes),
+        parameter,
+        rule=protocol.rule,  # type: ignore[arg-type]
+        metric=protocol.metric,
+        tolerance=CALIBRATION_TOLERANCE,
+        batch_size=512,
+    )
+
+
+def run_config(
+    layout: DemoLayout,
+    seen_classes: tuple[int, ...] = DEFAULT_SEEN_CLASSES,
+    protocol: str = DEFAULT_PROTOCOL,
+    mix_alpha: float | None = None,
+) -> Path:
+    """configs/demo.yaml (the open protocol) adapted to one run: every ``artifacts/demo`` path rooted at
+    this run's directory, the evaluation's class groups set to its split, the strict protocol's training
+    pairs, memory and checkpoint metric, and the calibrated ``mix_alpha``.
+
+    For the default root, split and protocol this is configs/demo.yaml itself; every other run gets its own
+    copy, so no path or group in the file points at another run.
     """
     import yaml
 
@@ -267,65 +319,58 @@ def run_config(layout: DemoLayout, seen_classes: tuple[int, ...] = DEFAULT_SEEN_
     default_root = layout.root.resolve() == (Path.cwd() / "artifacts" / "demo").resolve()
     config = yaml.safe_load(text.replace("artifacts/demo/", f"{layout.root}/"))
     groups = class_groups(tuple(seen_classes))
-    same_groups = True
+    unchanged = default_root and protocol == DEFAULT_PROTOCOL and mix_alpha is None
     for callback in config.get("trainer", {}).get("callbacks", []):
-        for dataset in callback.get("init_args", {}).get("classification", []):
+        init = callback.get("init_args", {})
+        for dataset in init.get("classification", []):
             if "class_groups" in dataset:
-                same_groups &= dataset["class_groups"] == groups
+                unchanged &= dataset["class_groups"] == groups
                 dataset["class_groups"] = {name: list(names) for name, names in groups.items()}
-    if default_root and same_groups:
+        if mix_alpha is not None and "mix_alpha" in init:
+            init["mix_alpha"] = float(mix_alpha)
+        if protocol == "strict" and "monitor" in init:
+            init["monitor"] = init["monitor"].rsplit("/", 1)[0] + "/" + PROTOCOLS["strict"].metric
+    if protocol == "strict":
+        config["model"]["memory"] = str(layout.memory_seen)
+        config["data"]["init_args"]["train"] = str(layout.fusion_train)
+    if unchanged:
         return CONFIG
-    path = layout.root / "demo.yaml"
+    suffix = "" if protocol == DEFAULT_PROTOCOL else f"_{protocol}"
+    path = layout.root / f"demo{suffix}.yaml"
     layout.root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, yaml.safe_dump(config, sort_keys=False))
     return path
 
 
-def _cli_args(
-    layout: DemoLayout,
-    search: str,
-    fusion: str,
-    seed: int,
-    extra: list[str],
-    seen_classes: tuple[int, ...] = DEFAULT_SEEN_CLASSES,
-) -> list[str]:
-    return [
-        "--config", str(run_config(layout, seen_classes)),
-        f"--seed_everything={seed}",
-        f"--model.search={search}",
-        f"--model.fusion={fusion}",
-        f"--data.init_args.feature_cache={layout.root / 'cache' / search}",
-        f"--trainer.default_root_dir={layout.run_dir(search, fusion)}",
-        *extra,
-    ]  # fmt: skip
-
-
 def train_and_test(
     layout: DemoLayout,
-    search: str,
-    fusion: str,
+    name: str,
+    protocol: Protocol,
+    config: Path,
+    model_args: dict[str, Any],
     seed: int = 0,
     extra: list[str] | None = None,
-    seen_classes: tuple[int, ...] = DEFAULT_SEEN_CLASSES,
-    calibrate: bool = True,
+    train_memory: Path | None = None,
 ) -> dict:
-    """`reco cache` + `reco fit` + `reco test` (full memory swapped in) for one grid setting; returns the
-    test report, with the :func:`calibrate_retrieved_skip` result under "calibration" when it ran.
-
-    Calibration is skipped when ``calibrate`` is False or ``extra`` sets ``--model.fusion_retrieved_skip``.
-    """
+    """`reco cache` + `reco fit` + `reco test` (the all-class memory attached) of one run; returns the
+    test report. ``model_args`` are ``--model.*`` settings of this run (search, fusion, weights...)."""
     from reco_lightning.cli import main
 
-    extra = list(extra or [])
-    run_dir = layout.run_dir(search, fusion)
+    run_dir = layout.run_dir(protocol.name, name)
     shutil.rmtree(run_dir, ignore_errors=True)
-    calibration = None
-    if calibrate and not any(a.startswith("--model.fusion_retrieved_skip") for a in extra):
-        calibration = calibrate_retrieved_skip(layout, search, fusion, seen_classes)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "calibration.json", json.dumps(calibration, indent=2) + "\n")
-        extra = [f"--model.fusion_retrieved_skip={calibration['chosen']}", *extra]
-    args = _cli_args(layout, search, fusion, seed, extra, seen_classes)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    memory = train_memory or protocol.train_memory(layout)
+    cache = layout.root / "cache" / protocol.name / f"{memory.name}_{model_args.get('search', 'uni')}"
+    args = [
+        "--config", str(config),
+        f"--seed_everything={seed}",
+        f"--model.memory={memory}",
+        f"--data.init_args.train={protocol.train_pairs(layout)}",
+        f"--data.init_args.feature_cache={cache}",
+        f"--trainer.default_root_dir={run_dir}",
+        *[f"--model.{key}={value}" for key, value in model_args.items()],
+        *(extra or []),
+    ]  # fmt: skip
     main(["cache", *args])
     main(["fit", *args])
     best = sorted(run_dir.rglob("best*.ckpt")) or sorted(run_dir.rglob("last.ckpt"))
@@ -339,49 +384,55 @@ def train_and_test(
             f"--trainer.default_root_dir={test_dir}",
         ]
     )
-    report = json.loads(next(test_dir.rglob("zeroshot_report.json")).read_text())
-    if calibration is not None:
-        report["calibration"] = calibration
-    return report
+    return json.loads(next(test_dir.rglob("zeroshot_report.json")).read_text())
 
 
-def summarise(
-    reports: dict[tuple[str, str], dict], dataset: str = "fashion_mnist_test"
-) -> dict[str, dict[str, float]]:
-    """{"clip": {...}, "reco[uni-search,cross-fusion]": {...}, ...}: seen / unseen / all top-1, the
-    percent of seen-class images predicted as an unseen class, and each RECO row's calibrated
-    ``retrieved_skip`` when it was calibrated."""
+#: report rows of a demo run, in table order
+BASELINES = ("clip", "lookup", "mix")
+HEADLINE = "reco"
+MEMORY_FRACTION_ROW = "reco, trained with 10% of the memory"
+
+
+def _grid_row(search: str, fusion: str) -> str:
+    return f"reco[{search}-search,{fusion}-fusion]"
+
+
+def _metrics(row: dict[str, Any]) -> dict[str, float]:
+    m = row["metrics"]
+    return {
+        "seen": m["top1_seen"],
+        "unseen": m["top1_unseen"],
+        "all": m["top1"],
+        "seen_to_unseen": m["seen_to_unseen"],
+    }
+
+
+def summarise(reports: dict[str, dict], dataset: str = "fashion_mnist_test") -> dict[str, dict[str, float]]:
+    """{"clip", "lookup", "mix", "control", "reco", grid rows...: {seen, unseen, all, seen_to_unseen}}
+    (top-1 in percent) from the test reports of one protocol's runs (keyed by run name)."""
     rows: dict[str, dict[str, float]] = {}
-    for (search, fusion), report in reports.items():
-        for row in report["rows"]:
-            if row["dataset"] != dataset:
-                continue
-            m = {
-                "seen": row["metrics"]["top1_seen"],
-                "unseen": row["metrics"]["top1_unseen"],
-                "all": row["metrics"]["top1"],
-                "seen_to_unseen": row["metrics"]["seen_to_unseen"],
-            }
-            if row["setting"] == "clip":
-                rows.setdefault("clip", m)
-            elif row["setting"] == "reco":
-                if "calibration" in report:
-                    m["retrieved_skip"] = report["calibration"]["chosen"]
-                rows[f"reco[{search}-search,{fusion}-fusion]"] = m
-    return rows
+    headline = _grid_row(*GRID[0])
+    for run, report in reports.items():
+        by_setting = {r["setting"]: r for r in report["rows"] if r["dataset"] == dataset}
+        if run == headline:
+            for setting in BASELINES:
+                if setting in by_setting:
+                    rows[setting] = _metrics(by_setting[setting])
+            rows[HEADLINE] = _metrics(by_setting["reco"])
+        else:
+            rows[run] = _metrics(by_setting["reco"])
+    order = [*BASELINES, "control", HEADLINE]
+    return {name: rows[name] for name in [*order, *sorted(set(rows) - set(order))] if name in rows}
 
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:
     lines = [
-        "| model | seen top-1 | unseen top-1 | all top-1 | seen images sent to an unseen class "
-        "| retrieval weight |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| model | seen top-1 | unseen top-1 | all top-1 | seen images sent to an unseen class |",
+        "|---|---:|---:|---:|---:|",
     ]
     for name, m in rows.items():
-        weight = f"{m['retrieved_skip']:.1f}" if "retrieved_skip" in m else "-"
         lines.append(
-            f"| {name} | {m['seen']:.2f} | {m['unseen']:.2f} | {m['all']:.2f} | {m['seen_to_unseen']:.2f} "
-            f"| {weight} |"
+            f"| {name} | {m['seen']:.2f} | {m['unseen']:.2f} | {m['all']:.2f} | {m['seen_to_unseen']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -395,36 +446,66 @@ def run_demo(
     extra: list[str] | None = None,
     seen_classes: tuple[int, ...] = DEFAULT_SEEN_CLASSES,
     calibrate: bool = True,
+    protocol: str = DEFAULT_PROTOCOL,
+    memory_fraction: bool = True,
 ) -> dict[str, Any]:
-    """Prepare, then train and test the paper's setting (and the grid); print and save the summary.
+    """Prepare, calibrate, then train and test RECO (and the grid), the control and, with
+    ``memory_fraction``, RECO trained with 10% of the memory; print and save the summary.
 
-    ``calibrate``: set each setting's retrieval weight with :func:`calibrate_retrieved_skip` (otherwise
-    the config's ``fusion_retrieved_skip``)."""
+    ``calibrate``: set ``mix_alpha`` and each setting's ``fusion_retrieved_skip`` by the protocol's
+    validation rule (otherwise the config's values)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown demo protocol {protocol!r}: use one of {sorted(PROTOCOLS)}")
     start = time.time()
+    chosen = PROTOCOLS[protocol]
     seen_classes = tuple(sorted(seen_classes))
     layout = prepare_demo(root, data_root=data_root, seed=seed, limit=limit, seen_classes=seen_classes)
-    settings = GRID if grid else GRID[:1]
-    reports = {
-        setting: train_and_test(
-            layout, *setting, seed=seed, extra=extra, seen_classes=seen_classes, calibrate=calibrate
-        )
-        for setting in settings
-    }
+    calibration: dict[str, Any] = {}
+    mix_alpha = None
+    if calibrate:
+        calibration["mix_alpha"] = calibrate_weight(layout, "mix_alpha", chosen, seen_classes)
+        mix_alpha = calibration["mix_alpha"]["chosen"]
+    config = run_config(layout, seen_classes, protocol, mix_alpha)
+    runs: dict[str, dict[str, Any]] = {}
+    for search, fusion in GRID if grid else GRID[:1]:
+        runs[_grid_row(search, fusion)] = {"search": search, "fusion": fusion}
+    runs["control"] = {"mask_retrieved": True}
+    reports: dict[str, dict] = {}
+    for name, model_args in runs.items():
+        if calibrate and not model_args.get("mask_retrieved"):
+            result = calibrate_weight(layout, "fusion_retrieved_skip", chosen, seen_classes, **model_args)
+            calibration[name] = result
+            model_args = {**model_args, "fusion_retrieved_skip": result["chosen"]}
+        reports[name] = train_and_test(layout, name, chosen, config, model_args, seed, extra)
     rows = summarise(reports)
+    if memory_fraction and protocol == "open":  # the paper's Fig. 3 middle; a strict tenth would be seen-only
+        headline = _grid_row(*GRID[0])
+        model_args = {"search": GRID[0][0], "fusion": GRID[0][1]}
+        if headline in calibration:
+            model_args["fusion_retrieved_skip"] = calibration[headline]["chosen"]
+        report = train_and_test(
+            layout, "memory_10pct", chosen, config, model_args, seed, extra, layout.memory_fraction
+        )
+        rows[MEMORY_FRACTION_ROW] = summarise({"fraction": report})["fraction"]
     result = {
         "seed": seed,
         "limit": limit,
+        "protocol": protocol,
         "split": split_name(seen_classes),
         "seen_classes": class_groups(seen_classes)["seen"],
         "seconds": round(time.time() - start, 1),
+        "calibration": {
+            name: {"chosen": c["chosen"], "values": c["values"]} for name, c in calibration.items()
+        },
         "top1": rows,
     }
     table = format_table(rows)
-    atomic_write_text(layout.root / "demo_results.json", json.dumps(result, indent=2) + "\n")
-    atomic_write_text(layout.root / "demo_results.md", table)
+    atomic_write_text(layout.root / f"demo_results_{protocol}.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(layout.root / f"demo_results_{protocol}.md", table)
+    weights = ", ".join(f"{name} {c['chosen']:.1f}" for name, c in calibration.items())
     print(
-        f"\nRECO demo (Fashion-MNIST test split; split {result['split']!r}, unseen classes "
-        f"{class_groups(seen_classes)['unseen']} absent from the backbone's pre-training), "
-        f"{result['seconds']:.0f} s:\n{table}"
+        f"\nRECO demo (Fashion-MNIST test split; protocol {protocol!r}, split {result['split']!r}, unseen "
+        f"classes {class_groups(seen_classes)['unseen']} absent from the backbone's pre-training), "
+        f"{result['seconds']:.0f} s; calibrated weights: {weights or 'none (config values)'}\n{table}"
     )
     return result

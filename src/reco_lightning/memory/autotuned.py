@@ -38,6 +38,8 @@ class AutofaissBackend(MemoryBackend):
     ``nprobe`` overrides the tuned probe count where the chosen index has inverted lists.
     """
 
+    search_args = frozenset({"nprobe", "index_param"})
+
     def __init__(
         self,
         dim: int,

@@ -9,9 +9,11 @@ can plug in their own by subclassing and pointing the YAML at their class.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 import tempfile
+import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
@@ -19,6 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from reco_lightning.atomic import atomic_write_text
+from reco_lightning.errors import RecoError
 
 __all__ = [
     "BACKENDS",
@@ -30,11 +33,15 @@ __all__ = [
 ]
 
 
-class RecoMemoryError(RuntimeError):
+class RecoMemoryError(RecoError, RuntimeError):
     """Raised for any memory that cannot be built, opened or searched; the message names the file and the fix."""
 
 
 BACKENDS: dict[str, type[MemoryBackend]] = {}
+
+# (backend class, ignored names) already warned about: a memory opens two indexes, and one config may open
+# many memories; the user needs to read it once.
+_WARNED_IGNORED: set[tuple[type, tuple[str, ...]]] = set()
 
 
 def register_backend(name: str):
@@ -89,6 +96,9 @@ class MemoryBackend(ABC):
     """
 
     name: ClassVar[str] = "base"
+    #: Constructor arguments that only change how a built index is searched, so ``load`` (and a model's
+    #: ``memory_search_params``) may override them. ``None``: every keyword argument of ``__init__``.
+    search_args: ClassVar[frozenset[str] | None] = None
 
     def __init__(self, dim: int) -> None:
         if dim <= 0:
@@ -192,7 +202,9 @@ class MemoryBackend(ABC):
         except json.JSONDecodeError as err:
             raise RecoMemoryError(f"corrupt {meta_path}: {err}; rebuild the memory") from err
         klass = backend_class(meta["class_path"]) if cls is MemoryBackend else cls
-        backend = klass(dim=meta["dim"], **{**meta.get("init_args", {}), **overrides})
+        backend = klass(
+            dim=meta["dim"], **{**meta.get("init_args", {}), **klass.usable_search_args(overrides)}
+        )
         try:
             backend._load_index(index_path)
         except Exception as err:  # faiss raises RuntimeError with C++ text on truncated files
@@ -204,6 +216,29 @@ class MemoryBackend(ABC):
                 f"{index_path} holds {backend.ntotal} vectors but {meta_path} records {meta['ntotal']}: rebuild it"
             )
         return backend
+
+    @classmethod
+    def usable_search_args(cls, overrides: dict[str, Any]) -> dict[str, Any]:
+        """The ``overrides`` this backend understands; the rest are dropped with one warning per process.
+
+        Why: one config's ``memory_search_params`` (e.g. ``{nprobe: 64}``) must open an exact memory as
+        well as an IVF one, so a memory swap never needs a config edit.
+        """
+        known = cls.search_args
+        if known is None:
+            params = inspect.signature(cls.__init__).parameters.values()
+            if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+                return dict(overrides)
+            known = frozenset(p.name for p in params if p.name not in ("self", "dim"))
+        ignored = tuple(sorted(set(overrides) - known))
+        if ignored and (cls, ignored) not in _WARNED_IGNORED:
+            _WARNED_IGNORED.add((cls, ignored))
+            warnings.warn(
+                f"memory search params {list(ignored)} ignored: the {cls.name!r} backend ({cls.__qualname__}) "
+                f"understands {sorted(known) or 'none'}",
+                stacklevel=3,
+            )
+        return {key: value for key, value in overrides.items() if key in known}
 
     # --- helpers --------------------------------------------------------------------------------------
     def _check(self, x: np.ndarray, what: str) -> np.ndarray:

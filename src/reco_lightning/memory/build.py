@@ -24,7 +24,11 @@ from reco_lightning.encoders import FrozenCLIP
 from reco_lightning.memory.base import RecoMemoryError
 from reco_lightning.memory.store import finish_memory, write_metadata
 
-__all__ = ["EncoderModule", "build_memory"]
+__all__ = ["BAD_KEYS_KEPT", "EncoderModule", "build_memory"]
+
+#: Keys of bad samples recorded in the manifest (and printed by `reco memory build`), so a user can look
+#: at a few of them; the count covers them all.
+BAD_KEYS_KEPT = 5
 
 
 class EncoderModule(pl.LightningModule):
@@ -46,6 +50,7 @@ class EncoderModule(pl.LightningModule):
             "key": batch["key"],
             "caption": batch["caption"],
             "bad": len(batch["bad_keys"]),
+            "bad_keys": tuple(batch["bad_keys"][:BAD_KEYS_KEPT]),  # a tuple: per chunk, not per row
             "image": image,
             "text": text,
         }
@@ -87,13 +92,14 @@ def build_memory(
         "rows": total,
         "chunk_size": chunk_size,
         "fingerprint": module.backbone.fingerprint,
+        "id_scheme": pairs.id_scheme,  # chunks hold ids: a resume must not mix two schemes
     }
     collator = PairCollator(module.backbone.processor, module.backbone.max_text_length)
     files, trainer = predict_in_chunks(
         module, pairs, work, plan, collator, chunk_size, batch_size, num_workers, trainer_kwargs
     )
     if trainer.global_rank == 0:
-        _assemble(work, files, module.backbone.fingerprint, backend, train_size, str(source))
+        _assemble(work, files, module.backbone.fingerprint, backend, train_size, str(source), pairs.id_scheme)
         replace_directory(work, out)
     trainer.strategy.barrier()
     return out
@@ -106,12 +112,14 @@ def _assemble(
     backend: Any,
     train_size: int | None,
     source: str,
+    id_scheme: str | None = None,
 ) -> None:
     """Concatenate chunk files into the store's row-aligned arrays, then index; the manifest goes last."""
-    counts, bad = [], 0
+    counts, bad, bad_keys = [], 0, []
     for chunk in iter_chunks(files):
         counts.append(len(chunk["id"]))
         bad += chunk["bad"]
+        bad_keys.extend(chunk.get("bad_keys", ())[: BAD_KEYS_KEPT - len(bad_keys)])
     kept, dim = sum(counts), int(fingerprint["dim"])
     image = np.lib.format.open_memmap(work / "image_emb.npy", mode="w+", dtype=np.float16, shape=(kept, dim))
     text = np.lib.format.open_memmap(work / "text_emb.npy", mode="w+", dtype=np.float16, shape=(kept, dim))
@@ -133,5 +141,10 @@ def _assemble(
     del image, text, ids
     clear_work(work)
     finish_memory(
-        work, backend, fingerprint, f"{source} ({kept} pairs, {bad} bad samples skipped)", train_size
+        work,
+        backend,
+        fingerprint,
+        f"{source} ({kept} pairs, {bad} bad samples skipped)",
+        train_size,
+        extra={"bad_samples": bad, "bad_keys": bad_keys, "id_scheme": id_scheme},
     )

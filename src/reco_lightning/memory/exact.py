@@ -25,6 +25,8 @@ BLOCK_QUERIES = 4096
 class ExactBackend(MemoryBackend):
     """Brute-force search; 4 bytes x dim per vector, recall 1.0, cost linear in the memory size."""
 
+    search_args = frozenset()
+
     def __init__(self, dim: int) -> None:
         super().__init__(dim)
         self.index: faiss.Index = faiss.IndexFlatIP(self.dim)

@@ -6,7 +6,7 @@ import warnings
 
 import faiss
 
-__all__ = ["faiss_num_gpus", "index_to_cpu", "index_to_gpu"]
+__all__ = ["cloner_settings", "faiss_num_gpus", "index_to_cpu", "index_to_gpu"]
 
 _warned = False
 
@@ -33,10 +33,29 @@ def index_to_gpu(index: faiss.Index, device: int | None) -> faiss.Index:
         return index
     resources = faiss.StandardGpuResources()
     options = faiss.GpuClonerOptions()
-    options.useFloat16 = True  # halves GPU memory for flat/IVF codes; scores stay within fp16 rounding
+    for name, value in cloner_settings(index).items():
+        setattr(options, name, value)
     gpu_index = faiss.index_cpu_to_gpu(resources, int(device), index, options)
     gpu_index.reco_resources = resources  # keep the resources alive as long as the index
     return gpu_index
+
+
+def cloner_settings(index: faiss.Index) -> dict[str, bool]:
+    """``GpuClonerOptions`` fields for ``index``: fp16 only where the index is an approximation anyway.
+
+    faiss's ``useFloat16`` stores a flat index's vectors in fp16 (the exact backend would no longer be
+    exact) but, for IVF-PQ, only makes the PQ distance lookup tables fp16, which the codes' error already
+    dwarfs. The coarse quantizer stays fp32 in every case, so the lists probed do not change.
+    """
+    return {"useFloat16": _has_ivfpq(index), "useFloat16CoarseQuantizer": False}
+
+
+def _has_ivfpq(index: faiss.Index) -> bool:
+    try:
+        ivf = faiss.extract_index_ivf(index)  # looks through pre-transforms (OPQ) and wrappers
+    except RuntimeError:  # no inverted lists: flat, HNSW, ...
+        return False
+    return isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQ)
 
 
 def index_to_cpu(index: faiss.Index) -> faiss.Index:

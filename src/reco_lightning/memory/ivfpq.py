@@ -33,6 +33,8 @@ class IVFPQBackend(MemoryBackend):
     knobs that ``MemoryBackend.load(dir, nprobe=..., rerank=...)`` may change without rebuilding.
     """
 
+    search_args = frozenset({"nprobe", "rerank"})
+
     def __init__(
         self, dim: int, nlist: int = 1024, m: int = 64, nbits: int = 8, nprobe: int = 32, rerank: int = 0
     ) -> None:

@@ -126,8 +126,13 @@ class MemoryStore:
         source: str = "arrays",
         train_size: int | None = 100_000,
         overwrite: bool = False,
+        id_scheme: str | None = None,
     ) -> Path:
-        """Write a complete memory directory atomically and return its path."""
+        """Write a complete memory directory atomically and return its path.
+
+        ``id_scheme`` records where ``ids`` come from (``PairSource.id_scheme``): training checks a source's
+        ids can be compared with the memory's before excluding a pair's own row by id.
+        """
         path = Path(path)
         if path.exists() and not overwrite:
             raise RecoMemoryError(f"memory {path} already exists: choose another path or pass overwrite=True")
@@ -138,7 +143,7 @@ class MemoryStore:
             np.save(tmp / "text_emb.npy", text.astype(np.float16))
             np.save(tmp / "ids.npy", ids)
             write_metadata(tmp / "metadata.parquet", ids, captions, keys)
-            finish_memory(tmp, backend, fingerprint, source, train_size)
+            finish_memory(tmp, backend, fingerprint, source, train_size, extra={"id_scheme": id_scheme})
             replace_directory(tmp, path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -178,6 +183,7 @@ class MemoryStore:
             fingerprint=first,
             source="concat:" + ",".join(str(s.path) for s in stores),
             overwrite=overwrite,
+            id_scheme=_common({s.manifest.get("id_scheme") for s in stores}),
         )
 
     def select(
@@ -205,6 +211,7 @@ class MemoryStore:
             fingerprint=self.fingerprint,
             source=f"select:{self.path} ({len(rows)} of {len(self)} rows)",
             overwrite=overwrite,
+            id_scheme=self.manifest.get("id_scheme"),
         )
 
     @classmethod
@@ -308,8 +315,12 @@ def finish_memory(
     fingerprint: dict[str, Any] | None,
     source: str,
     train_size: int | None = 100_000,
+    extra: dict[str, Any] | None = None,
 ) -> None:
-    """Index the embeddings already in ``directory`` and write the manifest last (it marks completion)."""
+    """Index the embeddings already in ``directory`` and write the manifest last (it marks completion).
+
+    ``extra`` adds fields to the manifest (a build's bad-sample count and first keys).
+    """
     from tqdm.auto import tqdm
 
     count = dim = 0
@@ -325,9 +336,8 @@ def finish_memory(
         index.build(rows, train_size=train_size)
         index.save(directory / f"index_{modality}")
         spec = index.spec()
-    atomic_write_text(
-        directory / "manifest.json", json.dumps(_manifest(count, dim, fingerprint, spec, source), indent=2)
-    )
+    manifest = {**_manifest(count, dim, fingerprint, spec, source), **(extra or {})}
+    atomic_write_text(directory / "manifest.json", json.dumps(manifest, indent=2))
 
 
 def _manifest(
@@ -372,9 +382,10 @@ def _open_array(path: Path, dtype: type, shape: tuple[int, ...]) -> np.ndarray:
         raise RecoMemoryError(f"missing memory file {path}: the memory is incomplete, rebuild it")
     try:
         array = np.load(path, mmap_mode="r")
-    except ValueError as err:  # numpy: "mmap length is greater than file size" on truncated files
+    except Exception as err:  # EOFError (0 bytes), ValueError (bad header, short data), OSError, ...
         raise RecoMemoryError(
-            f"cannot map {path} ({err}): the file is truncated, rebuild the memory"
+            f"cannot read {path} ({type(err).__name__}: {err}): the file is empty, truncated or corrupt, "
+            "rebuild the memory"
         ) from err
     if array.shape != shape or array.dtype != dtype:
         raise RecoMemoryError(
@@ -397,6 +408,11 @@ def _check_metadata(path: Path, count: int) -> None:
         ) from err
     if rows != count:
         raise RecoMemoryError(f"{path} has {rows} rows but the manifest says {count}: rebuild the memory")
+
+
+def _common(values: set[Any]) -> Any:
+    """The one value all members share, else None (memories with different id schemes have none)."""
+    return next(iter(values)) if len(values) == 1 else None
 
 
 def _parent(path: Path) -> Path:

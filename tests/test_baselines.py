@@ -1,0 +1,134 @@
+"""The training-free baselines (lookup, mix) and the calibration rules, against hand computations."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reco_lightning.baselines import lookup, mix, neighbour_mean
+from reco_lightning.calibration import calibrate, choose
+from reco_lightning.callbacks import ClassificationSet, ZeroShotEvaluation
+from reco_lightning.model import RecoModule
+from reco_lightning.retrieval import Neighbours
+
+
+def _neighbours() -> Neighbours:
+    emb = torch.tensor([[[1.0, 0, 0], [0, 1, 0], [0, 0, 1]], [[0, 1, 0], [5, 5, 5], [0, 0, 0]]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    scores = torch.tensor([[0.9, 0.5, 0.1], [0.3, 0.0, 0.0]])
+    return Neighbours(embeddings=emb, mask=mask, rows=torch.zeros(2, 3, dtype=torch.long), scores=scores)
+
+
+def test_neighbour_mean_reads_valid_neighbours_only():
+    mean = neighbour_mean(_neighbours())
+    assert torch.allclose(mean, torch.tensor([[0.5, 0.5, 0], [0, 1, 0]]))
+
+
+def test_similarity_weighted_lookup_is_a_softmax_over_scores():
+    weighted = neighbour_mean(_neighbours(), temperature=0.1)
+    w = torch.softmax(torch.tensor([9.0, 5.0]), 0)
+    assert torch.allclose(weighted[0], torch.tensor([w[0], w[1], 0]), atol=1e-6)
+    assert torch.allclose(lookup(_neighbours()), F.normalize(torch.tensor([[1.0, 1, 0], [0, 1, 0]]), dim=-1))
+    with pytest.raises(ValueError, match="temperature"):
+        neighbour_mean(_neighbours(), temperature=0.0)
+
+
+def test_mix_keeps_the_query_and_adds_alpha_times_the_mean():
+    query = torch.tensor([[0.0, 0, 1], [1, 0, 0]])
+    got = mix(query, _neighbours(), alpha=2.0)
+    assert torch.allclose(got, F.normalize(torch.tensor([[1.0, 1, 1], [1, 2, 0]]), dim=-1))
+    assert torch.allclose(mix(query, _neighbours(), alpha=0.0), query)
+
+
+def test_choose_rules():
+    scores = {0.1: 50.0, 0.5: 60.0, 1.0: 60.0, 2.0: 40.0}
+    assert choose(scores, "max") == 0.5  # ties: the weight that trusts the memory less
+    assert choose(scores, "keep", reference=55.0, tolerance=0.5) == 1.0
+    assert choose(scores, "keep", reference=70.0) == 0.0
+    with pytest.raises(ValueError, match="unknown calibration rule"):
+        choose(scores, "best")
+
+
+@pytest.fixture(scope="module")
+def module(tiny_dir):
+    torch.manual_seed(0)
+    m = RecoModule(
+        backbone=str(tiny_dir / "clip"),
+        memory=str(tiny_dir / "memory"),
+        k=4,
+        fusion_heads=4,
+        fusion_residual=True,
+        fusion_retrieved_skip=0.5,
+    )
+    m.setup("test")
+    return m.eval()
+
+
+def _shapes(tiny_dir) -> ClassificationSet:
+    return ClassificationSet("shapes", str(tiny_dir / "zeroshot"), templates="clip_generic")
+
+
+def test_lookup_and_mix_rows_use_the_models_neighbours(module, tiny_dir):
+    """The report's baseline rows equal the baselines computed by hand from the same neighbours."""
+    from reco_lightning.data.zeroshot import ImageFolderClassification, load_templates
+    from reco_lightning.evaluation import build_class_embeddings, classification_metrics
+
+    evaluation = ZeroShotEvaluation(
+        classification=[_shapes(tiny_dir)], settings=["lookup", "mix"], mix_alpha=0.7
+    )
+    report, _ = evaluation.evaluate(module)
+    rows = {r.setting: r.metrics for r in report.rows}
+    data = ImageFolderClassification(tiny_dir / "zeroshot")
+    images, labels = zip(*[data[i] for i in range(len(data))], strict=True)
+    clip = module.backbone
+    v = clip.encode_images(clip.preprocess_images(images))
+    templates = load_templates("clip_generic")
+    frozen = build_class_embeddings(data.classnames, templates, clip.encode_captions)
+    looked = lookup(module.neighbours(v, "image"))
+    expected = classification_metrics(looked @ frozen.t(), torch.tensor(labels))
+    assert rows["lookup"]["top1"] == pytest.approx(expected["top1"])
+
+    def mixed_text(texts):
+        t = clip.encode_captions(texts)
+        return mix(t, module.neighbours(t, "text"), 0.7)
+
+    weights = build_class_embeddings(data.classnames, templates, mixed_text)
+    mixed = mix(v, module.neighbours(v, "image"), 0.7)
+    expected = classification_metrics(mixed @ weights.t(), torch.tensor(labels))
+    assert rows["mix"]["top1"] == pytest.approx(expected["top1"])
+
+
+def test_untrained_reco_with_skips_equals_mix(module, tiny_dir):
+    """RECO's untrained start (residual + retrieved_skip w) is the mix baseline at alpha = w."""
+    report, _ = ZeroShotEvaluation(
+        classification=[_shapes(tiny_dir)], settings=["reco", "mix"], mix_alpha=0.5
+    ).evaluate(module)
+    rows = {r.setting: r.metrics for r in report.rows}
+    assert rows["reco"]["top1"] == pytest.approx(rows["mix"]["top1"])
+
+
+def test_calibrate_sweeps_and_picks_by_rule(module, tiny_dir):
+    result = calibrate(module, _shapes(tiny_dir), "mix_alpha", values=(0.0, 0.5, 1.0), rule="max")
+    assert set(result["values"]) == {0.0, 0.5, 1.0}
+    assert result["chosen"] == choose(result["values"], "max")
+    assert result["values"][0.0] == pytest.approx(result["clip"]), "alpha 0 is the frozen model"
+    skip = calibrate(module, _shapes(tiny_dir), "fusion_retrieved_skip", values=(0.2, 0.4), rule="keep")
+    assert module.image_fusion.retrieved_skip == skip["chosen"] == module.hparams["fusion_retrieved_skip"]
+    module.image_fusion.retrieved_skip = module.text_fusion.retrieved_skip = 0.5
+    with pytest.raises(ValueError, match="cannot calibrate"):
+        calibrate(module, _shapes(tiny_dir), "k")
+    with pytest.raises(ValueError, match="metric 'top1_nope'"):
+        calibrate(module, _shapes(tiny_dir), "mix_alpha", values=(0.5,), metric="top1_nope")
+
+
+def test_control_reads_no_neighbours(tiny_dir):
+    """mask_retrieved: the paper's training-without-retrieval control; its output ignores the memory."""
+    torch.manual_seed(0)
+    control = RecoModule(
+        backbone=str(tiny_dir / "clip"), memory=None, k=4, fusion_heads=4, mask_retrieved=True
+    ).eval()
+    query = F.normalize(torch.randn(3, 32), dim=-1)
+    out = control.refine(query, "image")  # no memory attached: nothing is retrieved
+    blank = torch.zeros(3, 1, 32)
+    expected = control.image_fusion(query, blank, torch.zeros(3, 1, dtype=torch.bool))
+    assert torch.allclose(out, expected)
+    assert control.refine(query[:0], "text").shape == (0, 32)

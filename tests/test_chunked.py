@@ -1,0 +1,122 @@
+"""Chunked multi-rank prediction: no row lost or repeated when ranks finish at different times."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from reco_lightning.chunked import _merge_ranks
+from reco_lightning.memory import MemoryStore, RecoMemoryError
+
+
+def share(positions, bad=0):
+    positions = torch.tensor(positions, dtype=torch.long)
+    return {
+        "position": positions,
+        "value": positions * 10,
+        "key": [str(p) for p in positions.tolist()],
+        "bad": bad,
+    }
+
+
+def test_merge_needs_every_rank_of_this_run_and_every_row_once(tmp_path):
+    rank_dir, final = tmp_path / "000000.ranks", tmp_path / "000000.pt"
+    rank_dir.mkdir()
+    torch.save(share([0, 2, 4]), rank_dir / "rank0.pt")
+    with pytest.raises(
+        RecoMemoryError, match=r"merged 3 rows .* from 1 of 2 rank files, but the plan needs 6"
+    ):
+        _merge_ranks(rank_dir, final, world_size=2, window=(0, 6))
+    assert not final.exists() and rank_dir.is_dir()
+
+    torch.save(share([2, 5]), rank_dir / "rank1.pt")  # a repeated row, and row 3 missing
+    with pytest.raises(RecoMemoryError, match=r"merged 5 rows \(4 distinct\)"):
+        _merge_ranks(rank_dir, final, world_size=2, window=(0, 6))
+
+    torch.save(share([1, 5], bad=1), rank_dir / "rank1.pt")  # row 3 was a bad sample
+    torch.save(share([1, 3]), rank_dir / "rank2.pt")  # left by a killed run with 3 ranks: not ours
+    _merge_ranks(rank_dir, final, world_size=2, window=(0, 6))
+    merged = torch.load(final, weights_only=False)
+    assert merged["position"].tolist() == [0, 1, 2, 4, 5]
+    assert merged["value"].tolist() == [0, 10, 20, 40, 50] and merged["key"] == ["0", "1", "2", "4", "5"]
+    assert merged["bad"] == 1 and not rank_dir.exists()
+
+
+# Rank SLOW_RANK writes its share of every chunk SLOW_SECONDS late, as on a busy machine. A script file,
+# not `python -c`: Lightning's DDP launcher starts the other rank by re-running this command line.
+SLOW_RANK_BUILD = """
+import os, time
+from reco_lightning import chunked
+write = chunked._RankWriter.write_on_epoch_end
+def late_write(self, trainer, *args, **kwargs):
+    if trainer.global_rank == int(os.environ["SLOW_RANK"]):
+        time.sleep(float(os.environ["SLOW_SECONDS"]))
+    write(self, trainer, *args, **kwargs)
+chunked._RankWriter.write_on_epoch_end = late_write
+from reco_lightning.cli import main
+main()
+"""
+
+
+def test_two_ranks_with_a_slow_one_killed_and_resumed_equal_the_one_process_build(tmp_path, tiny_dir):
+    script = tmp_path / "slow_rank_build.py"
+    script.write_text(SLOW_RANK_BUILD)
+    out = tmp_path / "mem"
+    command = [
+        sys.executable,
+        str(script),
+        "memory",
+        "build",
+        *("--source", str(tiny_dir / "train.csv"), "--out", str(out), "--backbone", str(tiny_dir / "clip")),
+        *("--accelerator", "cpu", "--devices", "2", "--chunk_size", "48", "--batch_size", "16"),
+    ]
+    env = {**os.environ, "SLOW_RANK": "1", "SLOW_SECONDS": "1.5"}
+    chunks = tmp_path / ".mem.partial" / "chunks"  # 192 rows: 4 chunks of 48, 24 rows per rank each
+
+    killed = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    deadline = time.time() + 180
+    while not (chunks / "000001.pt").is_file() and time.time() < deadline and killed.poll() is None:
+        time.sleep(0.05)
+    os.killpg(killed.pid, signal.SIGKILL)  # both ranks, mid-chunk, no cleanup
+    _, err = killed.communicate()
+    done = sorted(p.name for p in chunks.glob("*.pt"))
+    assert done == ["000000.pt", "000001.pt"], (done, err.decode()[-3000:])
+
+    resumed = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        stdout, err = resumed.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(resumed.pid, signal.SIGKILL)
+        stdout, err = resumed.communicate()
+        pytest.fail(f"resumed 2-rank build hung:\n{err.decode()[-3000:]}")
+    assert resumed.returncode == 0, err.decode()[-3000:]
+    summary = [line for line in stdout.decode().splitlines() if "memory written to" in line]
+    assert summary == [f"memory written to {out}: 192 rows, 0 bad samples skipped"], "once, by rank 0"
+
+    built, reference = MemoryStore.open(out), MemoryStore.open(tiny_dir / "memory")  # 1 process, 1 run
+    assert np.array_equal(built.ids, reference.ids)
+    assert pq.read_table(out / "metadata.parquet").equals(
+        pq.read_table(tiny_dir / "memory" / "metadata.parquet")
+    )
+    for modality in ("image", "text"):
+        a, b = (
+            built.embeddings(modality).astype(np.float32),
+            reference.embeddings(modality).astype(np.float32),
+        )
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-3)
+    assert not (tmp_path / ".mem.partial").exists()
