@@ -50,6 +50,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py --out bench_out
 	$(BIN)/python benchmarks/streaming_ram.py --out bench_out
 	$(BIN)/python benchmarks/demo_accuracy.py --seeds 3 --out bench_out
+	$(BIN)/python benchmarks/fusion_ablations.py --root artifacts/demo --out bench_out
+	$(BIN)/python benchmarks/loss_memory.py --out bench_out
 
 clean:
 	rm -rf artifacts runs bench_out .pytest_cache

@@ -336,7 +336,7 @@ def phase_breakdown(
             if rows is not None:
                 neighbours = retriever.gather(rows, modality, emb.device)
             else:
-                neighbours = retriever(emb, modality, exclude_ids=ids)
+                neighbours = retriever(emb, modality, exclude_ids=ids, pair_images=v)
         with _phase(t, "fusion_forward"):
             refined[modality] = fusion(emb, neighbours.embeddings, neighbours.mask)
         if rows is None:

@@ -39,3 +39,34 @@ def write_shards(directory: Path, sizes: list[int], bad: set[int] = frozenset())
                     good.append(1000 + i)
                 i += 1
     return good
+
+
+DDP_SCRIPT = Path(__file__).parent / "scripts" / "ddp_stream.py"
+
+
+def run_ddp_stream(shards: Path, backbone: str, out: Path, timeout: float = 240) -> list[dict]:
+    """Run tests/scripts/ddp_stream.py (2 gloo processes, one epoch over ``shards``) and return each rank's
+    report; a hung run is killed with its whole process group and fails with its output."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import pytest
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    proc = subprocess.Popen(
+        [sys.executable, str(DDP_SCRIPT), str(shards), backbone, str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env=env,
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"DDP data run hung:\n{proc.communicate()[0][-3000:]}")
+    assert proc.returncode == 0, output[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]

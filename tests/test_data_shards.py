@@ -3,19 +3,14 @@ naming the shard, and every rank still derives the same number of batches (uneve
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import tarfile
 import warnings
 from pathlib import Path
 
 import pytest
 
-from helpers_data import write_shards
+from helpers_data import run_ddp_stream, write_shards
 from reco_lightning.data.pairs import PairStream, decode, open_source
-
-DDP_SCRIPT = Path(__file__).parent / "scripts" / "ddp_stream.py"
 
 
 def truncate_inside(shard: Path, member: int, into: int = 10) -> None:
@@ -153,22 +148,7 @@ def test_two_process_ddp_over_a_truncated_shard_and_stale_stats_stays_in_step(tm
     write_stats(shards / "00001.tar", 6)
     write_stats(shards / "00002.tar", 12)  # claims 3 more than the tar holds
     write_stats(shards / "00003.tar", 8, age_s=60)  # predates the tar: counted instead
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
-    proc = subprocess.Popen(
-        [sys.executable, str(DDP_SCRIPT), str(shards), tiny_backbone, str(tmp_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        env=env,
-    )
-    try:
-        output, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"DDP run over a damaged shard hung:\n{proc.communicate()[0][-3000:]}")
-    assert proc.returncode == 0, output[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    ranks = run_ddp_stream(shards, tiny_backbone, tmp_path)
     assert ranks[0]["batches"] == ranks[1]["batches"] > 0
     ids = ranks[0]["ids"] + ranks[1]["ids"]
     assert len(ids) == len(set(ids))

@@ -57,7 +57,7 @@ def test_cache_rows_match_live_search_with_exclusion(tiny_dir, cache):
     v, t = model.embed(batch)
     assert batch["id"].tolist() == ids[:64]
     for query, modality in ((v, "image"), (t, "text")):
-        live = model.retriever(query, modality, exclude_ids=batch["id"]).rows
+        live = model.retriever(query, modality, exclude_ids=batch["id"], pair_images=v).rows
         cached = torch.tensor(arrays[f"{modality}_neighbours"][:64])
         # same search; only exact float ties between candidates may order differently
         assert (live == cached).float().mean() >= 0.98

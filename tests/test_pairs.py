@@ -1,14 +1,7 @@
-import json
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-from helpers_data import write_shards
+from helpers_data import run_ddp_stream, write_shards
 from reco_lightning.data.pairs import (
     CsvSource,
     FolderSource,
@@ -118,27 +111,9 @@ def test_datamodule_loader_length_matches_what_it_yields(tiny_dir):
     assert len(loader) == len(batches) == 4 and sum(len(b["id"]) for b in batches) == 192
 
 
-DDP_SCRIPT = Path(__file__).parent / "scripts" / "ddp_stream.py"
-
-
 def test_two_process_ddp_gives_equal_batches_and_disjoint_pairs(tmp_path, tiny_backbone):
     good = write_shards(tmp_path / "shards", [9, 4, 13, 5], bad={2, 17})  # 31 pairs, 2 bad
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
-    proc = subprocess.Popen(
-        [sys.executable, str(DDP_SCRIPT), str(tmp_path / "shards"), tiny_backbone, str(tmp_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        env=env,
-    )
-    try:
-        output, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"DDP data run hung:\n{proc.communicate()[0][-3000:]}")
-    assert proc.returncode == 0, output[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    ranks = run_ddp_stream(tmp_path / "shards", tiny_backbone, tmp_path)
     assert ranks[0]["batches"] == ranks[1]["batches"] > 0
     ids = ranks[0]["ids"] + ranks[1]["ids"]
     assert len(ids) == len(set(ids)), "a pair was seen twice in an epoch"
