@@ -47,7 +47,7 @@ def aggregate(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, dict[str
 
 def table(result: dict) -> str:
     lines = [
-        f"| protocol | split (unseen classes) | row ({result['seeds']} seeds, mean ± std) "
+        "| protocol | split (unseen classes; seeds) | row (mean ± std over seeds) "
         "| seen top-1 | unseen top-1 | all top-1 | seen sent to unseen |",
         "|---|---|---|---:|---:|---:|---:|",
     ]
@@ -55,7 +55,8 @@ def table(result: dict) -> str:
         label_protocol = protocol + (" (default)" if protocol == result["default"]["protocol"] else "")
         for split, rows in body["splits"].items():
             unseen = ", ".join(class_groups(resolve_split(split))["unseen"])
-            label = f"{split} ({unseen})"
+            seeds = result.get("seeds_per_split", {}).get(protocol, {}).get(split, result["seeds"])
+            label = f"{split} ({unseen}; {seeds} seed{'s' if seeds > 1 else ''})"
             for row, m in rows.items():
                 cells = [f"{m[s]['mean']:.1f} ± {m[s]['std']:.1f}" for s in METRICS]
                 lines.append(f"| {label_protocol} | {label} | {row} | " + " | ".join(cells) + " |")
@@ -125,6 +126,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--from-json", default=None, help="only re-render the table, plot and README from a JSON"
     )
+    parser.add_argument(
+        "--collect",
+        action="store_true",
+        help="run nothing: aggregate the runs already in ARTIFACTS (demo_results_<protocol>.json of each root)",
+    )
     args = parser.parse_args(argv)
     if args.from_json:
         result = json.loads(Path(args.from_json).read_text())
@@ -140,22 +146,33 @@ def main(argv: list[str] | None = None) -> dict:
             per_seed, weights = [], []
             for seed in range(args.seeds):
                 suffix = ("" if name == DEFAULT_SPLIT else f"_{name}") + ("" if seed == 0 else f"_seed{seed}")
-                run = run_demo(
-                    Path(args.artifacts) / f"demo{suffix}",
-                    seed=seed,
-                    grid=protocol == DEFAULT_PROTOCOL,
-                    limit=args.limit,
-                    seen_classes=seen,
-                    protocol=protocol,
-                    memory_fraction=protocol == DEFAULT_PROTOCOL,
-                    extra=args.extra,
-                )
+                root = Path(args.artifacts) / f"demo{suffix}"
+                if args.collect:
+                    saved = root / f"demo_results_{protocol}.json"
+                    if not saved.is_file():
+                        print(f"{saved} missing: {protocol}/{name} seed {seed} not run")
+                        continue
+                    run = json.loads(saved.read_text())
+                else:
+                    run = run_demo(
+                        root,
+                        seed=seed,
+                        grid=protocol == DEFAULT_PROTOCOL,
+                        limit=args.limit,
+                        seen_classes=seen,
+                        protocol=protocol,
+                        memory_fraction=protocol == DEFAULT_PROTOCOL,
+                        extra=args.extra,
+                    )
                 per_seed.append(run["top1"])
                 weights.append({row: c["chosen"] for row, c in run["calibration"].items()})
+            if not per_seed:
+                continue
             body["splits"][name] = aggregate(per_seed)
             body["calibration"][name] = weights
             body["per_seed"][name] = per_seed
-        protocols[protocol] = body
+        if body["splits"]:  # --collect: a protocol with no run yet is left out
+            protocols[protocol] = body
     default_split = (
         DEFAULT_SPLIT if any(split_name(s) == DEFAULT_SPLIT for s in splits) else split_name(splits[0])
     )
@@ -163,6 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "default": {"protocol": default_protocol, "split": default_split},
         "seeds": args.seeds,
+        "seeds_per_split": {p: {sp: len(v) for sp, v in b["per_seed"].items()} for p, b in protocols.items()},
         "limit": args.limit,
         "seconds": round(time.time() - start, 1),
         "protocols": protocols,

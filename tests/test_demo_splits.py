@@ -138,3 +138,15 @@ def test_protocol_change_discards_memories_and_caches(tmp_path: Path):
 
     assert discard_if_protocol_changed(layout, {**first, "seen_classes": [1, 3, 5, 7, 9]})
     assert not layout.memory_all.exists()
+
+
+def test_calibration_reads_the_run_config_without_rewriting_it(tmp_path: Path):
+    """A run's config carries its calibrated mix_alpha; reading the demo config for the next calibration
+    (one per grid setting) must not put the template's value back into that file."""
+    from reco_lightning.demo.pipeline import _demo_config
+
+    layout = DemoLayout(tmp_path / "demo")
+    path = run_config(layout, protocol="strict", mix_alpha=0.3)
+    before = path.read_text()
+    assert _demo_config(layout, protocol="strict")["model"]["memory"] == str(layout.memory_seen)
+    assert path.read_text() == before and "mix_alpha: 0.3" in before

@@ -263,12 +263,10 @@ def _validation_set(layout: DemoLayout, seen_classes: tuple[int, ...]) -> Any:
     )
 
 
-def _untrained_model(config: Path, memory: Path, **overrides: Any) -> Any:
-    import yaml
-
+def _untrained_model(model_config: dict[str, Any], memory: Path, **overrides: Any) -> Any:
     from reco_lightning.model import RecoModule
 
-    model_args = {**yaml.safe_load(config.read_text())["model"], "memory": str(memory), **overrides}
+    model_args = {**model_config, "memory": str(memory), **overrides}
     model = RecoModule(**model_args)
     model.setup("validate")
     return model
@@ -288,7 +286,8 @@ def calibrate_weight(
     of neighbours" (its learned branch starts at zero), so no training run is needed per weight."""
     from reco_lightning.calibration import calibrate
 
-    model = _untrained_model(run_config(layout, seen_classes, protocol.name), layout.memory_all, **overrides)
+    config = _demo_config(layout, seen_classes, protocol.name)  # read, never written: see run_config
+    model = _untrained_model(config["model"], layout.memory_all, **overrides)
     return calibrate(
         model,
         _validation_set(layout, seen_classes),
@@ -315,16 +314,40 @@ def run_config(
     """
     import yaml
 
-    text = CONFIG.read_text()
+    config = _demo_config(layout, seen_classes, protocol, mix_alpha)
     default_root = layout.root.resolve() == (Path.cwd() / "artifacts" / "demo").resolve()
-    config = yaml.safe_load(text.replace("artifacts/demo/", f"{layout.root}/"))
+    template = yaml.safe_load(CONFIG.read_text())
+    same_groups = all(
+        dataset.get("class_groups") == class_groups(tuple(seen_classes))
+        for callback in template.get("trainer", {}).get("callbacks", [])
+        for dataset in callback.get("init_args", {}).get("classification", [])
+        if "class_groups" in dataset
+    )
+    if default_root and protocol == DEFAULT_PROTOCOL and mix_alpha is None and same_groups:
+        return CONFIG
+    suffix = "" if protocol == DEFAULT_PROTOCOL else f"_{protocol}"
+    path = layout.root / f"demo{suffix}.yaml"
+    layout.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _demo_config(
+    layout: DemoLayout,
+    seen_classes: tuple[int, ...] = DEFAULT_SEEN_CLASSES,
+    protocol: str = DEFAULT_PROTOCOL,
+    mix_alpha: float | None = None,
+) -> dict[str, Any]:
+    """The run's configuration as :func:`run_config` writes it (a pure function: calibration reads it
+    without rewriting the file a run with calibrated values already uses)."""
+    import yaml
+
+    config = yaml.safe_load(CONFIG.read_text().replace("artifacts/demo/", f"{layout.root}/"))
     groups = class_groups(tuple(seen_classes))
-    unchanged = default_root and protocol == DEFAULT_PROTOCOL and mix_alpha is None
     for callback in config.get("trainer", {}).get("callbacks", []):
         init = callback.get("init_args", {})
         for dataset in init.get("classification", []):
             if "class_groups" in dataset:
-                unchanged &= dataset["class_groups"] == groups
                 dataset["class_groups"] = {name: list(names) for name, names in groups.items()}
         if mix_alpha is not None and "mix_alpha" in init:
             init["mix_alpha"] = float(mix_alpha)
@@ -333,13 +356,7 @@ def run_config(
     if protocol == "strict":
         config["model"]["memory"] = str(layout.memory_seen)
         config["data"]["init_args"]["train"] = str(layout.fusion_train)
-    if unchanged:
-        return CONFIG
-    suffix = "" if protocol == DEFAULT_PROTOCOL else f"_{protocol}"
-    path = layout.root / f"demo{suffix}.yaml"
-    layout.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, yaml.safe_dump(config, sort_keys=False))
-    return path
+    return config
 
 
 def train_and_test(
