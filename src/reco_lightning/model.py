@@ -186,10 +186,10 @@ class RecoModule(pl.LightningModule):
             # mask_retrieved: one masked token stands for the k retrieved ones (the fusion reads nothing).
             # No rows on this rank: still run the fusion once so every parameter joins the backward pass
             # (DDP waits for all of them), and return its 0-row slice.
-            rows_ = max(1, embeddings.shape[0])
+            count = max(1, embeddings.shape[0])
             query = embeddings if embeddings.shape[0] else embeddings.new_zeros(1, embeddings.shape[1])
-            blank = embeddings.new_zeros(rows_, 1, embeddings.shape[1])
-            mask = torch.zeros(rows_, 1, dtype=torch.bool, device=embeddings.device)
+            blank = embeddings.new_zeros(count, 1, embeddings.shape[1])
+            mask = torch.zeros(count, 1, dtype=torch.bool, device=embeddings.device)
             return fusion(query, blank, mask)[: embeddings.shape[0]]
         if rows is not None:
             neighbours = self.require_retriever().gather(rows, modality, embeddings.device)
