@@ -288,7 +288,7 @@ class ZeroShotEvaluation(pl.Callback):
         weights: dict[tuple[Side, int | None], Tensor] = {}
         for setting, k in [(s, None) for s in self.settings] + [("reco", k) for k in self.k_sweep]:
             text_side = SETTINGS[setting][1]
-            key = (text_side, None if text_side == "frozen" else k)
+            key = _side_key(text_side, k)
             if key not in weights:
                 weights[key] = build_class_embeddings(
                     classnames,
@@ -309,10 +309,10 @@ class ZeroShotEvaluation(pl.Callback):
             images: dict[tuple[Side, int | None], Tensor] = {("frozen", None): v}
             for (setting, k), groups_acc in accumulators.items():
                 image_side, text_side = SETTINGS[setting]
-                image_key = (image_side, None if image_side == "frozen" else k)
+                image_key = _side_key(image_side, k)
                 if image_key not in images:
                     images[image_key] = self._side(pl_module, lambda x: x, "image", image_side, k)(v)
-                text_key = (text_side, None if text_side == "frozen" else k)
+                text_key = _side_key(text_side, k)
                 scores = images[image_key] @ weights[text_key].to(device).t()
                 for group, acc in groups_acc.items():
                     mask = (
@@ -398,6 +398,11 @@ class ZeroShotEvaluation(pl.Callback):
             return mix(embeddings, pl_module.neighbours(embeddings, modality, k=k), self.mix_alpha)
 
         return mixed
+
+
+def _side_key(side: Side, k: int | None) -> tuple[Side, int | None]:
+    """Cache key of one side's embeddings: the frozen side does not depend on k."""
+    return side, None if side == "frozen" else k
 
 
 def _batched(fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: int) -> Tensor:

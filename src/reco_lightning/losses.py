@@ -113,13 +113,11 @@ def local_info_nce(
     """
     n, total = a_local.shape[0], a_global.shape[0]
     if positives is None:
-        labels = torch.arange(offset, offset + n, device=a_local.device)
-        image_to_text = F.cross_entropy(logit_scale * a_local @ b_global.t(), labels, reduction="sum")
-        text_to_image = F.cross_entropy(logit_scale * b_local @ a_global.t(), labels, reduction="sum")
+        targets = torch.arange(offset, offset + n, device=a_local.device)  # class indices: the diagonal
     else:
         targets = _targets(positives)
-        image_to_text = F.cross_entropy(logit_scale * a_local @ b_global.t(), targets, reduction="sum")
-        text_to_image = F.cross_entropy(logit_scale * b_local @ a_global.t(), targets, reduction="sum")
+    image_to_text = F.cross_entropy(logit_scale * a_local @ b_global.t(), targets, reduction="sum")
+    text_to_image = F.cross_entropy(logit_scale * b_local @ a_global.t(), targets, reduction="sum")
     return 0.5 * (image_to_text + text_to_image) / total
 
 
