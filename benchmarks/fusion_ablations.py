@@ -27,10 +27,10 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import statistics
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +41,10 @@ from reco_lightning.data.zeroshot import ImageFolderClassification, load_templat
 from reco_lightning.demo.fashion_mnist import DEFAULT_SEEN_CLASSES
 from reco_lightning.encoders import FrozenCLIP
 from reco_lightning.evaluation import build_prompts, class_embeddings_from_prompt_embeddings
-from reco_lightning.fusion import FusionTransformer
-from reco_lightning.losses import RecoContrastiveLoss
+from reco_lightning.fusion import FusionConfig, FusionTransformer
+from reco_lightning.losses import LossConfig, RecoContrastiveLoss
 from reco_lightning.memory.store import MemoryStore
+from reco_lightning.optim import warmup_cosine
 
 
 @dataclass(frozen=True)
@@ -151,23 +152,18 @@ def run(data: dict, recipe: Recipe, seed: int, seen: tuple[int, ...]) -> dict[st
     image_rows = neighbours(train_v, train_v, recipe.k, excluded_by(key_v))
     by_text = key_t if recipe.near_duplicate_of == "query" else key_v
     text_rows = neighbours(train_t, train_t, recipe.k, excluded_by(by_text))
-    options = {"num_heads": 4, "dropout": 0.1, "residual": recipe.residual, "retrieved_skip": recipe.skip}
+    options = FusionConfig(num_heads=4, dropout=0.1, residual=recipe.residual, retrieved_skip=recipe.skip)
     image_fusion, text_fusion = (
-        FusionTransformer(train_v.shape[1], **options),
+        FusionTransformer(train_v.shape[1], options),
         FusionTransformer(train_v.shape[1], **options),
     )
-    loss_fn = RecoContrastiveLoss(duplicate_threshold=recipe.duplicate_threshold)
+    loss_fn = RecoContrastiveLoss(LossConfig(duplicate_threshold=recipe.duplicate_threshold))
     params = [*image_fusion.parameters(), *text_fusion.parameters(), *loss_fn.parameters()]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.05, betas=(0.9, 0.98))
     steps = recipe.epochs * (len(rows) // recipe.batch_size)
-    warmup = 10
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(warmup_cosine, warmup_steps=10, total_steps=steps)
+    )
 
     def fuse(fusion: FusionTransformer, query: torch.Tensor, retrieved: torch.Tensor) -> torch.Tensor:
         mask = torch.zeros(retrieved.shape[:2], dtype=torch.bool) if recipe.mask else None

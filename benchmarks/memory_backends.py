@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from reco_lightning.memory.base import atomic_write_text
+from reco_lightning.atomic import atomic_write_text
 
 __all__ = ["default_nlist", "main", "measure_matmul_gflops", "recall_at"]
 
@@ -358,7 +358,7 @@ def _ground_truth(work: Path, queries: np.ndarray, n: int) -> np.ndarray:
 
 
 def _synthetic(work: Path, args: argparse.Namespace) -> tuple[int, np.ndarray]:
-    from reco_lightning.memory.synthetic import clustered_queries, clustered_unit_vectors
+    from synthetic import clustered_queries, clustered_unit_vectors
 
     n, dim = args.n, args.dim
     chunk = 131072

@@ -148,7 +148,7 @@ def measure_stream(
     """One pass over ``data`` through the data module (as ``fit`` would), sampling RSS as it goes."""
     import torch
 
-    from reco_lightning.data.pairs import ImageTextDataModule
+    from reco_lightning.data.datamodule import ImageTextDataModule
     from reco_lightning.encoders import FrozenCLIP
 
     torch.set_num_threads(1)  # the workers decode on the other cores
@@ -285,7 +285,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Generate the data sets, stream each in a fresh process, write ``streaming_ram.{json,md}``."""
     args = _parse(argv)
-    from reco_lightning.memory.base import atomic_write_text
+    from reco_lightning.atomic import atomic_write_text
 
     if args.child:
         result = measure_stream(

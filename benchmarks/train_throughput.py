@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from reco_lightning.memory.base import atomic_write_text
+from reco_lightning.atomic import atomic_write_text
 
 __all__ = [
     "MODELS",
@@ -186,8 +186,8 @@ BUILDERS: dict[str, Callable[[Path, int], dict[str, Any]]] = {"vit_b32": build_v
 
 # --- memory and batches -------------------------------------------------------------------------------
 def _unit_vectors(n: int, dim: int, seed: int) -> np.ndarray:
-    """CLIP-like synthetic rows (see reco_lightning.memory.synthetic)."""
-    from reco_lightning.memory.synthetic import clustered_unit_vectors
+    """CLIP-like synthetic rows (see benchmarks/synthetic.py)."""
+    from synthetic import clustered_unit_vectors
 
     return np.asarray(clustered_unit_vectors(n, dim, seed=seed), dtype=np.float32)
 
@@ -465,12 +465,15 @@ def clip_forward_flops(config: Any, batch: int) -> float:
 # --- one model ----------------------------------------------------------------------------------------
 def run_model(spec: ModelSpec, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Build the backbone and memory, then time both modes at every batch size of ``spec``."""
+    from reco_lightning.fusion import FusionConfig
     from reco_lightning.model import RecoModule
 
     print(f"[{spec.key}] building backbone ({spec.description})", flush=True)
     backbone_dir = work / f"clip_{spec.key}"
     config_info = BUILDERS[spec.key](backbone_dir, args.seed)
-    module = RecoModule(backbone=str(backbone_dir), k=spec.k, fusion_heads=spec.fusion_heads)
+    module = RecoModule(
+        backbone=str(backbone_dir), k=spec.k, fusion_config=FusionConfig(num_heads=spec.fusion_heads)
+    )
     config, dim, k, n = module.backbone.model.config, module.backbone.dim, spec.k, spec.memory_size
     print(f"[{spec.key}] memory of {n} pairs x {dim} (exact search)", flush=True)
     start = time.perf_counter()
@@ -522,9 +525,9 @@ def run_model(spec: ModelSpec, args: argparse.Namespace, work: Path) -> dict[str
     torch.set_num_threads(best_otf["threads"])
     otf_counted = count_flops(lambda: step(otf_batches[b_otf][0]))
     otf_phases = phase_breakdown(module, optimizer, otf_batches[b_otf][0])
-    hp = module.hparams
+    fusion, loss = module.image_fusion.config, module.criterion.config
     analytic = analytic_cached_step_flops(
-        b_cached, k, dim, hp.fusion_width, hp.fusion_mlp_ratio, hp.fusion_layers, hp.mixed_loss_terms
+        b_cached, k, dim, fusion.width, fusion.mlp_ratio, fusion.num_layers, loss.mixed_terms
     )
     breakdown = {
         "on_the_fly": {"batch_size": b_otf, "threads": best_otf["threads"], **otf_phases},
@@ -541,9 +544,9 @@ def run_model(spec: ModelSpec, args: argparse.Namespace, work: Path) -> dict[str
         "k": k,
         "fusion": {
             "width": module.image_fusion.width,
-            "layers": hp.fusion_layers,
-            "heads": hp.fusion_heads,
-            "mlp_ratio": hp.fusion_mlp_ratio,
+            "layers": fusion.num_layers,
+            "heads": fusion.num_heads,
+            "mlp_ratio": fusion.mlp_ratio,
             "trainable_parameters": sum(p.numel() for p in module.trainable_parameters()),
         },
         "memory_size": n,

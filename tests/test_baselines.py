@@ -55,9 +55,7 @@ def module(tiny_dir):
         backbone=str(tiny_dir / "clip"),
         memory=str(tiny_dir / "memory"),
         k=4,
-        fusion_heads=4,
-        fusion_residual=True,
-        fusion_retrieved_skip=0.5,
+        fusion_config={"num_heads": 4, "residual": True, "retrieved_skip": 0.5},
     )
     m.setup("test")
     return m.eval()
@@ -111,9 +109,10 @@ def test_calibrate_sweeps_and_picks_by_rule(module, tiny_dir):
     assert set(result["values"]) == {0.0, 0.5, 1.0}
     assert result["chosen"] == choose(result["values"], "max")
     assert result["values"][0.0] == pytest.approx(result["clip"]), "alpha 0 is the frozen model"
-    skip = calibrate(module, _shapes(tiny_dir), "fusion_retrieved_skip", values=(0.2, 0.4), rule="keep")
-    assert module.image_fusion.retrieved_skip == skip["chosen"] == module.hparams["fusion_retrieved_skip"]
-    module.image_fusion.retrieved_skip = module.text_fusion.retrieved_skip = 0.5
+    skip = calibrate(module, _shapes(tiny_dir), "fusion_config.retrieved_skip", values=(0.2, 0.4), rule="keep")
+    assert module.image_fusion.config.retrieved_skip == skip["chosen"]
+    assert module.hparams["fusion_config"]["retrieved_skip"] == skip["chosen"]
+    calibrate(module, _shapes(tiny_dir), "fusion_config.retrieved_skip", values=(0.5,))  # back to the fixture's
     with pytest.raises(ValueError, match="cannot calibrate"):
         calibrate(module, _shapes(tiny_dir), "k")
     with pytest.raises(ValueError, match="metric 'top1_nope'"):
@@ -124,7 +123,7 @@ def test_control_reads_no_neighbours(tiny_dir):
     """mask_retrieved: the paper's training-without-retrieval control; its output ignores the memory."""
     torch.manual_seed(0)
     control = RecoModule(
-        backbone=str(tiny_dir / "clip"), memory=None, k=4, fusion_heads=4, mask_retrieved=True
+        backbone=str(tiny_dir / "clip"), memory=None, k=4, fusion_config={"num_heads": 4}, mask_retrieved=True
     ).eval()
     query = F.normalize(torch.randn(3, 32), dim=-1)
     out = control.refine(query, "image")  # no memory attached: nothing is retrieved

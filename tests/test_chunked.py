@@ -11,8 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from reco_lightning.chunked import _merge_ranks
-from reco_lightning.memory import MemoryStore, RecoMemoryError
+from reco_lightning.errors import ChunkedJobError
+from reco_lightning.jobs.chunked import _merge_ranks
+from reco_lightning.memory import MemoryStore
 
 
 def share(positions, bad=0):
@@ -30,13 +31,13 @@ def test_merge_needs_every_rank_of_this_run_and_every_row_once(tmp_path):
     rank_dir.mkdir()
     torch.save(share([0, 2, 4]), rank_dir / "rank0.pt")
     with pytest.raises(
-        RecoMemoryError, match=r"merged 3 rows .* from 1 of 2 rank files, but the plan needs 6"
+        ChunkedJobError, match=r"merged 3 rows .* from 1 of 2 rank files, but the plan needs 6"
     ):
         _merge_ranks(rank_dir, final, world_size=2, window=(0, 6))
     assert not final.exists() and rank_dir.is_dir()
 
     torch.save(share([2, 5]), rank_dir / "rank1.pt")  # a repeated row, and row 3 missing
-    with pytest.raises(RecoMemoryError, match=r"merged 5 rows \(4 distinct\)"):
+    with pytest.raises(ChunkedJobError, match=r"merged 5 rows \(4 distinct\)"):
         _merge_ranks(rank_dir, final, world_size=2, window=(0, 6))
 
     torch.save(share([1, 5], bad=1), rank_dir / "rank1.pt")  # row 3 was a bad sample
@@ -52,7 +53,7 @@ def test_merge_needs_every_rank_of_this_run_and_every_row_once(tmp_path):
 # not `python -c`: Lightning's DDP launcher starts the other rank by re-running this command line.
 SLOW_RANK_BUILD = """
 import os, time
-from reco_lightning import chunked
+from reco_lightning.jobs import chunked
 write = chunked._RankWriter.write_on_epoch_end
 def late_write(self, trainer, *args, **kwargs):
     if trainer.global_rank == int(os.environ["SLOW_RANK"]):

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from reco_lightning.cli import is_user_error, lightning_main, main
-from reco_lightning.memory import MemoryStore, RecoMemoryError
+from reco_lightning.errors import RecoMemoryError
+from reco_lightning.memory import MemoryStore
 
 CONFIG = Path(__file__).parents[1] / "configs" / "tiny.yaml"
 
@@ -234,7 +235,7 @@ def test_errors_of_ours_are_one_line_on_stderr_with_exit_status_1(tmp_path, caps
 
 
 def test_only_errors_written_for_the_user_lose_their_traceback(monkeypatch):
-    from reco_lightning.memory.synthetic import clustered_unit_vectors
+    from reco_lightning.evaluation import build_prompts
 
     def raised(call):
         try:
@@ -243,7 +244,7 @@ def test_only_errors_written_for_the_user_lose_their_traceback(monkeypatch):
             return err
         raise AssertionError("no error")
 
-    assert is_user_error(raised(lambda: clustered_unit_vectors(-1, 8)))  # our ValueError, our message
+    assert is_user_error(raised(lambda: build_prompts([], ["a {c}."])))  # our ValueError, our message
     assert is_user_error(raised(lambda: Path("/nonexistent/reco.csv").read_text()))
     assert not is_user_error(raised(lambda: json.loads("{")))  # a library's ValueError: maybe a bug
     assert not is_user_error(raised(lambda: {}["key"]))
@@ -299,9 +300,7 @@ def test_calibrate_command_writes_the_sweep_and_the_choice(tiny_dir, tmp_path, c
         "backbone": str(tiny_dir / "clip"),
         "memory": str(tiny_dir / "memory"),
         "k": 4,
-        "fusion_heads": 4,
-        "fusion_residual": True,
-        "fusion_retrieved_skip": 0.5,
+        "fusion_config": {"num_heads": 4, "residual": True, "retrieved_skip": 0.5},
     }
     config.write_text(yaml.safe_dump({"model": model}))
     out = tmp_path / "cal.json"

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from helpers_data import write_shards
-from reco_lightning.data.pairs import ImageTextDataModule, id_namespace_problem, open_source
+from reco_lightning.data.datamodule import ImageTextDataModule
+from reco_lightning.data.ids import id_namespace_problem
+from reco_lightning.data.sources import open_source
 from reco_lightning.memory import MemoryStore
 
 
@@ -72,11 +74,9 @@ def test_memory_select_keeps_the_id_scheme(tiny_dir, tmp_path):
 
 
 def _attached(dm: ImageTextDataModule, memory: MemoryStore) -> ImageTextDataModule:
-    """The datamodule as a Trainer holding a RecoModule with ``memory`` sees it (only what it reads)."""
-    retriever = SimpleNamespace(memory=memory)
-    dm.trainer = SimpleNamespace(
-        lightning_module=SimpleNamespace(retriever=retriever), global_rank=0, world_size=1
-    )
+    """The datamodule as RecoModule.setup leaves it when the model holds ``memory`` (what it is told)."""
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=1)
+    dm.expect(None, memory_id_scheme=memory.manifest.get("id_scheme"), memory=str(memory.path))
     return dm
 
 

@@ -9,7 +9,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from helpers_data import write_shards
 from reco_lightning.callbacks import DataEpochHooks
-from reco_lightning.data.pairs import ImageTextDataModule
+from reco_lightning.data.datamodule import ImageTextDataModule
 
 
 class OrderRecorder(pl.LightningModule):

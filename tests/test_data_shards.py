@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from helpers_data import run_ddp_stream, write_shards
-from reco_lightning.data.pairs import PairStream, decode, open_source
+from reco_lightning.data.sources import open_source
+from reco_lightning.data.stream import PairStream, decode
 
 
 def truncate_inside(shard: Path, member: int, into: int = 10) -> None:
@@ -119,8 +120,8 @@ def test_stats_that_disagree_with_the_tar_still_keep_ranks_in_step(tmp_path, cla
 
 @pytest.mark.parametrize("stats", [False, True], ids=["header-scan", "img2dataset-stats"])
 def test_memory_build_over_a_truncated_shard_finishes_and_counts_bad_samples(tmp_path, tiny_backbone, stats):
+    from reco_lightning.jobs.memory_build import build_memory
     from reco_lightning.memory import MemoryStore
-    from reco_lightning.memory.build import build_memory
 
     write_shards(tmp_path / "shards", [5, 6])
     truncate_inside(tmp_path / "shards" / "00001.tar", member=3 * 2 + 1)

@@ -14,18 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from reco_lightning.data.pairs import read_pairs
+from reco_lightning.data.sources import read_pairs
 from reco_lightning.data.zeroshot import ImageFolderClassification, load_templates
 from reco_lightning.demo import backbone as backbone_module
-from reco_lightning.demo.backbone import (
-    RECIPE_FILENAME,
-    BackboneRecipe,
-    ensure_backbone,
-    image_knn_accuracy,
-    text_retrieval_precision,
-    train_backbone,
-    zero_shot_accuracy,
-)
+from reco_lightning.demo.backbone import RECIPE_FILENAME, BackboneRecipe, ensure_backbone
+from reco_lightning.demo.backbone_train import train_backbone
 from reco_lightning.demo.fashion_mnist import (
     CAPTION_TEMPLATES,
     DEFAULT_ROOT,
@@ -39,6 +32,7 @@ from reco_lightning.demo.fashion_mnist import (
     write_image_folder,
     write_pairs,
 )
+from reco_lightning.demo.probes import image_knn_accuracy, text_retrieval_precision, zero_shot_accuracy
 from reco_lightning.encoders import FrozenCLIP
 from reco_lightning.tiny_clip import build_clip_tokenizer
 

@@ -43,7 +43,7 @@ def test_open_protocol_slice_produces_every_row(tmp_path):
     run = root / "runs" / "open" / "reco[uni-search,cross-fusion]"
     hparams = next(run.rglob("hparams.yaml")).read_text()
     weight = result["calibration"]["reco[uni-search,cross-fusion]"]["chosen"]
-    assert f"fusion_retrieved_skip: {weight}" in hparams
+    assert f"retrieved_skip: {weight}" in hparams
     test_config = next((run / "test").rglob("config.yaml")).read_text()
     assert f"mix_alpha: {result['calibration']['mix_alpha']['chosen']}" in test_config
     assert (
@@ -53,7 +53,7 @@ def test_open_protocol_slice_produces_every_row(tmp_path):
     # duplicate captions reach the loss: the trained module's criterion marks identical cached captions
     checkpoint = sorted(run.rglob("*.ckpt"))[0]
     model = RecoModule.load_from_checkpoint(checkpoint, map_location="cpu")
-    assert model.criterion.duplicate_threshold == pytest.approx(0.9999)
+    assert model.criterion.config.duplicate_threshold == pytest.approx(0.9999)
     cache = open_feature_cache(root / "cache" / "open" / "memory_all_uni" / "train")
     texts = torch.from_numpy(cache["text_emb"][:256].astype("float32"))
     positives = model.criterion.positives(texts, texts, 0)

@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from reco_lightning.encoders import FrozenCLIP, _projected
+from reco_lightning.encoders import FrozenCLIP, projected_embedding
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +45,10 @@ def test_fingerprint_identifies_weights_not_location(clip, tiny_backbone, other_
 
 def test_projected_output_handles_transformers_4_and_5():
     x = torch.randn(2, 4)
-    assert _projected(x, "image") is x  # 4.x: a tensor
-    assert _projected(BaseModelOutputWithPooling(pooler_output=x), "text") is x  # 5.x: output object
+    assert projected_embedding(x, "image") is x  # 4.x: a tensor
+    assert projected_embedding(BaseModelOutputWithPooling(pooler_output=x), "text") is x  # 5.x: output object
     with pytest.raises(TypeError, match="projected image embedding"):
-        _projected(object(), "image")
+        projected_embedding(object(), "image")
 
 
 def test_missing_backbone_gives_one_clear_error(tmp_path):

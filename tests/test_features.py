@@ -6,14 +6,10 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from reco_lightning.data.features import (
-    CachedPairs,
-    FeatureCacheError,
-    build_feature_cache,
-    cache_requirements,
-    open_feature_cache,
-)
-from reco_lightning.data.pairs import ImageTextDataModule, open_source
+from reco_lightning.data.datamodule import ImageTextDataModule
+from reco_lightning.data.features import CachedPairs, FeatureCacheError, open_feature_cache
+from reco_lightning.data.sources import open_source
+from reco_lightning.jobs.feature_cache import build_feature_cache, cache_requirements
 from reco_lightning.memory import MemoryStore
 from reco_lightning.model import RecoModule
 
@@ -24,7 +20,7 @@ def module(tiny_dir, **kwargs):
     torch.manual_seed(0)
     settings = {
         "k": 4,
-        "fusion_heads": 4,
+        "fusion_config": {"num_heads": 4},
         "near_duplicate_threshold": 0.999,
         "memory": str(tiny_dir / "memory"),
     }

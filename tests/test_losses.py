@@ -6,7 +6,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from reco_lightning.losses import RecoContrastiveLoss, gather_with_grad, info_nce
+from reco_lightning.losses import LossConfig, RecoContrastiveLoss, gather_with_grad, info_nce
 
 
 def reference_info_nce(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -38,12 +38,12 @@ def test_info_nce_is_low_for_matching_pairs_and_high_for_shuffled():
 
 def test_reco_loss_is_the_sum_of_three_terms():
     v, t, vb, tb = (unit(5, 8, seed=s) for s in range(4))
-    loss = RecoContrastiveLoss(init_temperature=0.5)
+    loss = RecoContrastiveLoss(LossConfig(init_temperature=0.5))
     out = loss(v, t, vb, tb)
     expected = sum(reference_info_nce(x, y, 2.0) for x, y in ((vb, tb), (vb, t), (v, tb)))
     assert torch.allclose(out["loss"], expected, atol=1e-4)
     assert set(out) == {"loss", "refined", "refined_image", "refined_text"}
-    only_refined = RecoContrastiveLoss(init_temperature=0.5, mixed_terms=False)(v, t, vb, tb)
+    only_refined = RecoContrastiveLoss(LossConfig(init_temperature=0.5, mixed_terms=False))(v, t, vb, tb)
     assert torch.allclose(only_refined["loss"], reference_info_nce(vb, tb, 2.0), atol=1e-4)
 
 
@@ -55,7 +55,7 @@ def test_temperature_is_learnable_clip_initialised_and_capped():
         loss.log_scale.fill_(10.0)
     loss.clamp_()
     assert loss.logit_scale.item() == pytest.approx(100.0, rel=1e-5)
-    assert not RecoContrastiveLoss(learn_temperature=False).log_scale.requires_grad
+    assert not RecoContrastiveLoss(LossConfig(learn_temperature=False)).log_scale.requires_grad
 
 
 def test_temperature_above_the_cap_still_gets_a_gradient():
@@ -98,7 +98,7 @@ def test_duplicate_threshold_marks_identical_captions_as_positives():
     v, vb, tb = (unit(6, 8, seed=s) for s in (7, 8, 9))
     t = unit(6, 8, seed=10)
     t[1] = t[0]  # pairs 0 and 1 share a caption
-    out = RecoContrastiveLoss(init_temperature=0.5, duplicate_threshold=0.99)(v, t, vb, tb)
+    out = RecoContrastiveLoss(LossConfig(init_temperature=0.5, duplicate_threshold=0.99))(v, t, vb, tb)
     same = torch.eye(6, dtype=torch.bool)
     same[0, 1] = same[1, 0] = True
     expected = sum(reference_soft_nce(x, y, 2.0, same) for x, y in ((vb, tb), (vb, t), (v, tb)))
@@ -126,7 +126,7 @@ def _ddp_worker(rank: int, world: int, store: str, v, t, cut: int, threshold, ou
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         model = torch.nn.parallel.DistributedDataParallel(_model())
-        loss_fn = RecoContrastiveLoss(learn_temperature=False, duplicate_threshold=threshold)
+        loss_fn = RecoContrastiveLoss(LossConfig(learn_temperature=False, duplicate_threshold=threshold))
         shard = slice(0, cut) if rank == 0 else slice(cut, len(v))  # world == 2
         loss = _loss_on(model, loss_fn, v[shard], t[shard])
         loss.backward()
@@ -147,7 +147,7 @@ def test_ddp_two_processes_match_one_process_on_concatenated_batch(tmp_path, cut
     v, t = unit(8, 8, seed=3), unit(8, 8, seed=4)
     t[5] = t[2]  # a duplicate caption across the two ranks' shards
     model = _model()
-    loss = _loss_on(model, RecoContrastiveLoss(learn_temperature=False, duplicate_threshold=threshold), v, t)
+    loss = _loss_on(model, RecoContrastiveLoss(LossConfig(learn_temperature=False, duplicate_threshold=threshold)), v, t)
     loss.backward()
     single_grads = [p.grad for p in model.parameters()]
 

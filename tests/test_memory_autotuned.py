@@ -13,9 +13,10 @@ import faiss
 import numpy as np
 import pytest
 
+from helpers_benchmarks import clustered_queries, clustered_unit_vectors
+from reco_lightning.errors import RecoMemoryError
 from reco_lightning.memory.autotuned import AutofaissBackend
-from reco_lightning.memory.base import MemoryBackend, RecoMemoryError, backend_class
-from reco_lightning.memory.synthetic import clustered_queries, clustered_unit_vectors
+from reco_lightning.memory.base import MemoryBackend, backend_class
 
 pytest.importorskip("autofaiss")
 

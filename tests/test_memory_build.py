@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from reco_lightning.encoders import FrozenCLIP
-from reco_lightning.memory import MemoryStore, RecoMemoryError
-from reco_lightning.memory.build import build_memory
+from reco_lightning.errors import RecoMemoryError
+from reco_lightning.jobs.memory_build import build_memory
+from reco_lightning.memory import MemoryStore
 
 TRAINER = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False}
 
@@ -18,7 +19,8 @@ def test_tiny_memory_matches_direct_encoding(tiny_dir, tiny_backbone):
     store = MemoryStore.open(tiny_dir / "memory")
     clip = FrozenCLIP(tiny_backbone)
     assert store.fingerprint["id"] == clip.fingerprint["id"]
-    from reco_lightning.data.pairs import decode, read_pairs
+    from reco_lightning.data.sources import read_pairs
+    from reco_lightning.data.stream import decode
 
     records = read_pairs(tiny_dir / "train.csv")
     assert len(store) == len(records) and store.ids.tolist() == [r.id for r in records]
@@ -56,13 +58,13 @@ def test_existing_memory_and_changed_interrupted_build_are_refused(tmp_path, tin
 
 BUILD = """
 import sys, time
-from reco_lightning.chunked import _RankWriter
+from reco_lightning.jobs.chunked import _RankWriter
 slow = _RankWriter.write_on_epoch_end
 def write_then_pause(self, *a, **k):
     slow(self, *a, **k)
     time.sleep(float(sys.argv[4]))
 _RankWriter.write_on_epoch_end = write_then_pause
-from reco_lightning.memory.build import build_memory
+from reco_lightning.jobs.memory_build import build_memory
 build_memory(sys.argv[1], sys.argv[2], sys.argv[3], batch_size=16, chunk_size=48,
              trainer_kwargs={"accelerator": "cpu", "devices": 1, "enable_progress_bar": False})
 """
@@ -89,7 +91,7 @@ def test_killed_build_resumes_without_duplicate_or_missing_rows(tmp_path, tiny_d
     first_mtime = (chunks / "000000.pt").stat().st_mtime_ns
 
     seen_chunks = []
-    from reco_lightning import chunked as build_module
+    from reco_lightning.jobs import chunked as build_module
 
     original = build_module._merge_ranks
     build_module._merge_ranks = lambda rank_dir, final, *args: (

@@ -8,10 +8,11 @@ import faiss
 import numpy as np
 import pytest
 
+from helpers_benchmarks import clustered_queries, clustered_unit_vectors
+from reco_lightning.errors import RecoMemoryError
 from reco_lightning.memory import ivfpq as ivfpq_module
-from reco_lightning.memory.base import MemoryBackend, RecoMemoryError, backend_class
+from reco_lightning.memory.base import MemoryBackend, backend_class
 from reco_lightning.memory.ivfpq import IVFPQBackend, rerank_exact
-from reco_lightning.memory.synthetic import clustered_queries, clustered_unit_vectors
 
 DIM, N = 32, 4000
 

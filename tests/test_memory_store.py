@@ -4,7 +4,8 @@ import shutil
 import numpy as np
 import pytest
 
-from reco_lightning.memory import MemoryStore, RecoMemoryError
+from reco_lightning.errors import RecoMemoryError
+from reco_lightning.memory import MemoryStore
 from reco_lightning.memory.base import MemoryBackend
 
 FP = {"name_or_path": "clip-a", "config_sha": "c", "weights_sha": "w", "dim": 8, "id": "a"}

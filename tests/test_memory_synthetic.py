@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from reco_lightning.memory.synthetic import clustered_queries, clustered_unit_vectors
+from helpers_benchmarks import clustered_queries, clustered_unit_vectors
 
 N, DIM = 20_000, 64  # N > one generation chunk, so chunk boundaries are exercised
 

@@ -1,9 +1,16 @@
+import dataclasses
+from pathlib import Path
+
 import pytest
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 
-from reco_lightning.data.pairs import ImageTextDataModule
-from reco_lightning.memory import MemoryStore, RecoMemoryError
+from reco_lightning.data.datamodule import ImageTextDataModule
+from reco_lightning.errors import RecoMemoryError
+from reco_lightning.fusion import FusionConfig
+from reco_lightning.losses import LossConfig
+from reco_lightning.memory import MemoryStore
 from reco_lightning.model import BackboneMismatchError, RecoModule
 
 
@@ -12,7 +19,7 @@ def make(tiny_dir, **kwargs) -> RecoModule:
         "backbone": str(tiny_dir / "clip"),
         "memory": str(tiny_dir / "memory"),
         "k": 4,
-        "fusion_heads": 4,
+        "fusion_config": {"num_heads": 4},
     }
     return RecoModule(**{**defaults, **kwargs})
 
@@ -64,31 +71,73 @@ def test_fit_updates_fusion_only_and_keeps_backbone_in_eval(tiny_dir, tmp_path):
     assert any(not torch.equal(before[n], after[n]) for n in before if n.startswith("text_fusion."))
 
 
-def test_forward_shapes_and_training_exclusion(tiny_dir):
-    """Through forward (what training_step runs): both sides exclude the pair's own row, and text queries
-    hand their pair's images to the retriever for near-duplicate exclusion."""
+def test_forward_shapes_and_training_exclusion(tiny_dir, monkeypatch):
+    """Through training_step (and forward, which it runs): the neighbours each side's fusion reads never
+    include the pair's own memory row, nor a near-copy of the pair (planted here under other ids), and text
+    queries hand their pair's images to the retriever for that near-duplicate check."""
     module = make(tiny_dir)
     module.setup("fit")
     batch = next(iter(datamodule(tiny_dir, batch_size=8).train_dataloader()))
-    retriever = module.retriever
-    calls = []
+    full = module.require_retriever().memory
+    v, t = module.embed(batch)
+    noise = 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(0))
+    copies = torch.nn.functional.normalize(v + noise, dim=-1)  # each pair again: near-same image, its caption
+    module.set_memory(
+        MemoryStore.from_arrays(
+            torch.cat([torch.tensor(full.image_embeddings, dtype=torch.float32), copies]).numpy(),
+            torch.cat([torch.tensor(full.text_embeddings, dtype=torch.float32), t]).numpy(),
+            ids=torch.cat([torch.tensor(full.ids).long(), batch["id"].long() + 1_000_000]).numpy(),
+            fingerprint=full.fingerprint,
+        )
+    )
+    retriever, calls, fused = module.retriever, [], []
 
     class Spy:
         def __call__(self, query, modality, **kwargs):
             found = retriever(query, modality, **kwargs)
-            calls.append((modality, kwargs, found.rows))
+            calls.append((modality, kwargs, found))
             return found
 
+        def __getattr__(self, name):
+            return getattr(retriever, name)
+
+    def read(fusion, args, kwargs, _output):  # what the fusion actually reads
+        given = dict(zip(("query", "retrieved", "retrieved_mask"), args, strict=False)) | kwargs
+        side = "image" if fusion is module.image_fusion else "text"
+        fused.append((side, given["retrieved"], given.get("retrieved_mask")))
+
+    hooks = [
+        f.register_forward_hook(read, with_kwargs=True) for f in (module.image_fusion, module.text_fusion)
+    ]
     module.retriever = Spy()
+    monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)  # no trainer attached
     out = module(batch, exclude_self=True)
-    assert out["v_bar"].shape == out["t_bar"].shape == (8, 32)
-    assert [c[0] for c in calls] == ["image", "text"]
-    memory_ids = torch.from_numpy(retriever.memory.ids)
-    for modality, kwargs, rows in calls:
-        assert torch.equal(kwargs["exclude_ids"], batch["id"])
-        found_ids = torch.where(rows >= 0, memory_ids[rows.clamp(min=0)], -1)
-        assert not (found_ids == batch["id"][:, None]).any(), f"{modality} side retrieved its own pair"
-    assert torch.equal(calls[1][1]["pair_images"], out["v"])
+    loss = module.training_step(batch, 0)
+    for hook in hooks:
+        hook.remove()
+    assert out["v_bar"].shape == out["t_bar"].shape == (8, 32) and torch.isfinite(loss)
+    assert [c[0] for c in calls] == [f[0] for f in fused] == ["image", "text"] * 2
+    memory = retriever.memory
+    memory_ids = torch.tensor(memory.ids).long()
+    images = torch.nn.functional.normalize(torch.tensor(memory.image_embeddings, dtype=torch.float32), dim=-1)
+    pair_images = torch.nn.functional.normalize(out["v"], dim=-1)
+    threshold = module.hparams.near_duplicate_threshold
+    for (side, kwargs, found), (_, retrieved, mask) in zip(calls, fused, strict=True):
+        assert torch.equal(retrieved, found.embeddings) and torch.equal(mask, found.mask), (
+            f"the {side} fusion read other neighbours than the retriever found"
+        )
+        rows = found.rows.clamp(min=0)
+        assert found.mask.all(), f"{side} side: fewer than k neighbours survived exclusion"
+        assert not (memory_ids[rows] == batch["id"][:, None]).any(), (
+            f"{side} side: the fusion read the pair's own memory row"
+        )
+        cosine = torch.einsum("bkd,bd->bk", images[rows], pair_images)
+        assert (cosine <= threshold).all(), (
+            f"{side} side: the fusion read a near-copy of the pair's image (cosine {cosine.max():.4f})"
+        )
+        assert torch.equal(kwargs.get("exclude_ids"), batch["id"])
+        if side == "text":
+            assert torch.equal(kwargs["pair_images"], out["v"])
 
 
 def test_checkpoint_holds_fusion_not_backbone_and_round_trips(tiny_dir, tmp_path):
@@ -124,7 +173,7 @@ def test_checkpoint_refuses_another_backbone(tiny_dir, tmp_path, other_backbone)
 
 
 def test_memory_from_another_backbone_is_refused(tiny_dir, other_backbone):
-    module = RecoModule(backbone=other_backbone, memory=str(tiny_dir / "memory"), k=4, fusion_heads=4)
+    module = RecoModule(backbone=other_backbone, memory=str(tiny_dir / "memory"), k=4, fusion_config={"num_heads": 4})
     with pytest.raises(RecoMemoryError, match="rebuild the memory with this backbone"):
         module.setup("fit")
 
@@ -165,43 +214,81 @@ def test_schedule_warms_up_then_decays(tiny_dir, tmp_path):
     assert lrs[2] > lrs[3] > lrs[4] > lrs[5]
 
 
-def test_every_component_option_reaches_its_component(tiny_dir):
-    """Each RecoModule option is stored where it acts (duplicate_threshold was once accepted, saved in
-    hparams and never handed to the loss)."""
-    module = make(
-        tiny_dir,
-        k=3,
-        search="cross",
-        fusion="uni",
-        near_duplicate_threshold=0.9,
-        exclusion_margin=5,
-        fusion_width=16,
-        fusion_layers=2,
-        fusion_heads=2,
-        fusion_mlp_ratio=2.0,
-        fusion_dropout=0.2,
-        fusion_residual=True,
-        fusion_retrieved_skip=0.7,
-        init_temperature=0.05,
-        learn_temperature=False,
-        mixed_loss_terms=False,
-        duplicate_threshold=0.93,
-    )
+# Each option of a component's config -> (a non-default value, a check of its effect on the built
+# component). Set alone, so each check sees that option only.
+FUSION_PROBES = {
+    "width": (16, lambda f: f.width == 16 and f.proj_in.out_features == 16),
+    "num_layers": (2, lambda f: len(f.encoder.layers) == 2),
+    "num_heads": (2, lambda f: f.encoder.layers[0].self_attn.num_heads == 2),
+    "mlp_ratio": (2.0, lambda f: f.encoder.layers[0].linear1.out_features == 2 * f.width),
+    "dropout": (0.2, lambda f: f.encoder.layers[0].dropout.p == 0.2),
+    # the learned branch starts silent with a skip on: the output is the skip alone
+    "residual": (True, lambda f: torch.allclose(f(*_probe_inputs(f)), F.normalize(_probe_inputs(f)[0], dim=-1))),
+    "retrieved_skip": (
+        0.7,
+        lambda f: torch.allclose(f(*_probe_inputs(f)), F.normalize(_probe_inputs(f)[1].mean(1), dim=-1)),
+    ),
+}
+
+
+def _capped(loss) -> float:
+    with torch.no_grad():
+        loss.log_scale.fill_(9.0)
+    loss.clamp_()
+    return loss.logit_scale.item()
+
+
+def _loss_parts(loss) -> set:
+    v = F.normalize(torch.randn(4, 8), dim=-1)
+    return set(loss(v, v, v, v))
+
+
+LOSS_PROBES = {
+    "init_temperature": (0.05, lambda c: c.logit_scale.item() == pytest.approx(20.0)),
+    "max_logit_scale": (50.0, lambda c: _capped(c) == pytest.approx(50.0)),
+    "learn_temperature": (False, lambda c: not c.log_scale.requires_grad),
+    "mixed_terms": (False, lambda c: _loss_parts(c) == {"loss", "refined"}),
+    "duplicate_threshold": (0.93, lambda c: (p := c.positives(torch.ones(2, 4), torch.ones(2, 4), 0)) is not None and p.all()),
+}
+
+
+def _probe_inputs(fusion):
+    generator = torch.Generator().manual_seed(0)
+    dim = fusion.dim
+    return torch.randn(3, dim, generator=generator), torch.randn(3, 4, dim, generator=generator)
+
+
+@pytest.mark.parametrize(
+    ("config_cls", "probes", "attribute"),
+    [(FusionConfig, FUSION_PROBES, "image_fusion"), (FusionConfig, FUSION_PROBES, "text_fusion"),
+     (LossConfig, LOSS_PROBES, "criterion")],
+)  # fmt: skip
+def test_every_documented_option_reaches_its_component(tiny_dir, config_cls, probes, attribute):
+    """Every option of FusionConfig / LossConfig, set through RecoModule (as YAML does, by name), acts
+    in the component that uses it (duplicate_threshold was once accepted, saved in hparams and never handed
+    to the loss). A new option fails here until it is probed, documented in its class and in the README."""
+    options = [field.name for field in dataclasses.fields(config_cls)]
+    assert sorted(probes) == sorted(options)
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for name in options:
+        assert f"{name}:" in config_cls.__doc__, f"{config_cls.__name__}.{name} is not documented"
+        assert f"`{name}`" in readme, f"{config_cls.__name__}.{name} is missing from the README config reference"
+    key = "fusion_config" if config_cls is FusionConfig else "loss_config"
+    for name, (value, acts) in probes.items():
+        module = make(tiny_dir, **{key: {name: value}})
+        component = getattr(module, attribute)
+        assert getattr(component.config, name) == value and module.hparams[key][name] == value
+        assert acts(component), f"{key}.{name}={value} did not act on {attribute}"
+        # the defaults do not pass the check (or it could not fail)
+        assert not acts(getattr(make(tiny_dir), attribute)), f"the {name} check cannot fail"
+
+
+def test_retrieval_options_reach_the_retriever(tiny_dir):
+    module = make(tiny_dir, k=3, search="cross", fusion="uni", near_duplicate_threshold=0.9, exclusion_margin=5)
     module.setup("fit")
     retriever = module.require_retriever()
     assert (retriever.k, retriever.search, retriever.fusion) == (3, "cross", "uni")
     assert (retriever.near_duplicate_threshold, retriever.exclusion_margin) == (0.9, 5)
-    for fusion in (module.image_fusion, module.text_fusion):
-        assert fusion.width == 16 and len(fusion.encoder.layers) == 2
-        layer = fusion.encoder.layers[0]
-        assert layer.self_attn.num_heads == 2 and layer.linear1.out_features == 32
-        assert layer.dropout.p == 0.2
-        assert fusion.residual and fusion.retrieved_skip == 0.7
-    criterion = module.criterion
-    assert criterion.logit_scale.item() == pytest.approx(20.0)
-    assert not criterion.log_scale.requires_grad
-    assert criterion.mixed_terms is False
-    assert criterion.duplicate_threshold == 0.93
 
 
 def test_temperature_is_capped_after_each_training_step(tiny_dir, tmp_path):

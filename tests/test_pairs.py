@@ -2,16 +2,11 @@ import pytest
 import torch
 
 from helpers_data import run_ddp_stream, write_shards
-from reco_lightning.data.pairs import (
-    CsvSource,
-    FolderSource,
-    ImageTextDataModule,
-    PairCollator,
-    PairStream,
-    ShardSource,
-    decode,
-    open_source,
-)
+from reco_lightning.data.collate import PairCollator
+from reco_lightning.data.datamodule import ImageTextDataModule
+from reco_lightning.data.shards import ShardSource
+from reco_lightning.data.sources import CsvSource, FolderSource, open_source
+from reco_lightning.data.stream import PairStream, decode
 
 
 def ids_of(stream: PairStream) -> list[list[int]]:

@@ -62,7 +62,8 @@ def test_training_excludes_own_pair_and_near_duplicates():
 
 def test_fewer_than_k_survivors_are_masked_not_invented():
     x = unit(np.eye(3))
-    mem = MemoryStore.from_arrays(x, x, ids=np.array([7, 7, 8]))
+    # texts unlike their images (text 2 = image 0 = the query): a near-duplicate check on the texts drops row 2
+    mem = MemoryStore.from_arrays(x, np.roll(x, -1, axis=0), ids=np.array([7, 7, 8]))
     nb = Retriever(mem, k=3, exclusion_margin=0)(
         torch.from_numpy(x[:1]), "image", exclude_ids=torch.tensor([7])
     )
@@ -84,7 +85,8 @@ def test_search_widens_for_queries_whose_candidates_are_all_near_duplicates():
     cluster = unit(centre + 1e-4 * rng.normal(size=(40, 16)))  # 40 near-copies of the query
     others = unit(rng.normal(size=(30, 16)))
     x = np.concatenate([cluster, others])
-    mem = MemoryStore.from_arrays(x, x)
+    texts = unit(rng.normal(size=x.shape))  # unlike the images: a check on the texts keeps the cluster
+    mem = MemoryStore.from_arrays(x, texts)
     retriever = Retriever(mem, k=3, exclusion_margin=4, near_duplicate_threshold=0.99)
     nb = retriever(torch.from_numpy(centre), "image", exclude_ids=torch.tensor([-1]))
     assert nb.mask.all() and (nb.rows >= 40).all(), (

@@ -1,7 +1,7 @@
 """Calibrate a retrieval weight on validation data, by a stated rule, never on test data.
 
 Two weights decide how far a memory pulls an embedding: the "mix" baseline's ``mix_alpha`` and the
-fusion's ``fusion_retrieved_skip`` (its untrained start is exactly ``query + weight x mean of
+fusion's ``fusion_config.retrieved_skip`` (its untrained start is exactly ``query + weight x mean of
 neighbours``). Both are set the way one deploys a memory: sweep candidate values on a held-out
 classification set with the deployment memory attached, and pick by one of two rules:
 
@@ -16,6 +16,7 @@ classification set with the deployment memory attached, and pick by one of two r
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
 from reco_lightning.callbacks import ClassificationSet, ZeroShotEvaluation
@@ -26,7 +27,9 @@ __all__ = ["PARAMETERS", "Rule", "calibrate", "choose"]
 Rule = Literal["max", "keep"]
 
 #: calibratable parameter -> the report setting whose score it changes
-PARAMETERS: dict[str, str] = {"mix_alpha": "mix", "fusion_retrieved_skip": "reco"}
+#: the model option the fusion's untrained start is calibrated by (its key under ``model:``)
+RETRIEVED_SKIP = "fusion_config.retrieved_skip"
+PARAMETERS: dict[str, str] = {"mix_alpha": "mix", RETRIEVED_SKIP: "reco"}
 
 DEFAULT_VALUES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
@@ -61,7 +64,7 @@ def calibrate(
 ) -> dict[str, Any]:
     """Sweep ``parameter`` over ``values`` on ``dataset`` and pick one by ``rule``.
 
-    The model keeps its memory and weights; ``fusion_retrieved_skip`` is set on both fusions for the
+    The model keeps its memory and weights; ``fusion_config.retrieved_skip`` is set on both fusions for the
     sweep and left at the chosen value. Returns {"parameter", "values": {value: metric}, "clip": the
     frozen model's metric, "rule", "metric", "tolerance", "chosen"}.
     """
@@ -93,13 +96,13 @@ def calibrate(
         value = float(value)
         if value < 0:
             raise ValueError(f"{parameter} values are weights >= 0, got {value}")
-        if parameter == "fusion_retrieved_skip":
+        if parameter == RETRIEVED_SKIP:
             _set_retrieved_skip(model, value)
             scores[value] = score(setting)
         else:
             scores[value] = score(setting, value)
     chosen = choose(scores, rule, reference, tolerance)
-    if parameter == "fusion_retrieved_skip":
+    if parameter == RETRIEVED_SKIP:
         _set_retrieved_skip(model, chosen)
     return {
         "parameter": parameter,
@@ -115,5 +118,5 @@ def calibrate(
 
 def _set_retrieved_skip(model: RecoModule, weight: float) -> None:
     for fusion in (model.image_fusion, model.text_fusion):
-        fusion.retrieved_skip = weight
-    model.hparams["fusion_retrieved_skip"] = weight
+        fusion.config = replace(fusion.config, retrieved_skip=weight)
+    model.hparams["fusion_config"] = {**model.hparams["fusion_config"], "retrieved_skip": weight}

@@ -26,7 +26,7 @@ import torch
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only
 
-from reco_lightning.data.pairs import ImageTextDataModule
+from reco_lightning.data.datamodule import ImageTextDataModule
 from reco_lightning.errors import RecoError
 from reco_lightning.model import RecoModule
 
@@ -99,7 +99,7 @@ def lightning_main(args: Sequence[str] | None = None, run: bool = True) -> RecoC
 def memory_main(args: Sequence[str]) -> None:
     from jsonargparse import ArgumentParser
 
-    from reco_lightning.memory.build import build_memory
+    from reco_lightning.jobs.memory_build import build_memory
     from reco_lightning.memory.store import MemoryStore
 
     parser = ArgumentParser(prog="reco memory", description="Build, combine and inspect RECO memories.")
@@ -187,12 +187,8 @@ def cache_main(args: Sequence[str]) -> None:
     """Build the feature caches a config's ``data.feature_cache`` points at (train and val), if not current."""
     from pathlib import Path
 
-    from reco_lightning.data.features import (
-        FeatureCacheError,
-        build_feature_cache,
-        cache_requirements,
-        open_feature_cache,
-    )
+    from reco_lightning.data.features import FeatureCacheError, open_feature_cache
+    from reco_lightning.jobs.feature_cache import build_feature_cache, cache_requirements
 
     cli = lightning_main(args, run=False)
     model, data = cli.model, cli.datamodule
@@ -231,7 +227,7 @@ def cache_main(args: Sequence[str]) -> None:
 
 
 def calibrate_main(args: Sequence[str]) -> None:
-    """`reco calibrate`: sweep mix_alpha or fusion_retrieved_skip on a validation classification set."""
+    """`reco calibrate`: sweep mix_alpha or fusion_config.retrieved_skip on a validation classification set."""
     from jsonargparse import ArgumentParser
 
     from reco_lightning.atomic import atomic_write_text

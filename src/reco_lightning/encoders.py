@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FrozenCLIP", "backbone_fingerprint"]
+__all__ = ["FrozenCLIP", "backbone_fingerprint", "projected_embedding", "tokenize_captions"]
 
 
-def _projected(output: Any, kind: str) -> Tensor:
+def projected_embedding(output: Any, kind: str) -> Tensor:
     """transformers 4.x returns the projected embedding as a tensor; 5.x wraps it in an output object."""
     if isinstance(output, Tensor):
         return output
@@ -30,6 +30,22 @@ def _projected(output: Any, kind: str) -> Tensor:
         if isinstance(value, Tensor):
             return value
     raise TypeError(f"cannot find the projected {kind} embedding in {type(output).__name__}")
+
+
+def tokenize_captions(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str, Tensor]:
+    """CLIP text inputs for ``texts``: padded to ``max_length`` (truncated beyond it), as tensors.
+
+    The one tokenizer call of the package: the training collator and :meth:`FrozenCLIP.tokenize` both use
+    it, so captions seen in training and prompts encoded at evaluation get exactly the same inputs.
+    """
+    encoded = tokenizer(
+        list(texts),
+        padding="max_length",
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+    )
+    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
 
 def backbone_fingerprint(model: nn.Module, name_or_path: str) -> dict[str, Any]:
@@ -107,21 +123,14 @@ class FrozenCLIP(nn.Module):
         return self.processor.image_processor(list(images), return_tensors="pt")["pixel_values"]
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
-        encoded = self.processor.tokenizer(
-            list(texts),
-            padding="max_length",
-            truncation=True,
-            max_length=self.max_text_length,
-            return_tensors="pt",
-        )
-        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        return tokenize_captions(self.processor.tokenizer, texts, self.max_text_length)
 
     # --- embeddings ----------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_images(self, pixel_values: Tensor) -> Tensor:
         pixel_values = pixel_values.to(self.device, dtype=next(self.model.parameters()).dtype)
         out = self.model.get_image_features(pixel_values=pixel_values)
-        return F.normalize(_projected(out, "image").float(), dim=-1)
+        return F.normalize(projected_embedding(out, "image").float(), dim=-1)
 
     @torch.no_grad()
     def encode_texts(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -129,9 +138,23 @@ class FrozenCLIP(nn.Module):
             input_ids=input_ids.to(self.device),
             attention_mask=None if attention_mask is None else attention_mask.to(self.device),
         )
-        return F.normalize(_projected(out, "text").float(), dim=-1)
+        return F.normalize(projected_embedding(out, "text").float(), dim=-1)
 
     @torch.no_grad()
     def encode_captions(self, texts: Sequence[str]) -> Tensor:
         """Tokenize and encode raw strings (class prompts, queries)."""
         return self.encode_texts(**self.tokenize(texts))
+
+    def encode_batch(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """Frozen ``(v, t)`` [B, dim] of a collated batch of pairs (``pixel_values``, ``input_ids``, ``attention_mask``).
+
+        A batch whose samples were all bad carries no inputs: both are then an empty [0, dim] tensor on the
+        backbone's device, so ranks with nothing to encode still step in sync. Memory builds, feature caches
+        and RecoModule all encode pairs through here.
+        """
+        if "pixel_values" not in batch:  # every sample of this rank's batch was bad
+            empty = torch.zeros(0, self.dim, device=self.device)
+            return empty, empty
+        v = self.encode_images(batch["pixel_values"])
+        t = self.encode_texts(batch["input_ids"], batch.get("attention_mask"))
+        return v, t

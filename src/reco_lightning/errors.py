@@ -8,8 +8,20 @@ caught those keeps working.
 
 from __future__ import annotations
 
-__all__ = ["RecoError"]
+__all__ = ["ChunkedJobError", "RecoError", "RecoMemoryError"]
 
 
 class RecoError(Exception):
     """An error caused by the user's input, files or settings; its message names the thing and the fix."""
+
+
+class RecoMemoryError(RecoError, RuntimeError):
+    """Raised for any memory that cannot be built, opened or searched; the message names the file and the fix."""
+
+
+class ChunkedJobError(RecoError, RuntimeError):
+    """A chunked prediction job (``jobs.chunked``) whose plan or rank shares do not add up; re-run or start over.
+
+    Apart from :class:`RecoMemoryError` because the same job machinery builds feature caches too: a cache
+    build that fails is not a memory error. A memory build reports these as a ``RecoMemoryError``.
+    """

@@ -12,6 +12,8 @@ the gradient of the single-process loss on the concatenated batch.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["RecoContrastiveLoss", "gather_rows", "gather_with_grad", "info_nce", "local_info_nce"]
+__all__ = ["LossConfig", "RecoContrastiveLoss", "gather_rows", "gather_with_grad", "info_nce", "local_info_nce"]
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
@@ -121,11 +123,12 @@ def local_info_nce(
     return 0.5 * (image_to_text + text_to_image) / total
 
 
-class RecoContrastiveLoss(nn.Module):
-    """The three-term RECO loss with a learnable temperature (CLIP init 1/0.07, capped at 100).
+@dataclass(frozen=True)
+class LossConfig:
+    """The options of RecoContrastiveLoss, defined once (RecoModule takes one).
 
     Args:
-        init_temperature: initial softmax temperature.
+        init_temperature: initial softmax temperature (CLIP: 0.07).
         max_logit_scale: upper bound on 1/temperature, as in CLIP, for stability.
         learn_temperature: train the temperature (the paper's setting) or keep it fixed.
         mixed_terms: include NCE(v_bar, t) and NCE(v, t_bar); off trains only refined-vs-refined.
@@ -134,20 +137,34 @@ class RecoContrastiveLoss(nn.Module):
             made from class names). None: plain InfoNCE, as in the paper.
     """
 
-    def __init__(
-        self,
-        init_temperature: float = 0.07,
-        max_logit_scale: float = 100.0,
-        learn_temperature: bool = True,
-        mixed_terms: bool = True,
-        duplicate_threshold: float | None = None,
-    ) -> None:
+    init_temperature: float = 0.07
+    max_logit_scale: float = 100.0
+    learn_temperature: bool = True
+    mixed_terms: bool = True
+    duplicate_threshold: float | None = None
+
+    @classmethod
+    def coerce(cls, value: LossConfig | Mapping[str, Any] | None) -> LossConfig:
+        """A LossConfig from itself, a mapping (checkpoint hparams, YAML) or None (the defaults)."""
+        if value is None:
+            return cls()
+        return value if isinstance(value, cls) else cls(**dict(value))
+
+
+class RecoContrastiveLoss(nn.Module):
+    """The three-term RECO loss with a learnable temperature (CLIP init 1/0.07, capped at 100).
+
+    All options are ``config`` (see LossConfig).
+    """
+
+    def __init__(self, config: LossConfig | None = None) -> None:
         super().__init__()
+        config = LossConfig.coerce(config)
+        self.config = config
         self.log_scale = nn.Parameter(
-            torch.tensor(math.log(1.0 / init_temperature)), requires_grad=learn_temperature
+            torch.tensor(math.log(1.0 / config.init_temperature)), requires_grad=config.learn_temperature
         )
-        self.max_log_scale = math.log(max_logit_scale)
-        self.mixed_terms, self.duplicate_threshold = mixed_terms, duplicate_threshold
+        self.max_log_scale = math.log(config.max_logit_scale)
 
     @property
     def logit_scale(self) -> Tensor:
@@ -163,10 +180,10 @@ class RecoContrastiveLoss(nn.Module):
     def positives(self, t_local: Tensor, t_global: Tensor, offset: int) -> Tensor | None:
         """[n, N] matching columns of each local row: itself, plus (with ``duplicate_threshold``) every
         pair whose frozen text embedding is that similar to its own."""
-        if self.duplicate_threshold is None:
+        if self.config.duplicate_threshold is None:
             return None
         # renormalised: identical captions stored in fp16 must compare at 1, not at |t|^2 ~ 1 - 1e-4
-        same = F.normalize(t_local, dim=-1) @ F.normalize(t_global, dim=-1).t() >= self.duplicate_threshold
+        same = F.normalize(t_local, dim=-1) @ F.normalize(t_global, dim=-1).t() >= self.config.duplicate_threshold
         rows = torch.arange(t_local.shape[0], device=t_local.device)
         same[rows, rows + offset] = True
         return same
@@ -192,7 +209,7 @@ class RecoContrastiveLoss(nn.Module):
             return world * local_info_nce(a, b, a_all, b_all, scale, offset, positives)
 
         parts = {"refined": nce(v_bar, t_bar, v_bar_all, t_bar_all)}
-        if self.mixed_terms:
+        if self.config.mixed_terms:
             parts["refined_image"] = nce(v_bar, t, v_bar_all, t_all)
             parts["refined_text"] = nce(v, t_bar, v_all, t_bar_all)
         parts["loss"] = sum(parts.values())

@@ -7,7 +7,8 @@ and loading it beside a different backbone fails loudly instead of producing sil
 
 from __future__ import annotations
 
-import math
+from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +18,18 @@ from torch import Tensor
 
 from reco_lightning.encoders import FrozenCLIP
 from reco_lightning.errors import RecoError
-from reco_lightning.fusion import FusionTransformer
-from reco_lightning.losses import RecoContrastiveLoss
-from reco_lightning.memory.store import MemoryStore, Modality, check_fingerprint
+from reco_lightning.fusion import FusionConfig, FusionTransformer
+from reco_lightning.jobs.feature_cache import model_requirements
+from reco_lightning.losses import LossConfig, RecoContrastiveLoss
+from reco_lightning.memory.store import MemoryStore, check_fingerprint
+from reco_lightning.optim import warmup_cosine
 from reco_lightning.retrieval import Choice, NearDuplicateOf, Neighbours, Retriever
+from reco_lightning.types import Modality
 
 __all__ = ["BackboneMismatchError", "RecoModule"]
 
 BACKBONE_PREFIX = "backbone."
+DEFAULT_FUSION, DEFAULT_LOSS = FusionConfig(), LossConfig()  # frozen: safe as shared defaults
 
 
 class BackboneMismatchError(RecoError, RuntimeError):
@@ -47,9 +52,8 @@ class RecoModule(pl.LightningModule):
         near_duplicate_of: "image" (compare candidates' images with the pair's image, for both sides) or
             "query" (compare with the query in its own modality); see Retriever.
         exclusion_margin: extra candidates searched during training so k survive exclusion.
-        fusion_width / fusion_layers / fusion_heads / fusion_mlp_ratio / fusion_dropout / fusion_residual /
-            fusion_retrieved_skip: the FusionTransformer of each side (see fusion.py).
-        init_temperature / learn_temperature / mixed_loss_terms / duplicate_threshold: the loss (see losses.py).
+        fusion_config: the FusionTransformer of each side (options: FusionConfig in fusion.py).
+        loss_config: the contrastive loss (options: LossConfig in losses.py).
         lr / weight_decay / warmup_steps / min_lr_ratio / betas: AdamW with linear warmup then cosine decay
             to ``min_lr_ratio * lr`` over the run's total steps.
         refine_image / refine_text: which sides are refined at evaluation and prediction time.
@@ -70,17 +74,8 @@ class RecoModule(pl.LightningModule):
         near_duplicate_threshold: float = 0.95,
         near_duplicate_of: NearDuplicateOf = "image",
         exclusion_margin: int = 16,
-        fusion_width: int | None = None,
-        fusion_layers: int = 1,
-        fusion_heads: int = 8,
-        fusion_mlp_ratio: float = 4.0,
-        fusion_dropout: float = 0.0,
-        fusion_residual: bool = False,
-        fusion_retrieved_skip: float = 0.0,
-        init_temperature: float = 0.07,
-        learn_temperature: bool = True,
-        mixed_loss_terms: bool = True,
-        duplicate_threshold: float | None = None,
+        fusion_config: FusionConfig = DEFAULT_FUSION,
+        loss_config: LossConfig = DEFAULT_LOSS,
         lr: float = 1e-4,
         weight_decay: float = 0.05,
         warmup_steps: int = 100,
@@ -91,26 +86,14 @@ class RecoModule(pl.LightningModule):
         mask_retrieved: bool = False,
     ) -> None:
         super().__init__()
+        fusion_config, loss_config = FusionConfig.coerce(fusion_config), LossConfig.coerce(loss_config)
         self.save_hyperparameters()
+        # plain dicts in hparams: hparams.yaml stays readable and checkpoints load without our classes
+        self.hparams["fusion_config"], self.hparams["loss_config"] = asdict(fusion_config), asdict(loss_config)
         self.backbone = FrozenCLIP(backbone)
-        dim = self.backbone.dim
-        fusion_kwargs = {
-            "width": fusion_width,
-            "num_layers": fusion_layers,
-            "num_heads": fusion_heads,
-            "mlp_ratio": fusion_mlp_ratio,
-            "dropout": fusion_dropout,
-            "residual": fusion_residual,
-            "retrieved_skip": fusion_retrieved_skip,
-        }
-        self.image_fusion = FusionTransformer(dim, **fusion_kwargs)
-        self.text_fusion = FusionTransformer(dim, **fusion_kwargs)
-        self.criterion = RecoContrastiveLoss(
-            init_temperature=init_temperature,
-            learn_temperature=learn_temperature,
-            mixed_terms=mixed_loss_terms,
-            duplicate_threshold=duplicate_threshold,
-        )
+        self.image_fusion = FusionTransformer(self.backbone.dim, fusion_config)
+        self.text_fusion = FusionTransformer(self.backbone.dim, fusion_config)
+        self.criterion = RecoContrastiveLoss(loss_config)
         self.retriever: Retriever | None = None
 
     # --- memory ---------------------------------------------------------------------------------------
@@ -144,6 +127,14 @@ class RecoModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         if self.retriever is None and self.hparams.memory:
             self.set_memory(self.hparams.memory)
+        datamodule = getattr(self._trainer, "datamodule", None)
+        if hasattr(datamodule, "expect"):  # tell the data what to check against us (it never reads the model)
+            memory = self.retriever.memory if self.retriever is not None else None
+            datamodule.expect(
+                model_requirements(self) if memory is not None else None,
+                memory_id_scheme=memory.manifest.get("id_scheme") if memory is not None else None,
+                memory=str(memory.path or "(in RAM)") if memory is not None else None,
+            )
 
     def require_retriever(self) -> Retriever:
         """The memory's retriever, or a one-line error saying how to attach a memory."""
@@ -159,12 +150,7 @@ class RecoModule(pl.LightningModule):
         """Frozen (v, t) for a batch: precomputed features when the batch carries them, else CLIP forward."""
         if "image_emb" in batch:
             return batch["image_emb"].float(), batch["text_emb"].float()
-        if "pixel_values" not in batch:  # every sample of this rank's batch was bad
-            empty = torch.zeros(0, self.backbone.dim, device=self.device)
-            return empty, empty
-        v = self.backbone.encode_images(batch["pixel_values"])
-        t = self.backbone.encode_texts(batch["input_ids"], batch.get("attention_mask"))
-        return v, t
+        return self.backbone.encode_batch(batch)
 
     def refine(
         self,
@@ -289,14 +275,9 @@ class RecoModule(pl.LightningModule):
         )
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
         warmup = min(hp.warmup_steps, max(0, total - 1))
-
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, partial(warmup_cosine, warmup_steps=warmup, total_steps=total, min_ratio=hp.min_lr_ratio)
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # --- checkpoints: trainable state + backbone identity, never the frozen weights -------------------

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from reco_lightning.memory.store import MemoryStore, Modality
+from reco_lightning.memory.store import MemoryStore
+from reco_lightning.types import Modality
 
 __all__ = ["Neighbours", "Retriever", "other_modality"]
 

@@ -83,7 +83,7 @@ def make_shape_classes(directory: str | os.PathLike, per_class: int, seed: int =
 
 def prepare_tiny(directory: str | os.PathLike, n_train: int = 256, n_val: int = 64, seed: int = 0) -> Path:
     """Create ``clip/``, ``train.csv``, ``val.csv``, ``zeroshot/`` and ``memory/`` under ``directory`` unless present."""
-    from reco_lightning.memory.build import build_memory
+    from reco_lightning.jobs.memory_build import build_memory
 
     directory = Path(directory)
     train_csv = directory / "train.csv"

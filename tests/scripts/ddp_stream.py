@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 
 from reco_lightning.callbacks import DataEpochHooks
-from reco_lightning.data.pairs import ImageTextDataModule
+from reco_lightning.data.datamodule import ImageTextDataModule
 from reco_lightning.losses import gather_with_grad
 
 

@@ -23,6 +23,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset
 
+from reco_lightning.data.sources import IMAGE_EXTENSIONS
+
 __all__ = [
     "CLASSNAMES_FILENAME",
     "IMAGE_EXTENSIONS",
@@ -37,7 +39,6 @@ __all__ = [
     "load_templates",
 ]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CLASSNAMES_FILENAME = "classnames.txt"
 # CLIP_benchmark's name first, then a short alias; the first one present in a dataset root is used.
 TEMPLATES_FILENAMES = ("zeroshot_classification_templates.txt", "templates.txt")

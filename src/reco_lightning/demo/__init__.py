@@ -22,7 +22,12 @@ from reco_lightning.demo.fashion_mnist import (
     write_pairs,
 )
 
-_BACKBONE_NAMES = ("BackboneRecipe", "ensure_backbone", "train_backbone", "zero_shot_accuracy")
+_BACKBONE_NAMES = {  # name -> the module that defines it
+    "BackboneRecipe": "reco_lightning.demo.backbone",
+    "ensure_backbone": "reco_lightning.demo.backbone",
+    "train_backbone": "reco_lightning.demo.backbone_train",
+    "zero_shot_accuracy": "reco_lightning.demo.probes",
+}
 
 __all__ = [
     "CAPTION_TEMPLATES",
@@ -44,5 +49,5 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in _BACKBONE_NAMES:
-        return getattr(importlib.import_module("reco_lightning.demo.backbone"), name)
+        return getattr(importlib.import_module(_BACKBONE_NAMES[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

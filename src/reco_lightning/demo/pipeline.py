@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from reco_lightning.atomic import atomic_write_text
+from reco_lightning.calibration import RETRIEVED_SKIP
 from reco_lightning.demo.backbone import RECIPE_FILENAME, BackboneRecipe, ensure_backbone
 from reco_lightning.demo.fashion_mnist import (
     DEFAULT_ROOT,
@@ -122,7 +123,7 @@ def prepare_demo(
     ``seed`` selects the splits and the backbone (seed 0 is the default demo). ``limit`` shrinks every
     split for a quick run (the CI test); the protocol stays the same.
     """
-    from reco_lightning.memory.build import build_memory
+    from reco_lightning.jobs.memory_build import build_memory
     from reco_lightning.memory.store import MemoryStore
 
     layout = DemoLayout(Path(root))
@@ -279,10 +280,10 @@ def calibrate_weight(
     seen_classes: tuple[int, ...] = DEFAULT_SEEN_CLASSES,
     **overrides: Any,
 ) -> dict[str, Any]:
-    """``mix_alpha`` or ``fusion_retrieved_skip`` by the protocol's rule on the validation split, with
+    """``mix_alpha`` or ``fusion_config.retrieved_skip`` by the protocol's rule on the validation split, with
     the deployment memory (all classes) attached (see reco_lightning.calibration).
 
-    ``fusion_retrieved_skip`` is measured on the untrained fusion, which is exactly "query + weight x mean
+    ``fusion_config.retrieved_skip`` is measured on the untrained fusion, which is exactly "query + weight x mean
     of neighbours" (its learned branch starts at zero), so no training run is needed per weight."""
     from reco_lightning.calibration import calibrate
 
@@ -469,7 +470,7 @@ def run_demo(
     """Prepare, calibrate, then train and test RECO (and the grid), the control and, with
     ``memory_fraction``, RECO trained with 10% of the memory; print and save the summary.
 
-    ``calibrate``: set ``mix_alpha`` and each setting's ``fusion_retrieved_skip`` by the protocol's
+    ``calibrate``: set ``mix_alpha`` and each setting's ``fusion_config.retrieved_skip`` by the protocol's
     validation rule (otherwise the config's values)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown demo protocol {protocol!r}: use one of {sorted(PROTOCOLS)}")
@@ -490,16 +491,16 @@ def run_demo(
     reports: dict[str, dict] = {}
     for name, model_args in runs.items():
         if calibrate and not model_args.get("mask_retrieved"):
-            result = calibrate_weight(layout, "fusion_retrieved_skip", chosen, seen_classes, **model_args)
+            result = calibrate_weight(layout, RETRIEVED_SKIP, chosen, seen_classes, **model_args)
             calibration[name] = result
-            model_args = {**model_args, "fusion_retrieved_skip": result["chosen"]}
+            model_args = {**model_args, RETRIEVED_SKIP: result["chosen"]}
         reports[name] = train_and_test(layout, name, chosen, config, model_args, seed, extra)
     rows = summarise(reports)
     if memory_fraction and protocol == "open":  # the paper's Fig. 3 middle; a strict tenth would be seen-only
         headline = _grid_row(*GRID[0])
         model_args = {"search": GRID[0][0], "fusion": GRID[0][1]}
         if headline in calibration:
-            model_args["fusion_retrieved_skip"] = calibration[headline]["chosen"]
+            model_args[RETRIEVED_SKIP] = calibration[headline]["chosen"]
         report = train_and_test(
             layout, "memory_10pct", chosen, config, model_args, seed, extra, layout.memory_fraction
         )

@@ -20,7 +20,8 @@ import faiss
 import numpy as np
 import psutil
 
-from reco_lightning.memory.base import MemoryBackend, RecoMemoryError, register_backend
+from reco_lightning.errors import RecoMemoryError
+from reco_lightning.memory.base import MemoryBackend, register_backend
 from reco_lightning.memory.gpu import index_to_cpu, index_to_gpu
 
 __all__ = ["AutofaissBackend"]

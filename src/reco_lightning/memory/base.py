@@ -15,27 +15,22 @@ import os
 import tempfile
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
 from reco_lightning.atomic import atomic_write_text
-from reco_lightning.errors import RecoError
+from reco_lightning.errors import RecoMemoryError
 
 __all__ = [
     "BACKENDS",
     "MemoryBackend",
-    "RecoMemoryError",
     "backend_class",
     "backend_from_spec",
     "register_backend",
 ]
-
-
-class RecoMemoryError(RecoError, RuntimeError):
-    """Raised for any memory that cannot be built, opened or searched; the message names the file and the fix."""
-
 
 BACKENDS: dict[str, type[MemoryBackend]] = {}
 
@@ -44,7 +39,7 @@ BACKENDS: dict[str, type[MemoryBackend]] = {}
 _WARNED_IGNORED: set[tuple[type, tuple[str, ...]]] = set()
 
 
-def register_backend(name: str):
+def register_backend(name: str) -> Callable[[type[MemoryBackend]], type[MemoryBackend]]:
     """Class decorator: make a backend selectable by a short name in configs and manifests."""
 
     def wrap(cls: type[MemoryBackend]) -> type[MemoryBackend]:

@@ -15,7 +15,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from reco_lightning.memory.base import MemoryBackend, RecoMemoryError, register_backend
+from reco_lightning.errors import RecoMemoryError
+from reco_lightning.memory.base import MemoryBackend, register_backend
 from reco_lightning.memory.gpu import index_to_cpu, index_to_gpu
 
 __all__ = ["IVFPQBackend", "rerank_exact"]

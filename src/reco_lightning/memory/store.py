@@ -23,24 +23,25 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
+from reco_lightning.arrays import LayoutError, open_array, read_manifest
 from reco_lightning.atomic import atomic_write_text, replace_directory
-from reco_lightning.memory.base import MemoryBackend, RecoMemoryError, backend_from_spec
+from reco_lightning.errors import RecoMemoryError
+from reco_lightning.memory.base import MemoryBackend, backend_from_spec
+from reco_lightning.types import MODALITIES, Modality
 
-__all__ = ["MODALITIES", "MemoryStore", "Modality"]
+__all__ = ["MemoryStore"]
 
-Modality = Literal["image", "text"]
-MODALITIES: tuple[Modality, Modality] = ("image", "text")
 FORMAT, VERSION = "reco-memory", 1
 
 
 class MemoryStore:
     """Row-aligned image/text embeddings of N pairs plus a k-NN index per modality.
 
-    Build one with :meth:`write` (from arrays), :func:`reco_lightning.memory.build.build_memory` (from a
+    Build one with :meth:`write` (from arrays), :func:`reco_lightning.jobs.memory_build.build_memory` (from a
     dataset, resumable) or :meth:`concat`; open one with :meth:`open`; or keep one in RAM with
     :meth:`from_arrays` (tests, small experiments).
     """
@@ -227,22 +228,7 @@ class MemoryStore:
         ``search_params`` override search-time backend arguments (e.g. ``nprobe``, ``rerank``).
         """
         path = Path(path)
-        manifest_path = path / "manifest.json"
-        if not manifest_path.is_file():
-            hint = (
-                " (an interrupted build? resume it with the same `reco memory build` command)"
-                if any(path.parent.glob(f".{path.name}.partial*"))
-                else ""
-            )
-            raise RecoMemoryError(f"{path} is not a memory: {manifest_path} is missing{hint}")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as err:
-            raise RecoMemoryError(f"corrupt {manifest_path}: {err}; rebuild the memory") from err
-        if manifest.get("format") != FORMAT:
-            raise RecoMemoryError(
-                f"{manifest_path} is not a reco memory manifest (format={manifest.get('format')!r})"
-            )
+        manifest = _read_manifest(path)
         count, dim = int(manifest["count"]), int(manifest["dim"])
         if count == 0:
             raise RecoMemoryError(f"memory {path} is empty: build it from at least one image-text pair")
@@ -377,22 +363,47 @@ def _validated_arrays(
     return image, text, ids
 
 
-def _open_array(path: Path, dtype: type, shape: tuple[int, ...]) -> np.ndarray:
-    if not path.is_file():
-        raise RecoMemoryError(f"missing memory file {path}: the memory is incomplete, rebuild it")
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """The memory's manifest (see :func:`reco_lightning.arrays.read_manifest`), failures in a memory's words."""
     try:
-        array = np.load(path, mmap_mode="r")
-    except Exception as err:  # EOFError (0 bytes), ValueError (bad header, short data), OSError, ...
-        raise RecoMemoryError(
-            f"cannot read {path} ({type(err).__name__}: {err}): the file is empty, truncated or corrupt, "
-            "rebuild the memory"
-        ) from err
-    if array.shape != shape or array.dtype != dtype:
-        raise RecoMemoryError(
-            f"{path} holds {array.dtype}{list(array.shape)} but the manifest says {np.dtype(dtype)}{list(shape)}: "
-            "rebuild the memory"
-        )
-    return array
+        return read_manifest(path, FORMAT)
+    except LayoutError as problem:
+        manifest_path = problem.path
+        if problem.problem == "missing":
+            hint = (
+                " (an interrupted build? resume it with the same `reco memory build` command)"
+                if any(path.parent.glob(f".{path.name}.partial*"))
+                else ""
+            )
+            message = f"{path} is not a memory: {manifest_path} is missing{hint}"
+        elif problem.problem == "corrupt":
+            message = f"corrupt {manifest_path}: {problem.cause}; rebuild the memory"
+        else:
+            message = f"{manifest_path} is not a reco memory manifest (format={problem.found!r})"
+        raise RecoMemoryError(message) from problem.cause
+
+
+def _open_array(path: Path, dtype: type, shape: tuple[int, ...]) -> np.ndarray:
+    """One store array (see :func:`reco_lightning.arrays.open_array`), failures in a memory's words."""
+    try:
+        return open_array(path, shape, dtype)
+    except LayoutError as problem:
+        err, found = problem.cause, problem.found
+        if problem.problem == "missing":
+            raise RecoMemoryError(
+                f"missing memory file {path}: the memory is incomplete, rebuild it"
+            ) from None
+        if problem.problem == "unreadable":
+            message = (
+                f"cannot read {path} ({type(err).__name__}: {err}): the file is empty, truncated or corrupt, "
+                "rebuild the memory"
+            )
+        else:
+            message = (
+                f"{path} holds {found.dtype}{list(found.shape)} but the manifest says {np.dtype(dtype)}{list(shape)}: "
+                "rebuild the memory"
+            )
+        raise RecoMemoryError(message) from err
 
 
 def _check_metadata(path: Path, count: int) -> None:

@@ -9,6 +9,10 @@ skips finished chunks, so an interrupted build loses at most one chunk of work.
 Lightning's predict loop ends without a barrier, so ranks leave ``trainer.predict`` at different times:
 rank 0 merges only after a barrier that every rank reaches once its share is on disk, checks that the
 merged rows cover the chunk's window exactly, and the ranks meet again before the next chunk.
+
+Once every chunk is on disk, :func:`assemble` concatenates them into the job's row-aligned ``.npy``
+files (the layout both memories and feature caches use); each job then writes its own manifest. Failures
+of the plan or of the ranks' shares raise :class:`~reco_lightning.errors.ChunkedJobError`.
 """
 
 from __future__ import annotations
@@ -20,16 +24,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
 from reco_lightning.atomic import atomic_write_text
-from reco_lightning.data.pairs import PairCollator, PairSource, PairStream
-from reco_lightning.memory.base import RecoMemoryError
+from reco_lightning.data.collate import PairCollator
+from reco_lightning.data.records import PairSource
+from reco_lightning.data.stream import PairStream
+from reco_lightning.errors import ChunkedJobError
 
-__all__ = ["clear_work", "concat_parts", "iter_chunks", "predict_in_chunks"]
+__all__ = ["assemble", "clear_work", "concat_parts", "iter_chunks", "predict_in_chunks"]
 
 
 def concat_parts(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -98,7 +105,13 @@ class _RankWriter(BasePredictionWriter):
         super().__init__(write_interval="epoch")
         self.directory = directory
 
-    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+    def write_on_epoch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        predictions: list[Any],
+        batch_indices: Any,
+    ) -> None:
         path = self.directory / f"rank{trainer.global_rank}.pt"
         tmp = path.with_suffix(".tmp")
         torch.save(concat_parts(predictions), tmp)
@@ -125,7 +138,7 @@ def _merge_ranks(rank_dir: Path, final: Path, world_size: int, window: tuple[int
     unique = len(torch.unique(positions))
     inside = rows == 0 or (window[0] <= int(positions.min()) and int(positions.max()) < window[1])
     if rows + bad != span or unique != rows or not inside:
-        raise RecoMemoryError(
+        raise ChunkedJobError(
             f"chunk {final.name} of rows [{window[0]}, {window[1]}) merged {rows} rows ({unique} distinct) and "
             f"{bad} bad samples from {sum(p.is_file() for p in files)} of {world_size} rank files, but the plan "
             f"needs {span}: the ranks' shares were incomplete; re-run the same command to redo this chunk"
@@ -163,7 +176,7 @@ def predict_in_chunks(
     if plan_path.is_file():
         previous = json.loads(plan_path.read_text())
         if previous != plan:
-            raise RecoMemoryError(
+            raise ChunkedJobError(
                 f"{work} holds an interrupted build with other settings ({_diff(previous, plan)}): delete {work} "
                 "to start over, or resume with the original arguments"
             )
@@ -211,6 +224,37 @@ def iter_chunks(files: list[Path]) -> Iterator[dict[str, Any]]:
         chunk = torch.load(path, weights_only=False)
         if chunk:
             yield chunk
+
+
+def assemble(
+    work: Path, files: list[Path], arrays: dict[str, tuple[str, Any, tuple[int, ...]]]
+) -> tuple[int, dict[str, Any]]:
+    """Concatenate the chunk files into row-aligned ``<name>.npy`` files in ``work``; return (rows, the rest).
+
+    ``arrays`` maps each file name to ``(chunk key, dtype, shape of one row)``: ``{"ids": ("id", np.int64,
+    ())}`` writes every chunk's ``id`` tensor, in source order, into ``work/ids.npy``. The chunks' other
+    outputs come back joined as :func:`concat_parts` joins them (per-row lists and per-chunk tuples
+    extended, counts summed); tensors not written to a file are dropped. Two passes over the chunk files
+    (count, then copy into memory-mapped files), so a whole source never has to fit in RAM.
+    """
+    count = sum(len(chunk["position"]) for chunk in iter_chunks(files))
+    out = {
+        name: np.lib.format.open_memmap(work / f"{name}.npy", mode="w+", dtype=dtype, shape=(count, *row))
+        for name, (_, dtype, row) in arrays.items()
+    }
+    written = {key for key, _, _ in arrays.values()}
+    rest: list[dict[str, Any]] = []
+    start = 0
+    for chunk in iter_chunks(files):
+        n = len(chunk["position"])
+        for name, (key, _, _) in arrays.items():
+            out[name][start : start + n] = chunk[key].numpy()
+        rest.append({k: v for k, v in chunk.items() if k not in written and not isinstance(v, torch.Tensor)})
+        start += n
+    for array in out.values():
+        array.flush()
+    del out
+    return count, concat_parts(rest)
 
 
 def clear_work(work: Path) -> None:

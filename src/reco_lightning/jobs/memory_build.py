@@ -4,7 +4,8 @@ Encoding runs through ``Trainer.predict`` so it uses every device the Trainer is
 into fixed chunks of rows; each finished chunk is written atomically into a work directory next to the
 target (``.<name>.partial``), so a killed build re-encodes only the chunk it was in when re-run with the
 same arguments. The target directory appears, complete with manifest and indexes, only at the end.
-This is the one module under ``memory/`` that uses Lightning: it is the bridge from data to store.
+A job rather than part of ``memory/``: it is the bridge from data (and Lightning) to the store, which
+itself knows neither.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
-import torch
 
 from reco_lightning.atomic import replace_directory
-from reco_lightning.chunked import clear_work, iter_chunks, predict_in_chunks
-from reco_lightning.data.pairs import PairCollator, open_source
+from reco_lightning.data.collate import PairCollator
+from reco_lightning.data.sources import open_source
 from reco_lightning.encoders import FrozenCLIP
-from reco_lightning.memory.base import RecoMemoryError
+from reco_lightning.errors import ChunkedJobError, RecoMemoryError
+from reco_lightning.jobs.chunked import assemble, clear_work, predict_in_chunks
 from reco_lightning.memory.store import finish_memory, write_metadata
 
 __all__ = ["BAD_KEYS_KEPT", "EncoderModule", "build_memory"]
@@ -39,11 +40,7 @@ class EncoderModule(pl.LightningModule):
         self.backbone = FrozenCLIP(backbone)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        if "pixel_values" in batch:
-            image = self.backbone.encode_images(batch["pixel_values"]).half().cpu()
-            text = self.backbone.encode_texts(batch["input_ids"], batch["attention_mask"]).half().cpu()
-        else:  # every sample of the batch was bad
-            image = text = torch.zeros(0, self.backbone.dim, dtype=torch.float16)
+        image, text = self.backbone.encode_batch(batch)  # [0, dim] each when every sample was bad
         return {
             "position": batch["position"].cpu(),
             "id": batch["id"].cpu(),
@@ -51,8 +48,8 @@ class EncoderModule(pl.LightningModule):
             "caption": batch["caption"],
             "bad": len(batch["bad_keys"]),
             "bad_keys": tuple(batch["bad_keys"][:BAD_KEYS_KEPT]),  # a tuple: per chunk, not per row
-            "image": image,
-            "text": text,
+            "image": image.half().cpu(),
+            "text": text.half().cpu(),
         }
 
 
@@ -95,17 +92,22 @@ def build_memory(
         "id_scheme": pairs.id_scheme,  # chunks hold ids: a resume must not mix two schemes
     }
     collator = PairCollator(module.backbone.processor, module.backbone.max_text_length)
-    files, trainer = predict_in_chunks(
-        module, pairs, work, plan, collator, chunk_size, batch_size, num_workers, trainer_kwargs
-    )
+    try:
+        files, trainer = predict_in_chunks(
+            module, pairs, work, plan, collator, chunk_size, batch_size, num_workers, trainer_kwargs
+        )
+    except ChunkedJobError as err:  # a memory build that cannot go on is a memory error (same message)
+        raise RecoMemoryError(str(err)) from err
     if trainer.global_rank == 0:
-        _assemble(work, files, module.backbone.fingerprint, backend, train_size, str(source), pairs.id_scheme)
+        _write_memory(
+            work, files, module.backbone.fingerprint, backend, train_size, str(source), pairs.id_scheme
+        )
         replace_directory(work, out)
     trainer.strategy.barrier()
     return out
 
 
-def _assemble(
+def _write_memory(
     work: Path,
     files: list[Path],
     fingerprint: dict[str, Any],
@@ -115,30 +117,20 @@ def _assemble(
     id_scheme: str | None = None,
 ) -> None:
     """Concatenate chunk files into the store's row-aligned arrays, then index; the manifest goes last."""
-    counts, bad, bad_keys = [], 0, []
-    for chunk in iter_chunks(files):
-        counts.append(len(chunk["id"]))
-        bad += chunk["bad"]
-        bad_keys.extend(chunk.get("bad_keys", ())[: BAD_KEYS_KEPT - len(bad_keys)])
-    kept, dim = sum(counts), int(fingerprint["dim"])
-    image = np.lib.format.open_memmap(work / "image_emb.npy", mode="w+", dtype=np.float16, shape=(kept, dim))
-    text = np.lib.format.open_memmap(work / "text_emb.npy", mode="w+", dtype=np.float16, shape=(kept, dim))
-    ids = np.lib.format.open_memmap(work / "ids.npy", mode="w+", dtype=np.int64, shape=(kept,))
-    captions: list[str] = []
-    keys: list[str] = []
-    start = 0
-    for chunk in iter_chunks(files):
-        n = len(chunk["id"])
-        image[start : start + n] = chunk["image"].numpy()
-        text[start : start + n] = chunk["text"].numpy()
-        ids[start : start + n] = chunk["id"].numpy()
-        captions.extend(chunk["caption"])
-        keys.extend(chunk["key"])
-        start += n
-    for array in (image, text, ids):
-        array.flush()
-    write_metadata(work / "metadata.parquet", np.asarray(ids), captions, keys)
-    del image, text, ids
+    dim = int(fingerprint["dim"])
+    kept, rest = assemble(
+        work,
+        files,
+        {
+            "image_emb": ("image", np.float16, (dim,)),
+            "text_emb": ("text", np.float16, (dim,)),
+            "ids": ("id", np.int64, ()),
+        },
+    )
+    bad, bad_keys = rest.get("bad", 0), list(rest.get("bad_keys", ())[:BAD_KEYS_KEPT])
+    ids = np.load(work / "ids.npy", mmap_mode="r")
+    write_metadata(work / "metadata.parquet", np.asarray(ids), rest.get("caption", []), rest.get("key", []))
+    del ids
     clear_work(work)
     finish_memory(
         work,

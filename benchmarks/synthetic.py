@@ -22,6 +22,9 @@ cluster close to ``a^2 + b^2``.
 Everything (mean, centres, bases, cluster sizes) is fixed by ``seed``; database rows and queries are
 independent draws from that same distribution (different random streams), so a query is never a copy of a
 row. Rows are produced in chunks so N = 1M x 512 needs only the 2 GB output plus a few MB of scratch.
+
+Benchmark data, not part of the library: the benchmarks import it as ``synthetic`` (their folder is on
+``sys.path`` when they run as scripts; tests put it there, see tests/test_benchmark_memory.py).
 """
 
 from __future__ import annotations
