@@ -24,9 +24,9 @@ import statistics
 import time
 from pathlib import Path
 
+from reco_lightning.apps.demo.fashion_mnist import DEFAULT_SPLIT, DEMO_SPLITS, resolve_split, split_name
+from reco_lightning.apps.demo.pipeline import DEFAULT_PROTOCOL, PROTOCOLS, class_groups, run_demo
 from reco_lightning.atomic import atomic_write_text
-from reco_lightning.demo.fashion_mnist import DEFAULT_SPLIT, DEMO_SPLITS, resolve_split, split_name
-from reco_lightning.demo.pipeline import DEFAULT_PROTOCOL, PROTOCOLS, class_groups, run_demo
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 START, END = "<!-- demo-results:start -->", "<!-- demo-results:end -->"

@@ -37,13 +37,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from reco_lightning.apps.demo.fashion_mnist import DEFAULT_SEEN_CLASSES
 from reco_lightning.data.zeroshot import ImageFolderClassification, load_templates
-from reco_lightning.demo.fashion_mnist import DEFAULT_SEEN_CLASSES
 from reco_lightning.encoders import FrozenCLIP
-from reco_lightning.evaluation import build_prompts, class_embeddings_from_prompt_embeddings
 from reco_lightning.fusion import FusionConfig, FusionTransformer
 from reco_lightning.losses import LossConfig, RecoContrastiveLoss
 from reco_lightning.memory.store import MemoryStore
+from reco_lightning.metrics import build_prompts, class_embeddings_from_prompt_embeddings
 from reco_lightning.optim import warmup_cosine
 
 

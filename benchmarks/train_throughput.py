@@ -88,7 +88,7 @@ MODELS: dict[str, ModelSpec] = {
     ),
     "demo": ModelSpec(
         key="demo",
-        description="the demo's stand-in CLIP (reco_lightning.demo.backbone.BackboneRecipe defaults, random weights)",
+        description="the demo's stand-in CLIP (reco_lightning.apps.demo.recipe.BackboneRecipe defaults, random weights)",
         memory_size=30_000,  # the demo backbone's default memory split
         on_the_fly_batch_sizes=(32, 256),
         cached_batch_sizes=(32, 256, 1024),
@@ -165,7 +165,7 @@ def build_vit_b32(directory: Path, seed: int = 0) -> dict[str, Any]:
 
 def build_demo(directory: Path, seed: int = 0) -> dict[str, Any]:
     """Save the demo backbone's architecture with random weights (the demo trains its own; timing only)."""
-    from reco_lightning.demo.backbone import BackboneRecipe
+    from reco_lightning.apps.demo.recipe import BackboneRecipe
     from reco_lightning.tiny_clip import build_clip_tokenizer, new_clip, save_clip
 
     recipe = BackboneRecipe()
@@ -175,7 +175,7 @@ def build_demo(directory: Path, seed: int = 0) -> dict[str, Any]:
     arch = recipe.architecture()
     save_clip(directory, new_clip(tokenizer, seed=seed, **arch), tokenizer)
     return {
-        "source": "reco_lightning.demo.backbone.BackboneRecipe() defaults",
+        "source": "reco_lightning.apps.demo.recipe.BackboneRecipe() defaults",
         "vocab_size": len(tokenizer),
         **arch,
     }

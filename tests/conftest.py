@@ -15,7 +15,7 @@ warnings.filterwarnings("ignore", message=".*torchvision.*")
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """clip/, train.csv, val.csv, memory/ (exact backend) for the tiny shapes setup."""
-    from reco_lightning.tiny import prepare_tiny
+    from reco_lightning.apps.tiny import prepare_tiny
 
     return prepare_tiny(tmp_path_factory.mktemp("tiny"), n_train=192, n_val=64)
 
@@ -28,7 +28,7 @@ def tiny_backbone(tiny_dir: Path) -> str:
 @pytest.fixture(scope="session")
 def other_backbone(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A second tiny CLIP with the same config but other weights: a different embedding space."""
-    from reco_lightning.tiny import COLOURS, SHAPES, TEMPLATES
+    from reco_lightning.apps.tiny import COLOURS, SHAPES, TEMPLATES
     from reco_lightning.tiny_clip import save_tiny_clip
 
     captions = [t.format(c=c, s=s) for t in TEMPLATES for c in COLOURS for s in SHAPES]

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from reco_lightning.baselines import lookup, mix, neighbour_mean
 from reco_lightning.calibration import calibrate, choose
-from reco_lightning.callbacks import ClassificationSet, ZeroShotEvaluation
+from reco_lightning.evaluation import ClassificationSet, ZeroShotEvaluation
 from reco_lightning.model import RecoModule
 from reco_lightning.retrieval import Neighbours
 
@@ -68,7 +68,7 @@ def _shapes(tiny_dir) -> ClassificationSet:
 def test_lookup_and_mix_rows_use_the_models_neighbours(module, tiny_dir):
     """The report's baseline rows equal the baselines computed by hand from the same neighbours."""
     from reco_lightning.data.zeroshot import ImageFolderClassification, load_templates
-    from reco_lightning.evaluation import build_class_embeddings, classification_metrics
+    from reco_lightning.metrics import build_class_embeddings, classification_metrics
 
     evaluation = ZeroShotEvaluation(
         classification=[_shapes(tiny_dir)], settings=["lookup", "mix"], mix_alpha=0.7

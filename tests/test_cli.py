@@ -235,7 +235,7 @@ def test_errors_of_ours_are_one_line_on_stderr_with_exit_status_1(tmp_path, caps
 
 
 def test_only_errors_written_for_the_user_lose_their_traceback(monkeypatch):
-    from reco_lightning.evaluation import build_prompts
+    from reco_lightning.metrics import build_prompts
 
     def raised(call):
         try:
@@ -250,7 +250,7 @@ def test_only_errors_written_for_the_user_lose_their_traceback(monkeypatch):
     assert not is_user_error(raised(lambda: {}["key"]))
     import reco_lightning.cli as cli
 
-    monkeypatch.setattr(cli, "memory_main", lambda args: {}["bug"])
+    monkeypatch.setitem(cli.COMMANDS, "memory", lambda args: {}["bug"])
     with pytest.raises(KeyError):  # a bug keeps its traceback
         main(["memory", "info", "x"])
 

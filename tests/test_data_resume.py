@@ -8,8 +8,8 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from helpers_data import write_shards
-from reco_lightning.callbacks import DataEpochHooks
 from reco_lightning.data.datamodule import ImageTextDataModule
+from reco_lightning.data.hooks import DataEpochHooks
 
 
 class OrderRecorder(pl.LightningModule):

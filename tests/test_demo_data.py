@@ -1,4 +1,4 @@
-"""Tests for reco_lightning.demo: Fashion-MNIST parsing, the seen/unseen split, pair files, the stand-in CLIP."""
+"""Tests for reco_lightning.apps.demo: Fashion-MNIST parsing, the seen/unseen split, pair files, the stand-in CLIP."""
 
 from __future__ import annotations
 
@@ -14,12 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from reco_lightning.data.sources import read_pairs
-from reco_lightning.data.zeroshot import ImageFolderClassification, load_templates
-from reco_lightning.demo import backbone as backbone_module
-from reco_lightning.demo.backbone import RECIPE_FILENAME, BackboneRecipe, ensure_backbone
-from reco_lightning.demo.backbone_train import train_backbone
-from reco_lightning.demo.fashion_mnist import (
+from reco_lightning.apps.demo import backbone as backbone_module
+from reco_lightning.apps.demo import backbone_cli
+from reco_lightning.apps.demo.backbone import ensure_backbone
+from reco_lightning.apps.demo.backbone_train import train_backbone
+from reco_lightning.apps.demo.fashion_mnist import (
     CAPTION_TEMPLATES,
     DEFAULT_ROOT,
     DEFAULT_SEEN_CLASSES,
@@ -32,7 +31,10 @@ from reco_lightning.demo.fashion_mnist import (
     write_image_folder,
     write_pairs,
 )
-from reco_lightning.demo.probes import image_knn_accuracy, text_retrieval_precision, zero_shot_accuracy
+from reco_lightning.apps.demo.probes import image_knn_accuracy, text_retrieval_precision, zero_shot_accuracy
+from reco_lightning.apps.demo.recipe import RECIPE_FILENAME, RECIPE_VERSION, BackboneRecipe
+from reco_lightning.data.sources import read_pairs
+from reco_lightning.data.zeroshot import ImageFolderClassification, load_templates
 from reco_lightning.encoders import FrozenCLIP
 from reco_lightning.tiny_clip import build_clip_tokenizer
 
@@ -293,7 +295,7 @@ def test_ensure_backbone_caches_and_rebuilds(tmp_path: Path, monkeypatch: pytest
     assert ensure_backbone(tiny_backbone, TINY_RECIPE, progress=False) == tiny_backbone
     assert calls == [] and weights.stat().st_mtime_ns == stamp
     key = json.loads((tiny_backbone / RECIPE_FILENAME).read_text())
-    assert key["recipe"]["recipe_version"] == backbone_module.RECIPE_VERSION
+    assert key["recipe"]["recipe_version"] == RECIPE_VERSION
     assert key["recipe"]["seen_classes"] == list(DEFAULT_SEEN_CLASSES)
 
     # A copy with a different recipe is rebuilt; a corrupt cache key too.
@@ -354,7 +356,7 @@ def test_cli_main_reports_measurements(tiny_backbone, capsys: pytest.CaptureFixt
         "--eval-limit",
         "200",
     ]
-    report = backbone_module.main(argv)
+    report = backbone_cli.main(argv)
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(json.dumps(report))
     assert set(report) >= {"zero_shot_top1", "image_10nn_top1_vs_memory", "text_to_text_precision_at_10"}

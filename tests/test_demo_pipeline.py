@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from reco_lightning.demo.fashion_mnist import DEFAULT_ROOT
+from reco_lightning.apps.demo.fashion_mnist import DEFAULT_ROOT
 
 pytestmark = pytest.mark.skipif(
     not (Path(DEFAULT_ROOT) / "t10k-labels-idx1-ubyte.gz").is_file(),
@@ -15,9 +15,9 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_open_protocol_slice_produces_every_row(tmp_path):
+    from reco_lightning.apps.demo.pipeline import MEMORY_FRACTION_ROW, run_demo
     from reco_lightning.calibration import choose
     from reco_lightning.data.features import open_feature_cache
-    from reco_lightning.demo.pipeline import MEMORY_FRACTION_ROW, run_demo
     from reco_lightning.model import RecoModule
 
     root = tmp_path / "demo"
@@ -62,7 +62,7 @@ def test_open_protocol_slice_produces_every_row(tmp_path):
 
 
 def test_missing_dataset_is_one_clear_line(tmp_path, capsys):
-    from reco_lightning.cli import main
+    from reco_lightning.apps.main import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["demo", "--out", str(tmp_path / "d"), "--data_root", str(tmp_path / "nowhere")])

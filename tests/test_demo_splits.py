@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from reco_lightning.demo.fashion_mnist import (
+from reco_lightning.apps.demo.fashion_mnist import (
     DEFAULT_SEEN_CLASSES,
     DEFAULT_SPLIT,
     DEMO_SPLITS,
@@ -17,7 +17,7 @@ from reco_lightning.demo.fashion_mnist import (
     resolve_split,
     split_name,
 )
-from reco_lightning.demo.pipeline import (
+from reco_lightning.apps.demo.pipeline import (
     CONFIG,
     DemoLayout,
     class_groups,
@@ -59,7 +59,7 @@ def test_bad_split_is_one_line_naming_the_choices(spec):
 
 
 def test_cli_rejects_a_bad_split_in_one_line(tmp_path: Path):
-    from reco_lightning.cli import main
+    from reco_lightning.apps.main import main
 
     with pytest.raises(SystemExit) as info:
         main(["demo", "--out", str(tmp_path / "d"), "--split", "hats"])
@@ -143,7 +143,7 @@ def test_protocol_change_discards_memories_and_caches(tmp_path: Path):
 def test_calibration_reads_the_run_config_without_rewriting_it(tmp_path: Path):
     """A run's config carries its calibrated mix_alpha; reading the demo config for the next calibration
     (one per grid setting) must not put the template's value back into that file."""
-    from reco_lightning.demo.pipeline import _demo_config
+    from reco_lightning.apps.demo.pipeline import _demo_config
 
     layout = DemoLayout(tmp_path / "demo")
     path = run_config(layout, protocol="strict", mix_alpha=0.3)

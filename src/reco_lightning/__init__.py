@@ -9,13 +9,15 @@ from typing import Any
 
 _EXPORTS = {
     "FrozenCLIP": "reco_lightning.encoders",
+    "FusionConfig": "reco_lightning.fusion",
     "FusionTransformer": "reco_lightning.fusion",
+    "LossConfig": "reco_lightning.losses",
     "MemoryBackend": "reco_lightning.memory",
     "MemoryStore": "reco_lightning.memory",
     "RecoContrastiveLoss": "reco_lightning.losses",
     "RecoModule": "reco_lightning.model",
     "Retriever": "reco_lightning.retrieval",
-    "ZeroShotEvaluation": "reco_lightning.callbacks",
+    "ZeroShotEvaluation": "reco_lightning.evaluation",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, Literal
 
-from reco_lightning.callbacks import ClassificationSet, ZeroShotEvaluation
+from reco_lightning.evaluation import ClassificationSet, ZeroShotEvaluation
 from reco_lightning.model import RecoModule
 
 __all__ = ["PARAMETERS", "Rule", "calibrate", "choose"]

@@ -18,7 +18,7 @@ import json
 import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -232,7 +232,7 @@ def calibrate_main(args: Sequence[str]) -> None:
 
     from reco_lightning.atomic import atomic_write_text
     from reco_lightning.calibration import DEFAULT_VALUES, PARAMETERS, calibrate
-    from reco_lightning.callbacks import ClassificationSet
+    from reco_lightning.evaluation import ClassificationSet
 
     parser = ArgumentParser(
         prog="reco calibrate",
@@ -284,88 +284,17 @@ def calibrate_main(args: Sequence[str]) -> None:
     )
 
 
-def demo_main(args: Sequence[str]) -> None:
-    from jsonargparse import ArgumentParser
+def main(
+    args: Sequence[str] | None = None, commands: Mapping[str, Callable[[Sequence[str]], None]] | None = None
+) -> None:
+    """Run one `reco` command: our errors as one line on stderr, exit status 1.
 
-    from reco_lightning.demo.fashion_mnist import (
-        DEFAULT_ROOT,
-        DEFAULT_SPLIT,
-        DEMO_SPLITS,
-        FashionMNISTError,
-        resolve_split,
-    )
-    from reco_lightning.demo.pipeline import DEFAULT_PROTOCOL, PROTOCOLS, run_demo
-
-    parser = ArgumentParser(
-        prog="reco demo", description="The real-data demo (Fashion-MNIST, seen/unseen classes)."
-    )
-    parser.add_argument("--out", default="artifacts/demo", help="where data, backbone, memories and runs go")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--grid", type=bool, default=True, help="also train and test the other 3 search/fusion settings"
-    )
-    parser.add_argument("--limit", type=int | None, default=None, help="shrink every split (quick check)")
-    parser.add_argument("--data_root", default=DEFAULT_ROOT, help="Fashion-MNIST idx files")
-    parser.add_argument(
-        "--split",
-        default=DEFAULT_SPLIT,
-        help=f"seen classes: one of {sorted(DEMO_SPLITS)} or comma-separated class names/ids",
-    )
-    parser.add_argument(
-        "--protocol",
-        default=DEFAULT_PROTOCOL,
-        choices=sorted(PROTOCOLS),
-        help="open: train on the memory's own pairs (the paper's); strict: seen-class pairs and memory only",
-    )
-    parser.add_argument(
-        "--calibrate",
-        type=bool,
-        default=True,
-        help="set mix_alpha and the retrieval weights on the validation split by the protocol's rule",
-    )
-    parser.add_argument(
-        "--memory_fraction",
-        type=bool,
-        default=True,
-        help="also train with 10%% of the memory and test with all of it (open protocol)",
-    )
-    cfg = parser.parse_args(list(args))
+    ``commands`` adds subcommands to the library's own (:data:`COMMANDS`): the apps on top of the
+    library (``reco demo``, ``reco prepare-tiny``) register theirs this way, so the library never
+    imports them.
+    """
     try:
-        seen = resolve_split(cfg.split)
-        run_demo(
-            cfg.out,
-            seed=cfg.seed,
-            grid=cfg.grid,
-            limit=cfg.limit,
-            data_root=cfg.data_root,
-            seen_classes=seen,
-            calibrate=cfg.calibrate,
-            protocol=cfg.protocol,
-            memory_fraction=cfg.memory_fraction,
-        )
-    except FashionMNISTError as err:
-        raise SystemExit(f"reco demo: {err}") from None
-
-
-def prepare_tiny_main(args: Sequence[str]) -> None:
-    from jsonargparse import ArgumentParser
-
-    from reco_lightning.tiny import prepare_tiny
-
-    parser = ArgumentParser(
-        prog="reco prepare-tiny", description="Create the tiny backbone, pairs and memory."
-    )
-    parser.add_argument("--out", default="artifacts/tiny")
-    parser.add_argument("--n_train", type=int, default=256)
-    parser.add_argument("--n_val", type=int, default=64)
-    cfg = parser.parse_args(list(args))
-    print(f"tiny setup ready in {prepare_tiny(cfg.out, cfg.n_train, cfg.n_val)}")
-
-
-def main(args: Sequence[str] | None = None) -> None:
-    """Entry point of the `reco` console script: our errors as one line on stderr, exit status 1."""
-    try:
-        _dispatch(args)
+        _dispatch(args, {**COMMANDS, **(commands or {})})
     except Exception as err:
         if not is_user_error(err) or os.environ.get("RECO_DEBUG", "") not in ("", "0"):
             raise
@@ -397,20 +326,20 @@ def one_line(err: BaseException) -> str:
     return "; ".join(lines) or type(err).__name__
 
 
-def _dispatch(args: Sequence[str] | None) -> None:
+def _dispatch(args: Sequence[str] | None, commands: Mapping[str, Callable[[Sequence[str]], None]]) -> None:
     argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] == "memory":
-        memory_main(argv[1:])
-    elif argv and argv[0] == "demo":
-        demo_main(argv[1:])
-    elif argv and argv[0] == "calibrate":
-        calibrate_main(argv[1:])
-    elif argv and argv[0] == "cache":
-        cache_main(argv[1:])
-    elif argv and argv[0] == "prepare-tiny":
-        prepare_tiny_main(argv[1:])
+    if argv and argv[0] in commands:
+        commands[argv[0]](argv[1:])
     else:
         lightning_main(None if args is None else argv)
+
+
+#: subcommands beside LightningCLI's fit/validate/test/predict: name -> function of the remaining argv
+COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
+    "memory": memory_main,
+    "calibrate": calibrate_main,
+    "cache": cache_main,
+}
 
 
 if __name__ == "__main__":

@@ -1,552 +1,378 @@
-"""Model-independent zero-shot evaluation: class embeddings, metrics, reports and plots.
+"""ZeroShotEvaluation: frozen CLIP and RECO side by side on zero-shot sets, during `fit` and in `test`.
 
-Everything here works on embeddings, scores and callables, so the same code scores plain CLIP and every
-RECO setting (the module refines embeddings, this file only compares them). No Lightning, no faiss.
-
-Tie handling (the same everywhere in this file): when two candidates have exactly the same score, the one
-with the lower index ranks first. ``torch.topk`` does not guarantee any order among equal values (on CPU it
-returns tied indices in arbitrary order), so ranks are computed explicitly instead:
-``rank(j) = #{i : s_i > s_j} + #{i < j : s_i == s_j}`` and a candidate is in the top k iff ``rank < k``.
-This is exactly the position of j in a stable descending sort, without sorting.
+The callback encodes each evaluation set once, scores every requested setting from the same pass
+(frozen CLIP, RECO refining both sides, only the image side, only the text side), logs the metrics so a
+ModelCheckpoint can select on zero-shot accuracy, and writes one report (markdown + JSON) per run next
+to the logs. An optional k sweep re-scores RECO at several k and plots accuracy versus k.
 """
 
 from __future__ import annotations
 
-import io
-import json
-import math
-import os
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
+from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
-from torchmetrics import Metric
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
-from reco_lightning.atomic import atomic_write_bytes
+from reco_lightning.baselines import lookup, mix
+from reco_lightning.data.zeroshot import (
+    ImageFolderClassification,
+    RetrievalPairs,
+    WebDatasetClassification,
+    load_templates,
+)
+from reco_lightning.metrics import (
+    EvaluationReport,
+    ZeroShotClassificationAccumulator,
+    build_class_embeddings,
+    plot_k_sweep,
+    retrieval_metrics,
+)
 
-__all__ = [
-    "EvaluationReport",
-    "EvaluationRow",
-    "ZeroShotClassificationAccumulator",
-    "build_class_embeddings",
-    "build_prompts",
-    "class_embeddings_from_prompt_embeddings",
-    "classification_metrics",
-    "group_transfer_rates",
-    "plot_k_sweep",
-    "retrieval_metrics",
-]
+__all__ = ["SETTINGS", "ClassificationSet", "RetrievalSet", "ZeroShotEvaluation"]
 
-PLACEHOLDER = "{c}"
+Side = Literal["frozen", "reco", "lookup", "mix"]
 
-
-# --------------------------------------------------------------------------------------------------------
-# Class embeddings
-# --------------------------------------------------------------------------------------------------------
-
-
-def build_prompts(classnames: Sequence[str], templates: Sequence[str]) -> list[str]:
-    """All prompts in class-major order (class 0 with every template, then class 1, ...).
-
-    Exposed so a caller that refines prompt embeddings itself (RECO) encodes them in the exact order that
-    :func:`class_embeddings_from_prompt_embeddings` expects. ``{c}`` is substituted with ``str.replace``
-    rather than ``str.format`` so templates or class names containing other braces cannot break it.
-    """
-    if not classnames:
-        raise ValueError("classnames is empty: a zero-shot classifier needs at least one class")
-    if not templates:
-        raise ValueError("templates is empty: pass at least one template such as 'a photo of a {c}.'")
-    for i, template in enumerate(templates):
-        if PLACEHOLDER not in template:
-            raise ValueError(
-                f"template {i} ({template!r}) has no '{{c}}' placeholder: add one where the class name goes"
-            )
-    return [template.replace(PLACEHOLDER, name) for name in classnames for template in templates]
+# setting -> (what the image side is, what the text side is): the frozen embedding, RECO's fusion, or a
+# training-free use of the same neighbours (reco_lightning.baselines)
+SETTINGS: dict[str, tuple[Side, Side]] = {
+    "clip": ("frozen", "frozen"),
+    "reco": ("reco", "reco"),
+    "reco_image": ("reco", "frozen"),
+    "reco_text": ("frozen", "reco"),
+    "lookup": ("lookup", "frozen"),
+    "mix": ("mix", "mix"),
+}
 
 
-def class_embeddings_from_prompt_embeddings(
-    prompt_emb: Tensor, num_classes: int | None = None, num_templates: int | None = None
-) -> Tensor:
-    """Reduce prompt embeddings to one classifier row per class, the CLIP way.
+@dataclass
+class ClassificationSet:
+    """A zero-shot classification set.
 
-    Each prompt embedding is L2-normalised (so no template dominates the average), averaged over templates,
-    and the mean renormalised. Accepts ``[C, T, D]`` or class-major ``[C*T, D]`` (the order of
-    :func:`build_prompts`). The average runs in float32 at least; the result has the input dtype.
-    """
-    if prompt_emb.ndim == 3:
-        c, t, _ = prompt_emb.shape
-        if num_classes is not None and num_classes != c:
-            raise ValueError(f"prompt_emb has {c} classes on dim 0 but num_classes={num_classes}")
-        if num_templates is not None and num_templates != t:
-            raise ValueError(f"prompt_emb has {t} templates on dim 1 but num_templates={num_templates}")
-        grouped = prompt_emb
-    elif prompt_emb.ndim == 2:
-        if num_classes is None or num_templates is None:
-            raise ValueError("a 2-D prompt_emb [C*T, D] needs num_classes and num_templates to be split")
-        if prompt_emb.shape[0] != num_classes * num_templates:
-            raise ValueError(
-                f"prompt_emb has {prompt_emb.shape[0]} rows but num_classes*num_templates = "
-                f"{num_classes}*{num_templates} = {num_classes * num_templates}"
-            )
-        grouped = prompt_emb.reshape(num_classes, num_templates, prompt_emb.shape[1])
-    else:
-        raise ValueError(f"prompt_emb must be [C*T, D] or [C, T, D], got shape {tuple(prompt_emb.shape)}")
-    work = grouped.float() if grouped.dtype in (torch.float16, torch.bfloat16) else grouped
-    mean = F.normalize(work, dim=-1).mean(dim=1)
-    return F.normalize(mean, dim=-1).to(prompt_emb.dtype)
-
-
-def build_class_embeddings(
-    classnames: Sequence[str],
-    templates: Sequence[str],
-    encode_texts: Callable[[list[str]], Tensor],
-    batch_size: int = 256,
-) -> Tensor:
-    """Zero-shot classifier weights ``[C, D]``: encode every prompt, then reduce per class.
-
-    Prompts of all classes are encoded together in chunks of ``batch_size`` (a chunk may span classes), so
-    1000 classes x 80 templates costs 313 encoder calls instead of 1000 tiny ones.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    prompts = build_prompts(classnames, templates)
-    chunks = []
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
-        emb = encode_texts(batch)
-        if emb.ndim != 2 or emb.shape[0] != len(batch):
-            raise ValueError(
-                f"encode_texts returned shape {tuple(emb.shape)} for {len(batch)} prompts; expected [{len(batch)}, D]"
-            )
-        chunks.append(emb)
-    return class_embeddings_from_prompt_embeddings(torch.cat(chunks), len(classnames), len(templates))
-
-
-# --------------------------------------------------------------------------------------------------------
-# Classification metrics
-# --------------------------------------------------------------------------------------------------------
-
-
-def _check_scores_labels(scores: Tensor, labels: Tensor, num_classes: int | None = None) -> None:
-    if scores.ndim != 2:
-        raise ValueError(f"scores must be [N, C], got shape {tuple(scores.shape)}")
-    if labels.ndim != 1 or labels.shape[0] != scores.shape[0]:
-        raise ValueError(f"labels must be [N] with N={scores.shape[0]}, got shape {tuple(labels.shape)}")
-    if num_classes is not None and scores.shape[1] != num_classes:
-        raise ValueError(
-            f"scores have {scores.shape[1]} classes but the accumulator was built for {num_classes}"
-        )
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= scores.shape[1]):
-        raise ValueError(
-            f"labels must lie in [0, {scores.shape[1]}), got range [{int(labels.min())}, {int(labels.max())}]"
-        )
-    if scores.is_floating_point() and torch.isnan(scores).any():
-        raise ValueError("scores contain NaN: check the embeddings (a NaN has no rank)")
-
-
-def _check_top_k(top_k: Sequence[int]) -> tuple[int, ...]:
-    ks = tuple(int(k) for k in top_k)
-    if not ks or any(k < 1 for k in ks):
-        raise ValueError(f"top_k must be a non-empty sequence of positive integers, got {top_k!r}")
-    if len(set(ks)) != len(ks):
-        raise ValueError(f"top_k has duplicates: {top_k!r}")
-    return ks
-
-
-def _stable_rank_of(scores: Tensor, target: Tensor, target_score: Tensor) -> Tensor:
-    """Rank of ``target`` in each row under a stable descending sort (ties: lower index first)."""
-    index = torch.arange(scores.shape[1], device=scores.device)
-    higher = (scores > target_score[:, None]).sum(dim=1)
-    tied_before = ((scores == target_score[:, None]) & (index[None, :] < target[:, None])).sum(dim=1)
-    return higher + tied_before
-
-
-def _stable_argmax(scores: Tensor) -> Tensor:
-    """Row-wise argmax returning the lowest index among maxima (explicit, not relying on kernel behaviour)."""
-    index = torch.arange(scores.shape[1], device=scores.device)
-    is_max = scores == scores.max(dim=1, keepdim=True).values
-    return torch.where(is_max, index[None, :], scores.shape[1]).min(dim=1).values
-
-
-def _classification_counts(
-    scores: Tensor, labels: Tensor, top_k: tuple[int, ...], block_size: int = 4096
-) -> tuple[Tensor, Tensor]:
-    """Integer sufficient statistics: confusion ``[C, C]`` (rows = true class) and top-k hit counts."""
-    num_classes = scores.shape[1]
-    labels = labels.to(device=scores.device, dtype=torch.long)
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=scores.device)
-    correct = torch.zeros(len(top_k), dtype=torch.long, device=scores.device)
-    for start in range(0, scores.shape[0], block_size):
-        s = scores[start : start + block_size]
-        y = labels[start : start + block_size]
-        rank = _stable_rank_of(s, y, s.gather(1, y[:, None]).squeeze(1))
-        correct += torch.stack([(rank < min(k, num_classes)).sum() for k in top_k])
-        pred = _stable_argmax(s)
-        confusion += torch.bincount(y * num_classes + pred, minlength=num_classes * num_classes)
-    return confusion.view(num_classes, num_classes), correct
-
-
-def _metrics_from_counts(confusion: Tensor, correct: Tensor, top_k: tuple[int, ...]) -> dict[str, float]:
-    total = int(confusion.sum())
-    if total == 0:
-        raise ValueError("no samples were scored: classification metrics are undefined on an empty set")
-    metrics = {f"top{k}": 100.0 * int(c) / total for k, c in zip(top_k, correct.tolist(), strict=True)}
-    support = confusion.sum(dim=1).double()
-    present = support > 0
-    recall = confusion.diagonal().double()[present] / support[present]
-    metrics["mean_per_class_recall"] = 100.0 * float(recall.mean())
-    return metrics
-
-
-def classification_metrics(
-    logits_or_scores: Tensor, labels: Tensor, top_k: Sequence[int] = (1, 5)
-) -> dict[str, float]:
-    """Top-k accuracies and mean per-class recall, in percent.
-
-    Keys are ``top{k}`` for each requested k (the name keeps the requested k; when k > C it is evaluated as
-    k = C, so ``top5`` on 3 classes is 100) and ``mean_per_class_recall`` (averaged over the classes that
-    occur in ``labels``; the standard metric for unbalanced sets like Aircraft or Pets). Ties: lower class
-    index wins (see module docstring).
-    """
-    ks = _check_top_k(top_k)
-    _check_scores_labels(logits_or_scores, labels)
-    confusion, correct = _classification_counts(logits_or_scores.detach(), labels, ks)
-    return _metrics_from_counts(confusion, correct, ks)
-
-
-class ZeroShotClassificationAccumulator(Metric):
-    """Streaming version of :func:`classification_metrics` for validation over many batches.
-
-    The state is integer counts only (a ``[C, C]`` confusion matrix and one hit counter per k), reduced with
-    ``sum`` across processes by torchmetrics, so DDP sync is exact and memory does not grow with the number
-    of samples. Gives bit-identical numbers to the functional version on the concatenated batches.
+    Args:
+        name: label in logs and reports.
+        root: image folder (one sub-folder per class) or CLIP_benchmark webdataset directory.
+        format: "folder" or "wds".
+        classnames / templates: file path or shipped set name; default: the dataset's own files, then
+            the generic CLIP templates.
+        split: webdataset split folder.
+        class_groups: extra top-1 restricted to images of these classes (names as in classnames),
+            e.g. {"seen": [...], "unseen": [...]}; classification is still over all classes.
+        during: evaluate it at validation in `fit`, at `test`, or both (a validation set for
+            checkpoint selection, the official test split for the final report).
     """
 
-    full_state_update = False
-    is_differentiable = False
-    higher_is_better = True
+    name: str
+    root: str
+    format: Literal["folder", "wds"] = "folder"
+    classnames: str | None = None
+    templates: str | None = None
+    split: str = "test"
+    class_groups: dict[str, list[str]] | None = None
+    during: Literal["fit", "test", "both"] = "both"
 
-    confusion: Tensor
-    topk_correct: Tensor
+
+@dataclass
+class RetrievalSet:
+    """A zero-shot retrieval set: CSV/TSV of (image path, caption), several captions per image allowed."""
+
+    name: str
+    annotations: str
+    image_column: str = "filepath"
+    caption_column: str = "caption"
+    during: Literal["fit", "test", "both"] = "both"
+
+
+class ZeroShotEvaluation(pl.Callback):
+    """Evaluate CLIP vs RECO settings on zero-shot sets at validation end (fit) and test end.
+
+    Args:
+        classification / retrieval: the evaluation sets.
+        settings: rows of the report, from "clip", "reco" (both sides refined: the paper's classification
+            setting), "reco_image", "reco_text" (the paper's best retrieval setting), and the training-free
+            baselines over the very same neighbours: "lookup" (the image side replaced by its neighbours'
+            average, a k-NN vote against frozen prompts) and "mix" (both sides ``normalize(x + mix_alpha x
+            mean of neighbours)``); see reco_lightning.baselines.
+        mix_alpha: the "mix" baseline's retrieval weight (calibrate it: `reco calibrate`).
+        lookup_temperature: None: "lookup" averages its neighbours uniformly; a float: softmax(score /
+            temperature) weights.
+        k_sweep: also score "reco" at each of these k (inference-time k) and plot accuracy vs k.
+        batch_size / num_workers: evaluation loader settings.
+        during_fit: evaluate at every validation epoch end of `fit` (logged as zeroshot/...).
+        report_dir: where reports go; default: the trainer's log dir.
+        limit_images: evaluate at most this many images per set (quick checks).
+    """
 
     def __init__(
         self,
-        num_classes: int,
-        top_k: Sequence[int] = (1, 5),
-        groups: dict[str, Tensor] | None = None,
-        **kwargs: Any,
+        classification: Sequence[ClassificationSet] = (),
+        retrieval: Sequence[RetrievalSet] = (),
+        settings: Sequence[str] = ("clip", "reco"),
+        mix_alpha: float = 1.0,
+        lookup_temperature: float | None = None,
+        k_sweep: Sequence[int] | None = None,
+        batch_size: int = 256,
+        num_workers: int = 0,
+        during_fit: bool = True,
+        report_dir: str | None = None,
+        limit_images: int | None = None,
     ) -> None:
-        super().__init__(**kwargs)
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        self.num_classes = int(num_classes)
-        self.groups = {name: torch.as_tensor(c, dtype=torch.long).cpu() for name, c in (groups or {}).items()}
-        self.top_k = _check_top_k(top_k)
-        self.add_state(
-            "confusion", torch.zeros(num_classes, num_classes, dtype=torch.long), dist_reduce_fx="sum"
-        )
-        self.add_state("topk_correct", torch.zeros(len(self.top_k), dtype=torch.long), dist_reduce_fx="sum")
+        unknown = [s for s in settings if s not in SETTINGS]
+        if unknown:
+            raise ValueError(f"unknown zero-shot settings {unknown}: choose from {sorted(SETTINGS)}")
+        if not classification and not retrieval:
+            raise ValueError("ZeroShotEvaluation needs at least one classification or retrieval set")
+        self.classification, self.retrieval = list(classification), list(retrieval)
+        self.settings, self.k_sweep = list(settings), sorted(set(k_sweep or ()))
+        self.mix_alpha, self.lookup_temperature = float(mix_alpha), lookup_temperature
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.during_fit, self.report_dir, self.limit_images = during_fit, report_dir, limit_images
+        self.last_report: EvaluationReport | None = None
 
-    def update(self, scores: Tensor, labels: Tensor) -> None:
-        """Add one batch of ``[N, C]`` scores and ``[N]`` labels."""
-        _check_scores_labels(scores, labels, self.num_classes)
-        confusion, correct = _classification_counts(
-            scores.detach().to(self.confusion.device), labels, self.top_k
-        )
-        self.confusion += confusion
-        self.topk_correct += correct
+    # --- Lightning hooks -------------------------------------------------------------------------------
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.during_fit and not trainer.sanity_checking and trainer.state.fn == "fit":
+            self._run(trainer, pl_module)
 
-    def compute(self) -> dict[str, float]:
-        """Metrics over everything seen since the last reset (after cross-process sync), plus
-        :func:`group_transfer_rates` when the accumulator was given class groups."""
-        metrics = _metrics_from_counts(self.confusion, self.topk_correct, self.top_k)
-        return {**metrics, **group_transfer_rates(self.confusion, self.groups)}
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._run(trainer, pl_module)
 
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        stage = "fit" if trainer.state.fn == "fit" else "test"
+        report, sweep = self.evaluate(pl_module, trainer.global_rank, trainer.world_size, stage=stage)
+        if not report.rows:
+            return
+        for row in report.rows:
+            for metric, value in row.metrics.items():
+                pl_module.log(f"zeroshot/{row.dataset}/{row.setting}/{metric}", value, sync_dist=False)
+        self.last_report = report
+        # trainer.log_dir broadcasts from rank 0: every rank must ask, or DDP deadlocks
+        directory = Path(self.report_dir or trainer.log_dir or trainer.default_root_dir)
+        if trainer.is_global_zero:
+            report.save(directory)
+            if sweep:
+                for name, series in sweep.items():
+                    plot_k_sweep(
+                        series, "top1", directory / f"k_sweep_{name}.png", title=f"{name}: top-1 vs k"
+                    )
+            rank_zero_info(f"zero-shot report ({directory / 'zeroshot_report.md'}):\n{report}")
 
-def group_transfer_rates(confusion: Tensor, groups: dict[str, Tensor]) -> dict[str, float]:
-    """``{g}_to_{h}``: percent of the images of group g's classes that are predicted as a class of group h.
+    # --- evaluation without a trainer too ------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(
+        self, pl_module: pl.LightningModule, rank: int = 0, world_size: int = 1, stage: str | None = None
+    ) -> tuple[EvaluationReport, dict[str, dict[str, dict[int, float]]]]:
+        """Score every set (of ``stage``: "fit" or "test"; None: all) under every setting.
 
-    With seen/unseen groups, ``seen_to_unseen`` says how much of a seen-class loss comes from images now
-    sent to the newly reachable unseen classes rather than confused within their own group.
-    """
-    confusion = confusion.cpu()
-    rates = {}
-    for g, g_classes in groups.items():
-        total = int(confusion[g_classes].sum())
-        for h, h_classes in groups.items():
-            if h != g and total:
-                rates[f"{g}_to_{h}"] = 100.0 * int(confusion[g_classes][:, h_classes].sum()) / total
-    return rates
+        Returns the report and the k sweep (set -> series -> k -> top1).
+        """
+        was_training = pl_module.training
+        pl_module.eval()
+        report = EvaluationReport()
+        sweep: dict[str, dict[str, dict[int, float]]] = {}
+        try:
+            for spec in self.classification:
+                if stage is None or spec.during in (stage, "both"):
+                    sweep[spec.name] = self._classification(pl_module, spec, report, rank, world_size)
+            for spec in self.retrieval:
+                if stage is None or spec.during in (stage, "both"):
+                    self._retrieval(pl_module, spec, report)
+        finally:
+            pl_module.train(was_training)
+        return report, {name: series for name, series in sweep.items() if series}
 
+    def _loader(self, dataset: Dataset, pl_module: pl.LightningModule) -> DataLoader:
+        backbone = pl_module.backbone
 
-# --------------------------------------------------------------------------------------------------------
-# Retrieval metrics
-# --------------------------------------------------------------------------------------------------------
+        def collate(samples: list[tuple[Any, int]]) -> tuple[Tensor, Tensor]:
+            images, labels = zip(*samples, strict=True)
+            return backbone.preprocess_images(images), torch.tensor(labels, dtype=torch.long)
 
-
-def retrieval_metrics(
-    image_emb: Tensor,
-    text_emb: Tensor,
-    text_to_image: Tensor,
-    ks: Sequence[int] = (1, 5, 10),
-    block_size: int = 512,
-) -> dict[str, float]:
-    """Recall@k for image->text and text->image retrieval, in percent, as in the CLIP paper.
-
-    Image->text is a hit when ANY of the image's captions ranks in the top k texts (equivalently: the best
-    ranked true caption does); text->image when the caption's own image ranks in the top k images.
-    Similarity is the plain dot product (the caller L2-normalises; refined RECO embeddings are compared as
-    given). Queries are processed ``block_size`` at a time so 5k images x 25k captions needs only a
-    ``block_size x 25k`` score block. Half-precision inputs are scored in float32. Ties: lower index first.
-    """
-    if image_emb.ndim != 2 or text_emb.ndim != 2 or image_emb.shape[1] != text_emb.shape[1]:
-        raise ValueError(
-            f"image_emb and text_emb must be [Ni, D] and [Nt, D] with the same D, got "
-            f"{tuple(image_emb.shape)} and {tuple(text_emb.shape)}"
-        )
-    num_images, num_texts = image_emb.shape[0], text_emb.shape[0]
-    if text_to_image.ndim != 1 or text_to_image.shape[0] != num_texts:
-        raise ValueError(
-            f"text_to_image must be [Nt] with Nt={num_texts}, got shape {tuple(text_to_image.shape)}"
-        )
-    if num_images == 0 or num_texts == 0:
-        raise ValueError("retrieval needs at least one image and one caption")
-    ks_ = _check_top_k(ks)
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
-    device = image_emb.device
-    dtype = torch.promote_types(torch.promote_types(image_emb.dtype, text_emb.dtype), torch.float32)
-    images = image_emb.detach().to(dtype)
-    texts = text_emb.detach().to(device=device, dtype=dtype)
-    owner = text_to_image.to(device=device, dtype=torch.long)
-    if int(owner.min()) < 0 or int(owner.max()) >= num_images:
-        raise ValueError(
-            f"text_to_image values must lie in [0, {num_images}), got [{int(owner.min())}, {int(owner.max())}]"
-        )
-    captions_per_image = torch.bincount(owner, minlength=num_images)
-    if bool((captions_per_image == 0).any()):
-        missing = torch.nonzero(captions_per_image == 0).flatten()[:5].tolist()
-        raise ValueError(
-            f"{int((captions_per_image == 0).sum())} images have no caption in text_to_image (first: {missing}); "
-            "drop them before evaluating, image->text recall is undefined for them"
-        )
-    if torch.isnan(images).any() or torch.isnan(texts).any():
-        raise ValueError("image_emb or text_emb contains NaN: check the encoder outputs")
-
-    text_ranks = torch.empty(num_texts, dtype=torch.long, device=device)
-    for start in range(0, num_texts, block_size):
-        sims = texts[start : start + block_size] @ images.T  # [b, Ni]
-        target = owner[start : start + block_size]
-        text_ranks[start : start + block_size] = _stable_rank_of(
-            sims, target, sims.gather(1, target[:, None])[:, 0]
+        return DataLoader(
+            dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate
         )
 
-    image_ranks = torch.empty(num_images, dtype=torch.long, device=device)
-    text_index = torch.arange(num_texts, device=device)
-    for start in range(0, num_images, block_size):
-        sims = images[start : start + block_size] @ texts.T  # [b, Nt]
-        rows = torch.arange(start, start + sims.shape[0], device=device)
-        own = owner[None, :] == rows[:, None]
-        # Best true caption: highest score, lowest index among tied true captions; its rank is the minimum
-        # rank over all true captions, so "any true caption in top k" <=> its rank < k.
-        best = sims.masked_fill(~own, -math.inf).max(dim=1).values
-        best_index = (
-            torch.where(own & (sims == best[:, None]), text_index[None, :], num_texts).min(dim=1).values
+    def _classification(
+        self,
+        pl_module: pl.LightningModule,
+        spec: ClassificationSet,
+        report: EvaluationReport,
+        rank: int,
+        world: int,
+    ) -> dict[str, dict[int, float]]:
+        dataset: Dataset
+        if spec.format == "wds":
+            dataset = WebDatasetClassification(spec.root, split=spec.split, classnames_file=spec.classnames)
+        else:
+            dataset = ImageFolderClassification(spec.root, classnames_file=spec.classnames)
+        templates = (
+            load_templates(spec.templates)
+            if spec.templates
+            else (dataset.templates or load_templates("clip_generic"))
         )
-        image_ranks[start : start + sims.shape[0]] = _stable_rank_of(sims, best_index, best)
+        classnames = dataset.classnames
+        groups = _group_labels(spec, classnames)
+        if not isinstance(dataset, IterableDataset):
+            indices = list(range(len(dataset)))
+            if self.limit_images is not None and self.limit_images < len(indices):
+                step = len(indices) / self.limit_images  # evenly spread: image folders are sorted by class
+                indices = [indices[int(i * step)] for i in range(self.limit_images)]
+            dataset = Subset(dataset, indices[rank::world])
 
-    metrics: dict[str, float] = {}
-    for k in ks_:
-        metrics[f"image_to_text_R@{k}"] = 100.0 * int((image_ranks < k).sum()) / num_images
-    for k in ks_:
-        metrics[f"text_to_image_R@{k}"] = 100.0 * int((text_ranks < k).sum()) / num_texts
-    return metrics
+        encode = pl_module.backbone.encode_captions
+        weights: dict[tuple[Side, int | None], Tensor] = {}
+        for setting, k in [(s, None) for s in self.settings] + [("reco", k) for k in self.k_sweep]:
+            text_side = SETTINGS[setting][1]
+            key = _side_key(text_side, k)
+            if key not in weights:
+                weights[key] = build_class_embeddings(
+                    classnames,
+                    templates,
+                    self._side(pl_module, encode, "text", text_side, k),
+                    self.batch_size,
+                )
 
+        accumulators: dict[tuple[str, int | None], dict[str, ZeroShotClassificationAccumulator]] = {}
+        device = pl_module.device
+        for setting in self.settings:
+            accumulators[(setting, None)] = _group_accumulators(len(classnames), groups, device)
+        for k in self.k_sweep:
+            accumulators[("reco", k)] = _group_accumulators(len(classnames), groups, device)
 
-# --------------------------------------------------------------------------------------------------------
-# Reports
-# --------------------------------------------------------------------------------------------------------
+        for pixel_values, labels in _progress(self._loader(dataset, pl_module), f"zero-shot {spec.name}"):
+            v = pl_module.backbone.encode_images(pixel_values.to(device))
+            images: dict[tuple[Side, int | None], Tensor] = {("frozen", None): v}
+            for (setting, k), groups_acc in accumulators.items():
+                image_side, text_side = SETTINGS[setting]
+                image_key = _side_key(image_side, k)
+                if image_key not in images:
+                    images[image_key] = self._side(pl_module, lambda x: x, "image", image_side, k)(v)
+                text_key = _side_key(text_side, k)
+                scores = images[image_key] @ weights[text_key].to(device).t()
+                for group, acc in groups_acc.items():
+                    mask = (
+                        torch.isin(labels, groups[group])
+                        if group != "all"
+                        else torch.ones_like(labels, dtype=torch.bool)
+                    )
+                    if mask.any():
+                        acc.update(scores[mask.to(device)], labels[mask].to(device))
 
+        sweep: dict[str, dict[int, float]] = {}
+        for (setting, k), groups_acc in accumulators.items():
+            metrics = {}
+            for group, acc in groups_acc.items():
+                computed = acc.compute()
+                if group == "all":
+                    metrics.update(computed)
+                else:
+                    metrics[f"top1_{group}"] = computed["top1"]
+            name = setting if k is None else f"{setting}@k={k}"
+            report.add(spec.name, name, metrics)
+            if k is not None:
+                sweep.setdefault("reco", {})[k] = metrics["top1"]
+        if sweep:
+            clip_top1 = next(
+                (r.metrics["top1"] for r in report.rows if r.dataset == spec.name and r.setting == "clip"),
+                None,
+            )
+            if clip_top1 is not None:
+                sweep["clip"] = dict.fromkeys(self.k_sweep, clip_top1)
+        return sweep
 
-@dataclass
-class EvaluationRow:
-    """One evaluated (dataset, setting) pair, e.g. ("cars", "reco[uni-search,cross-fusion]")."""
-
-    dataset: str
-    setting: str
-    metrics: dict[str, float]
-
-
-@dataclass
-class EvaluationReport:
-    """Collects metrics of several datasets x settings and renders them as one table.
-
-    Adding a row for a (dataset, setting) that already exists replaces it (re-running an evaluation
-    updates the report instead of duplicating rows). Columns are the union of metric names in first-seen
-    order; a row without a metric shows ``-`` in markdown and is absent from its JSON metrics.
-    """
-
-    rows: list[EvaluationRow] = field(default_factory=list)
-    precision: int = 2
-
-    def add(self, dataset: str, setting: str, metrics: Mapping[str, float]) -> None:
-        """Record (or replace) the metrics of one dataset under one setting."""
-        row = EvaluationRow(dataset, setting, {str(k): float(v) for k, v in metrics.items()})
-        for i, existing in enumerate(self.rows):
-            if existing.dataset == dataset and existing.setting == setting:
-                self.rows[i] = row
-                return
-        self.rows.append(row)
-
-    @property
-    def metric_names(self) -> list[str]:
-        """Union of metric names over rows, in first-seen order."""
-        names: dict[str, None] = {}
-        for row in self.rows:
-            names.update(dict.fromkeys(row.metrics))
-        return list(names)
-
-    def to_markdown(self) -> str:
-        """A GitHub-flavoured markdown table, one row per (dataset, setting)."""
-
-        def cell(text: str) -> str:
-            return text.replace("|", "\\|")
-
-        def number(value: float | None) -> str:
-            if value is None:
-                return "-"
-            return f"{value:.{self.precision}f}"
-
-        columns = self.metric_names
-        header = ["dataset", "setting", *columns]
-        lines = [
-            "| " + " | ".join(cell(h) for h in header) + " |",
-            "|" + "|".join(["---", "---"] + ["---:"] * len(columns)) + "|",
-        ]
-        for row in self.rows:
-            values = [number(row.metrics.get(name)) for name in columns]
-            lines.append("| " + " | ".join([cell(row.dataset), cell(row.setting), *values]) + " |")
-        return "\n".join(lines) + "\n"
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-serialisable dict; non-finite metric values become ``null`` (JSON has no NaN)."""
-        return {
-            "metrics": self.metric_names,
-            "rows": [
-                {
-                    "dataset": row.dataset,
-                    "setting": row.setting,
-                    "metrics": {k: (v if math.isfinite(v) else None) for k, v in row.metrics.items()},
-                }
-                for row in self.rows
-            ],
-        }
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> EvaluationReport:
-        """Rebuild a report from :meth:`to_json` output (``null`` metrics come back as NaN)."""
-        report = cls()
-        for row in data.get("rows", []):
-            metrics = {k: (math.nan if v is None else float(v)) for k, v in row["metrics"].items()}
-            report.add(row["dataset"], row["setting"], metrics)
-        return report
-
-    def save(self, directory: str | os.PathLike[str]) -> tuple[Path, Path]:
-        """Write ``zeroshot_report.json`` and ``zeroshot_report.md`` atomically; returns both paths."""
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        json_path, md_path = out / "zeroshot_report.json", out / "zeroshot_report.md"
-        text = json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n"
-        atomic_write_bytes(json_path, text.encode("utf-8"))
-        atomic_write_bytes(md_path, self.to_markdown().encode("utf-8"))
-        return json_path, md_path
-
-    def __str__(self) -> str:
-        return self.to_markdown()
-
-
-# --------------------------------------------------------------------------------------------------------
-# k sweep plot
-# --------------------------------------------------------------------------------------------------------
-
-SweepPoint = float | Mapping[str, float]
-
-
-def _series_points(name: str, points: Mapping[int, SweepPoint], metric: str) -> list[tuple[int, float]]:
-    out = []
-    for k, value in points.items():
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise ValueError(f"series {name!r}: k values must be ints, got {k!r}")
-        if isinstance(value, Mapping):
-            if metric not in value:
-                raise ValueError(f"series {name!r}, k={k}: no metric {metric!r} (has {sorted(value)})")
-            value = value[metric]
-        out.append((k, float(value)))
-    if not out:
-        raise ValueError(f"series {name!r} has no points")
-    return sorted(out)
-
-
-def plot_k_sweep(
-    results: Mapping[int, SweepPoint] | Mapping[str, Mapping[int, SweepPoint]],
-    metric: str,
-    path: str | os.PathLike[str],
-    *,
-    baselines: Mapping[str, float] | None = None,
-    title: str | None = None,
-) -> Path:
-    """Plot ``metric`` against the number of retrieved neighbours k and save a PNG.
-
-    ``results`` is either one series ``{k: point}`` or several ``{series_name: {k: point}}`` (one line
-    each, e.g. one per dataset or per RECO setting). A point is a metrics dict (``metric`` is picked from
-    it, so the dicts returned by :func:`classification_metrics` can be passed as is) or a bare number.
-    ``baselines`` draws dashed horizontal lines, e.g. ``{"CLIP": 57.2}``. Uses the Agg canvas directly,
-    never pyplot, so it does not touch the global matplotlib backend. Written atomically; returns the path.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    if not results:
-        raise ValueError("results is empty: nothing to plot")
-    keys = list(results)
-    if all(isinstance(k, int) and not isinstance(k, bool) for k in keys):
-        series = {metric: _series_points(metric, results, metric)}  # type: ignore[arg-type]
-    elif all(isinstance(k, str) for k in keys):
-        series = {name: _series_points(name, pts, metric) for name, pts in results.items()}  # type: ignore[union-attr]
-    else:
-        raise ValueError("results keys must be all ints (k -> point) or all strings (series -> {k: point})")
-
-    figure = Figure(figsize=(6, 4), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    all_ks: set[int] = set()
-    for name, points in series.items():
-        xs, ys = zip(*points, strict=True)
-        all_ks.update(xs)
-        axes.plot(xs, ys, marker="o", label=name)
-    for name, value in (baselines or {}).items():
-        axes.axhline(float(value), linestyle="--", linewidth=1, color="grey")
-        axes.annotate(
-            name, (min(all_ks), float(value)), textcoords="offset points", xytext=(2, 3), fontsize=8
+    def _retrieval(self, pl_module: pl.LightningModule, spec: RetrievalSet, report: EvaluationReport) -> None:
+        dataset = RetrievalPairs(
+            spec.annotations, image_column=spec.image_column, caption_column=spec.caption_column
         )
-    axes.set_xticks(sorted(all_ks))
-    axes.set_xlabel("k (retrieved neighbours)")
-    axes.set_ylabel(metric)
-    axes.set_title(title or f"{metric} vs k")
-    axes.grid(alpha=0.3)
-    if len(series) > 1:
-        axes.legend()
-    figure.tight_layout()
+        device = pl_module.device
+        images = torch.cat(
+            [pl_module.backbone.encode_images(px.to(device)) for px, _ in self._loader(dataset, pl_module)]
+        )
+        captions = dataset.captions
+        texts = torch.cat(
+            [
+                pl_module.backbone.encode_captions(captions[i : i + self.batch_size])
+                for i in range(0, len(captions), self.batch_size)
+            ]
+        )
+        sides: dict[tuple[str, Side], Tensor] = {}
+        for setting in self.settings:
+            for modality, side, frozen in zip(
+                ("image", "text"), SETTINGS[setting], (images, texts), strict=True
+            ):
+                if (modality, side) not in sides:
+                    transform = self._side(pl_module, lambda x: x, modality, side, None)
+                    sides[(modality, side)] = _batched(transform, frozen, self.batch_size)
+            image_side, text_side = SETTINGS[setting]
+            report.add(
+                spec.name,
+                setting,
+                retrieval_metrics(
+                    sides[("image", image_side)], sides[("text", text_side)], dataset.text_to_image
+                ),
+            )
 
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    atomic_write_bytes(out, buffer.getvalue())
-    return out
+    def _side(
+        self,
+        pl_module: pl.LightningModule,
+        encode: Callable[[Any], Tensor],
+        modality: str,
+        side: Side,
+        k: int | None,
+    ) -> Callable[[Any], Tensor]:
+        """``encode`` followed by what ``side`` does to one modality's embeddings."""
+        if side == "frozen":
+            return encode
+        if side == "reco":
+            return lambda x: pl_module.refine(encode(x), modality, k=k)
+        if side == "lookup":
+            return lambda x: lookup(pl_module.neighbours(encode(x), modality, k=k), self.lookup_temperature)
+
+        def mixed(x: Any) -> Tensor:
+            embeddings = encode(x)
+            return mix(embeddings, pl_module.neighbours(embeddings, modality, k=k), self.mix_alpha)
+
+        return mixed
+
+
+def _side_key(side: Side, k: int | None) -> tuple[Side, int | None]:
+    """Cache key of one side's embeddings: the frozen side does not depend on k."""
+    return side, None if side == "frozen" else k
+
+
+def _batched(fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: int) -> Tensor:
+    return torch.cat([fn(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def _group_labels(spec: ClassificationSet, classnames: list[str]) -> dict[str, Tensor]:
+    groups = {}
+    for group, names in (spec.class_groups or {}).items():
+        missing = [n for n in names if n not in classnames]
+        if missing:
+            raise ValueError(
+                f"class_groups.{group} of {spec.name} names unknown classes {missing}; classes: {classnames}"
+            )
+        groups[group] = torch.tensor([classnames.index(n) for n in names], dtype=torch.long)
+    return groups
+
+
+def _group_accumulators(
+    num_classes: int, groups: dict[str, Tensor], device: torch.device
+) -> dict[str, ZeroShotClassificationAccumulator]:
+    return {
+        name: ZeroShotClassificationAccumulator(num_classes, groups=groups if name == "all" else None).to(
+            device
+        )
+        for name in ("all", *groups)
+    }
+
+
+def _progress(iterable, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, leave=False)

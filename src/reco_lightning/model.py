@@ -16,10 +16,10 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from reco_lightning.data.hooks import DataEpochHooks
 from reco_lightning.encoders import FrozenCLIP
 from reco_lightning.errors import RecoError
 from reco_lightning.fusion import FusionConfig, FusionTransformer
-from reco_lightning.jobs.feature_cache import model_requirements
 from reco_lightning.losses import LossConfig, RecoContrastiveLoss
 from reco_lightning.memory.store import MemoryStore, check_fingerprint
 from reco_lightning.optim import warmup_cosine
@@ -131,10 +131,32 @@ class RecoModule(pl.LightningModule):
         if hasattr(datamodule, "expect"):  # tell the data what to check against us (it never reads the model)
             memory = self.retriever.memory if self.retriever is not None else None
             datamodule.expect(
-                model_requirements(self) if memory is not None else None,
+                self.cache_requirements() if memory is not None else None,
                 memory_id_scheme=memory.manifest.get("id_scheme") if memory is not None else None,
                 memory=str(memory.path or "(in RAM)") if memory is not None else None,
             )
+
+    def cache_requirements(self) -> dict[str, Any]:
+        """The model's side of a feature cache's requirements, as plain values (see
+        ``data.features.feature_requirements``): a cache built with other values is stale for this model."""
+        retriever = self.require_retriever()
+        hp = self.hparams
+        indexes = getattr(retriever.memory, "indexes", None) or {}
+        # the search settings the memory's indexes actually run with (overrides applied), per modality; a
+        # memory opened without indexes: what the model asks for is all there is
+        search = {name: index.spec() for name, index in sorted(indexes.items())} or {
+            "memory_search_params": dict(hp.get("memory_search_params") or {})
+        }
+        return {
+            "backbone": self.backbone.fingerprint["id"],
+            "memory": retriever.memory.identity,
+            "memory_search": search,
+            "k": int(hp.k),
+            "search": hp.search,
+            "near_duplicate_threshold": float(hp.near_duplicate_threshold),
+            "near_duplicate_of": retriever.near_duplicate_of,
+            "exclusion_margin": int(hp.exclusion_margin),
+        }
 
     def require_retriever(self) -> Retriever:
         """The memory's retriever, or a one-line error saying how to attach a memory."""
@@ -240,8 +262,6 @@ class RecoModule(pl.LightningModule):
         return self._shared_step(batch, "test")
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        from reco_lightning.callbacks import DataEpochHooks
-
         return [DataEpochHooks()]
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from reco_lightning.callbacks import DataEpochHooks
 from reco_lightning.data.datamodule import ImageTextDataModule
+from reco_lightning.data.hooks import DataEpochHooks
 from reco_lightning.losses import gather_with_grad
 
 

@@ -115,7 +115,7 @@ class ImageTextDataModule(pl.LightningDataModule):
         """Take what the attached model needs the data to check (RecoModule.setup calls this).
 
         ``cache_requirements``: the model's side of a feature cache's requirements
-        (:func:`reco_lightning.jobs.feature_cache.model_requirements`), None when the model has no memory.
+        (:meth:`reco_lightning.model.RecoModule.cache_requirements`), None when the model has no memory.
         ``memory_id_scheme`` and ``memory`` (a name for messages): the id scheme of the memory whose rows
         training excludes by pair id, checked against each source's; None when there is no memory.
         """

@@ -67,7 +67,7 @@ def feature_requirements(
 
     ``model`` is the model's side, as plain values: ``backbone`` (fingerprint id), ``memory`` (identity),
     ``memory_search``, ``k``, ``search``, ``near_duplicate_threshold``, ``near_duplicate_of``,
-    ``exclusion_margin`` (what :func:`reco_lightning.jobs.feature_cache.model_requirements` returns).
+    ``exclusion_margin`` (what :meth:`reco_lightning.model.RecoModule.cache_requirements` returns).
     """
     pairs = open_source(source, image_column, caption_column, id_column)
     requirements = {

@@ -242,7 +242,7 @@ class WebDatasetClassification(IterableDataset):
     text). Shards are read one sample at a time through ``webdataset`` (never the whole set in RAM), in
     sorted shard order without shuffling. Shards are split across DataLoader workers and, when
     ``split_by_node`` (default), across distributed ranks; ranks then see different sample counts, which is
-    fine for :class:`~reco_lightning.evaluation.ZeroShotClassificationAccumulator` (its counts are summed).
+    fine for :class:`~reco_lightning.metrics.ZeroShotClassificationAccumulator` (its counts are summed).
     With ``split_by_node=False`` every rank streams every sample.
 
     ``root_or_urls`` may also be shard paths/URLs (a list, or a brace pattern string such as
@@ -343,7 +343,7 @@ class RetrievalPairs(Dataset):
 
     Several rows may share an image (COCO/Flickr have 5 captions each). The dataset indexes the unique
     images in first-seen order and yields ``(image, image_index)``; ``captions`` and ``text_to_image``
-    (caption i belongs to image ``text_to_image[i]``) feed :func:`~reco_lightning.evaluation.retrieval_metrics`.
+    (caption i belongs to image ``text_to_image[i]``) feed :func:`~reco_lightning.metrics.retrieval_metrics`.
     Relative image paths are resolved against ``image_root`` (default: the CSV's folder). The delimiter
     defaults to tab for ``.tsv`` files and comma otherwise. Images are opened only in ``__getitem__``; with
     ``check_files`` (default) their existence is checked up front so a typo fails before any encoding.

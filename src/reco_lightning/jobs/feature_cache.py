@@ -3,7 +3,7 @@
 The cache's format and its reading side live in :mod:`reco_lightning.data.features`; this job computes
 one through ``Trainer.predict`` (every device, chunk by chunk, resumable: :mod:`reco_lightning.jobs.chunked`)
 and records what it was computed from. It also says what a cache depends on from the model's side
-(:func:`model_requirements`), which the model hands to the data so the data never reads the model.
+(:meth:`RecoModule.cache_requirements`), which the model hands to the data so the data never reads the model.
 """
 
 from __future__ import annotations
@@ -26,27 +26,7 @@ from reco_lightning.data.ids import id_namespace_problem
 from reco_lightning.data.sources import open_source
 from reco_lightning.jobs.chunked import assemble, clear_work, predict_in_chunks
 
-__all__ = ["build_feature_cache", "cache_requirements", "model_requirements"]
-
-
-def model_requirements(model: pl.LightningModule) -> dict[str, Any]:
-    """The model's side of a cache's requirements, as plain values (see ``data.features.feature_requirements``).
-
-    ``model`` is a RecoModule (its backbone, hyperparameters and memory's retriever are read); it must have
-    a memory, else its ``require_retriever`` error is raised.
-    """
-    retriever = model.require_retriever()
-    hp = model.hparams
-    return {
-        "backbone": model.backbone.fingerprint["id"],
-        "memory": retriever.memory.identity,
-        "memory_search": _memory_search(retriever.memory, hp),
-        "k": int(hp.k),
-        "search": hp.search,
-        "near_duplicate_threshold": float(hp.near_duplicate_threshold),
-        "near_duplicate_of": retriever.near_duplicate_of,
-        "exclusion_margin": int(hp.exclusion_margin),
-    }
+__all__ = ["build_feature_cache", "cache_requirements"]
 
 
 def cache_requirements(
@@ -57,15 +37,7 @@ def cache_requirements(
     id_column: str | None = None,
 ) -> dict[str, Any]:
     """Everything a cache of ``source`` computed with ``model`` depends on (what its manifest must record)."""
-    return feature_requirements(model_requirements(model), source, image_column, caption_column, id_column)
-
-
-def _memory_search(memory: Any, hp: Any) -> dict[str, Any]:
-    """The search settings the memory's indexes actually run with (overrides applied), per modality."""
-    indexes = getattr(memory, "indexes", None) or {}
-    if not indexes:  # a memory opened without indexes: what the model asks for is all there is
-        return {"memory_search_params": dict(hp.get("memory_search_params") or {})}
-    return {name: index.spec() for name, index in sorted(indexes.items())}
+    return feature_requirements(model.cache_requirements(), source, image_column, caption_column, id_column)
 
 
 class _CacheEncoder(pl.LightningModule):

@@ -1,8 +1,8 @@
 """The stand-in CLIP's command line: build (or reuse) a backbone, then report its knowledge gap.
 
-Apart from the library code it drives (:mod:`~reco_lightning.demo.backbone` builds,
-:mod:`~reco_lightning.demo.probes` measures) because it only parses arguments, loads the test and memory
-splits and prints JSON. Run it as ``python -m reco_lightning.demo.backbone --out artifacts/fmnist-backbone``.
+Apart from the library code it drives (:mod:`~reco_lightning.apps.demo.backbone` builds,
+:mod:`~reco_lightning.apps.demo.probes` measures) because it only parses arguments, loads the test and memory
+splits and prints JSON. Run it as ``python -m reco_lightning.apps.demo.backbone_cli --out artifacts/fmnist-backbone``.
 """
 
 from __future__ import annotations
@@ -16,9 +16,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from reco_lightning.demo.backbone import TRAINING_LOG_FILENAME, BackboneRecipe, ensure_backbone
-from reco_lightning.demo.fashion_mnist import DEFAULT_ROOT, load_fashion_mnist, make_captions, make_splits
-from reco_lightning.demo.probes import image_knn_accuracy, text_retrieval_precision, zero_shot_accuracy
+from reco_lightning.apps.demo.backbone import ensure_backbone
+from reco_lightning.apps.demo.fashion_mnist import (
+    DEFAULT_ROOT,
+    load_fashion_mnist,
+    make_captions,
+    make_splits,
+)
+from reco_lightning.apps.demo.probes import image_knn_accuracy, text_retrieval_precision, zero_shot_accuracy
+from reco_lightning.apps.demo.recipe import TRAINING_LOG_FILENAME, BackboneRecipe
 from reco_lightning.encoders import FrozenCLIP
 
 __all__ = ["main"]
@@ -27,7 +33,7 @@ __all__ = ["main"]
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Build (or reuse) the default stand-in CLIP and print its knowledge-gap checks on the official test split.
 
-    ``python -m reco_lightning.demo.backbone --out artifacts/fmnist-backbone``
+    ``python -m reco_lightning.apps.demo.backbone_cli --out artifacts/fmnist-backbone``
     """
     parser = argparse.ArgumentParser(description="Build the stand-in CLIP and measure its knowledge gap.")
     parser.add_argument("--out", required=True, help="backbone directory (cached by recipe.json)")
@@ -107,3 +113,7 @@ def _knowledge_gap_report(args: argparse.Namespace, recipe: BackboneRecipe) -> d
             clip, memory_captions, memory_labels, recipe.classnames, templates, 10, seen
         ),
     }
+
+
+if __name__ == "__main__":
+    main()

@@ -30,10 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from reco_lightning.atomic import atomic_write_text
-from reco_lightning.calibration import RETRIEVED_SKIP
-from reco_lightning.demo.backbone import RECIPE_FILENAME, BackboneRecipe, ensure_backbone
-from reco_lightning.demo.fashion_mnist import (
+from reco_lightning.apps.demo.backbone import ensure_backbone
+from reco_lightning.apps.demo.fashion_mnist import (
     DEFAULT_ROOT,
     DEFAULT_SEEN_CLASSES,
     FASHION_MNIST_CLASSES,
@@ -43,6 +41,9 @@ from reco_lightning.demo.fashion_mnist import (
     write_image_folder,
     write_pairs,
 )
+from reco_lightning.apps.demo.recipe import RECIPE_FILENAME, BackboneRecipe
+from reco_lightning.atomic import atomic_write_text
+from reco_lightning.calibration import RETRIEVED_SKIP
 
 __all__ = [
     "DEFAULT_PROTOCOL",
@@ -58,7 +59,7 @@ __all__ = [
     "train_and_test",
 ]
 
-CONFIG = Path(__file__).resolve().parents[3] / "configs" / "demo.yaml"
+CONFIG = Path(__file__).resolve().parents[4] / "configs" / "demo.yaml"
 # (search, fusion); the first is the paper's best and the demo's headline "reco"
 GRID = (("uni", "cross"), ("uni", "uni"), ("cross", "cross"), ("cross", "uni"))
 
@@ -257,7 +258,7 @@ CALIBRATION_TOLERANCE = 0.5
 
 
 def _validation_set(layout: DemoLayout, seen_classes: tuple[int, ...]) -> Any:
-    from reco_lightning.callbacks import ClassificationSet
+    from reco_lightning.evaluation import ClassificationSet
 
     return ClassificationSet(
         "calibration", str(layout.val), templates="fashion_mnist", class_groups=class_groups(seen_classes)

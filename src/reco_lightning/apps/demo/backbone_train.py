@@ -1,8 +1,8 @@
 """How the demo's stand-in CLIP is trained: preprocessing, augmentation and the contrastive training loop.
 
-Apart from :mod:`reco_lightning.demo.backbone` (the recipe and the cache that decides *whether* to train)
+Apart from :mod:`reco_lightning.apps.demo.recipe` (the settings) and :mod:`reco_lightning.apps.demo.backbone` (the cache that decides *whether* to train)
 because this is the part that decides the weights: any change here that changes them for the same recipe
-must bump :data:`reco_lightning.demo.backbone.RECIPE_VERSION`. Plain torch: symmetric InfoNCE, AdamW, the
+must bump :data:`reco_lightning.apps.demo.recipe.RECIPE_VERSION`. Plain torch: symmetric InfoNCE, AdamW, the
 library's warm-up + cosine schedule.
 
 The tokenizer is trained on captions of ALL classes, like CLIP's tokenizer whose vocabulary covers words
@@ -24,7 +24,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from reco_lightning.demo.fashion_mnist import load_fashion_mnist, make_captions, make_splits
+from reco_lightning.apps.demo.fashion_mnist import load_fashion_mnist, make_captions, make_splits
 from reco_lightning.encoders import projected_embedding
 from reco_lightning.optim import warmup_cosine
 from reco_lightning.tiny_clip import build_clip_tokenizer, new_clip
@@ -32,7 +32,7 @@ from reco_lightning.tiny_clip import build_clip_tokenizer, new_clip
 if TYPE_CHECKING:
     from transformers import CLIPImageProcessor
 
-    from reco_lightning.demo.backbone import BackboneRecipe
+    from reco_lightning.apps.demo.recipe import BackboneRecipe
 
 __all__ = ["to_pil_images", "train_backbone"]
 

@@ -1,10 +1,10 @@
 """Probes of the stand-in CLIP's knowledge gap: zero-shot accuracy, image k-NN, text-to-text retrieval.
 
-Apart from the training (:mod:`reco_lightning.demo.backbone_train`) because they only read a finished
+Apart from the training (:mod:`reco_lightning.apps.demo.backbone_train`) because they only read a finished
 backbone, any backbone: each takes a directory or a loaded :class:`reco_lightning.encoders.FrozenCLIP`.
 Results are percentages over seen-class, unseen-class and all queries, so one report shows what the
 backbone knows and what RECO has to recover. The zero-shot classifier is the library's
-(:func:`reco_lightning.evaluation.build_class_embeddings`), the same one RECO is scored with.
+(:func:`reco_lightning.metrics.build_class_embeddings`), the same one RECO is scored with.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from reco_lightning.demo.backbone_train import to_pil_images
-from reco_lightning.demo.fashion_mnist import DEFAULT_SEEN_CLASSES, FASHION_MNIST_CLASSES
+from reco_lightning.apps.demo.backbone_train import to_pil_images
+from reco_lightning.apps.demo.fashion_mnist import DEFAULT_SEEN_CLASSES, FASHION_MNIST_CLASSES
 from reco_lightning.encoders import FrozenCLIP
-from reco_lightning.evaluation import build_class_embeddings, build_prompts
+from reco_lightning.metrics import build_class_embeddings, build_prompts
 
 __all__ = [
     "Backbone",
