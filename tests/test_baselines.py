@@ -109,10 +109,14 @@ def test_calibrate_sweeps_and_picks_by_rule(module, tiny_dir):
     assert set(result["values"]) == {0.0, 0.5, 1.0}
     assert result["chosen"] == choose(result["values"], "max")
     assert result["values"][0.0] == pytest.approx(result["clip"]), "alpha 0 is the frozen model"
-    skip = calibrate(module, _shapes(tiny_dir), "fusion_config.retrieved_skip", values=(0.2, 0.4), rule="keep")
+    skip = calibrate(
+        module, _shapes(tiny_dir), "fusion_config.retrieved_skip", values=(0.2, 0.4), rule="keep"
+    )
     assert module.image_fusion.config.retrieved_skip == skip["chosen"]
     assert module.hparams["fusion_config"]["retrieved_skip"] == skip["chosen"]
-    calibrate(module, _shapes(tiny_dir), "fusion_config.retrieved_skip", values=(0.5,))  # back to the fixture's
+    calibrate(
+        module, _shapes(tiny_dir), "fusion_config.retrieved_skip", values=(0.5,)
+    )  # back to the fixture's
     with pytest.raises(ValueError, match="cannot calibrate"):
         calibrate(module, _shapes(tiny_dir), "k")
     with pytest.raises(ValueError, match="metric 'top1_nope'"):

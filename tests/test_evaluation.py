@@ -9,7 +9,9 @@ from reco_lightning.model import RecoModule
 @pytest.fixture(scope="module")
 def module(tiny_dir):
     torch.manual_seed(0)
-    m = RecoModule(backbone=str(tiny_dir / "clip"), memory=str(tiny_dir / "memory"), k=4, fusion_config={"num_heads": 4})
+    m = RecoModule(
+        backbone=str(tiny_dir / "clip"), memory=str(tiny_dir / "memory"), k=4, fusion_config={"num_heads": 4}
+    )
     m.setup("test")
     return m.eval()
 

@@ -147,7 +147,9 @@ def test_ddp_two_processes_match_one_process_on_concatenated_batch(tmp_path, cut
     v, t = unit(8, 8, seed=3), unit(8, 8, seed=4)
     t[5] = t[2]  # a duplicate caption across the two ranks' shards
     model = _model()
-    loss = _loss_on(model, RecoContrastiveLoss(LossConfig(learn_temperature=False, duplicate_threshold=threshold)), v, t)
+    loss = _loss_on(
+        model, RecoContrastiveLoss(LossConfig(learn_temperature=False, duplicate_threshold=threshold)), v, t
+    )
     loss.backward()
     single_grads = [p.grad for p in model.parameters()]
 

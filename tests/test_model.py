@@ -173,7 +173,9 @@ def test_checkpoint_refuses_another_backbone(tiny_dir, tmp_path, other_backbone)
 
 
 def test_memory_from_another_backbone_is_refused(tiny_dir, other_backbone):
-    module = RecoModule(backbone=other_backbone, memory=str(tiny_dir / "memory"), k=4, fusion_config={"num_heads": 4})
+    module = RecoModule(
+        backbone=other_backbone, memory=str(tiny_dir / "memory"), k=4, fusion_config={"num_heads": 4}
+    )
     with pytest.raises(RecoMemoryError, match="rebuild the memory with this backbone"):
         module.setup("fit")
 
@@ -223,7 +225,10 @@ FUSION_PROBES = {
     "mlp_ratio": (2.0, lambda f: f.encoder.layers[0].linear1.out_features == 2 * f.width),
     "dropout": (0.2, lambda f: f.encoder.layers[0].dropout.p == 0.2),
     # the learned branch starts silent with a skip on: the output is the skip alone
-    "residual": (True, lambda f: torch.allclose(f(*_probe_inputs(f)), F.normalize(_probe_inputs(f)[0], dim=-1))),
+    "residual": (
+        True,
+        lambda f: torch.allclose(f(*_probe_inputs(f)), F.normalize(_probe_inputs(f)[0], dim=-1)),
+    ),
     "retrieved_skip": (
         0.7,
         lambda f: torch.allclose(f(*_probe_inputs(f)), F.normalize(_probe_inputs(f)[1].mean(1), dim=-1)),
@@ -248,7 +253,10 @@ LOSS_PROBES = {
     "max_logit_scale": (50.0, lambda c: _capped(c) == pytest.approx(50.0)),
     "learn_temperature": (False, lambda c: not c.log_scale.requires_grad),
     "mixed_terms": (False, lambda c: _loss_parts(c) == {"loss", "refined"}),
-    "duplicate_threshold": (0.93, lambda c: (p := c.positives(torch.ones(2, 4), torch.ones(2, 4), 0)) is not None and p.all()),
+    "duplicate_threshold": (
+        0.93,
+        lambda c: (p := c.positives(torch.ones(2, 4), torch.ones(2, 4), 0)) is not None and p.all(),
+    ),
 }
 
 
@@ -272,7 +280,9 @@ def test_every_documented_option_reaches_its_component(tiny_dir, config_cls, pro
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     for name in options:
         assert f"{name}:" in config_cls.__doc__, f"{config_cls.__name__}.{name} is not documented"
-        assert f"`{name}`" in readme, f"{config_cls.__name__}.{name} is missing from the README config reference"
+        assert f"`{name}`" in readme, (
+            f"{config_cls.__name__}.{name} is missing from the README config reference"
+        )
     key = "fusion_config" if config_cls is FusionConfig else "loss_config"
     for name, (value, acts) in probes.items():
         module = make(tiny_dir, **{key: {name: value}})
@@ -284,7 +294,9 @@ def test_every_documented_option_reaches_its_component(tiny_dir, config_cls, pro
 
 
 def test_retrieval_options_reach_the_retriever(tiny_dir):
-    module = make(tiny_dir, k=3, search="cross", fusion="uni", near_duplicate_threshold=0.9, exclusion_margin=5)
+    module = make(
+        tiny_dir, k=3, search="cross", fusion="uni", near_duplicate_threshold=0.9, exclusion_margin=5
+    )
     module.setup("fit")
     retriever = module.require_retriever()
     assert (retriever.k, retriever.search, retriever.fusion) == (3, "cross", "uni")

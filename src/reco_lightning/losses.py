@@ -21,7 +21,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LossConfig", "RecoContrastiveLoss", "gather_rows", "gather_with_grad", "info_nce", "local_info_nce"]
+__all__ = [
+    "LossConfig",
+    "RecoContrastiveLoss",
+    "gather_rows",
+    "gather_with_grad",
+    "info_nce",
+    "local_info_nce",
+]
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
@@ -183,7 +190,10 @@ class RecoContrastiveLoss(nn.Module):
         if self.config.duplicate_threshold is None:
             return None
         # renormalised: identical captions stored in fp16 must compare at 1, not at |t|^2 ~ 1 - 1e-4
-        same = F.normalize(t_local, dim=-1) @ F.normalize(t_global, dim=-1).t() >= self.config.duplicate_threshold
+        same = (
+            F.normalize(t_local, dim=-1) @ F.normalize(t_global, dim=-1).t()
+            >= self.config.duplicate_threshold
+        )
         rows = torch.arange(t_local.shape[0], device=t_local.device)
         same[rows, rows + offset] = True
         return same

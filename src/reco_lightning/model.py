@@ -89,7 +89,10 @@ class RecoModule(pl.LightningModule):
         fusion_config, loss_config = FusionConfig.coerce(fusion_config), LossConfig.coerce(loss_config)
         self.save_hyperparameters()
         # plain dicts in hparams: hparams.yaml stays readable and checkpoints load without our classes
-        self.hparams["fusion_config"], self.hparams["loss_config"] = asdict(fusion_config), asdict(loss_config)
+        self.hparams["fusion_config"], self.hparams["loss_config"] = (
+            asdict(fusion_config),
+            asdict(loss_config),
+        )
         self.backbone = FrozenCLIP(backbone)
         self.image_fusion = FusionTransformer(self.backbone.dim, fusion_config)
         self.text_fusion = FusionTransformer(self.backbone.dim, fusion_config)
@@ -296,7 +299,8 @@ class RecoModule(pl.LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
         warmup = min(hp.warmup_steps, max(0, total - 1))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, partial(warmup_cosine, warmup_steps=warmup, total_steps=total, min_ratio=hp.min_lr_ratio)
+            optimizer,
+            partial(warmup_cosine, warmup_steps=warmup, total_steps=total, min_ratio=hp.min_lr_ratio),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
