@@ -7,8 +7,8 @@ the very same modules (FusionTransformer x 2, RecoContrastiveLoss, AdamW with wa
 on the demo's embeddings held in RAM, with exact search in torch, so one design choice can be changed at
 a time and measured in seconds. It reads a prepared demo root (run `reco demo` first): its backbone
 encodes the validation and test images and the class prompts once (cached in ROOT/ablation_features.pt),
-the memory gives the training pairs and the retrieval rows. Top-1 (percent) on the test split for seen,
-unseen and all classes; rows:
+the memory gives the training pairs and the retrieval rows. Top-1 (percent) on the test split (``--split val``:
+the validation split, where design choices are made) for seen, unseen and all classes; rows:
 
 - ``reco``: the demo's open protocol and recipe (5 epochs, lr 1e-3, skips at weight 1, duplicate captions
   as positives, near-duplicates = copies of the pair's image, cosine > 0.9999);
@@ -17,6 +17,8 @@ unseen and all classes; rows:
   the pair's image only, or on the query's own modality (text queries then lose every same caption);
 - ``duplicates as negatives`` (identical captions are negatives, as in plain InfoNCE),
 - ``lr 3e-4``, ``plain fusion`` (no skips: the paper's design), ``10 epochs`` (reco and control),
+  ``query dropout P`` (each training query zeroed with probability P: the fusion learns to answer from
+  its neighbours alone), ``k 20`` (twice the neighbours in training and test),
   ``strict`` (seen-class pairs and the seen-only memory in training).
 
 Writes DIR/fusion_ablations.json (mean and std over seeds) and prints a table.
@@ -58,6 +60,7 @@ class Recipe:
     near_duplicate_threshold: float = 0.9999
     near_duplicate_of: str = "image"
     mask: bool = False
+    query_dropout: float = 0.0
     k: int = 10
     batch_size: int = 256
 
@@ -72,6 +75,9 @@ ROWS: dict[str, Recipe] = {
     "plain fusion": Recipe(skip=0.0, residual=False),
     "10 epochs": Recipe(epochs=10),
     "control, 10 epochs": Recipe(mask=True, epochs=10),
+    "query dropout 0.25": Recipe(query_dropout=0.25),
+    "query dropout 0.5": Recipe(query_dropout=0.5),
+    "k 20": Recipe(k=20),
     "strict": Recipe(protocol="strict"),
     "control, strict": Recipe(protocol="strict", mask=True),
 }
@@ -82,7 +88,9 @@ def features(root: Path) -> dict:
     """Frozen embeddings of the demo root's test/val images, class prompts and memory (cached)."""
     path = root / "ablation_features.pt"
     if path.is_file():
-        return torch.load(path)
+        cached = torch.load(path)
+        if "val_v" in cached:
+            return cached
     clip = FrozenCLIP(str(root / "backbone"))
 
     def encode(folder: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -97,6 +105,7 @@ def features(root: Path) -> dict:
         return torch.cat(chunks), torch.tensor(labels), data.classnames
 
     test_v, test_y, classes = encode(root / "test")
+    val_v, val_y, _ = encode(root / "val")
     templates = load_templates("fashion_mnist")
     prompts = clip.encode_captions(build_prompts(classes, templates)).view(len(classes), len(templates), -1)
     memory = MemoryStore.open(root / "memory_all", load_indexes=False)
@@ -105,6 +114,8 @@ def features(root: Path) -> dict:
     result = {
         "test_v": test_v,
         "test_y": test_y,
+        "val_v": val_v,
+        "val_y": val_y,
         "prompts": prompts,
         "mem_v": torch.from_numpy(np.array(memory.embeddings("image"), dtype=np.float32)),
         "mem_t": torch.from_numpy(np.array(memory.embeddings("text"), dtype=np.float32)),
@@ -131,7 +142,9 @@ def unit(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, dim=-1)
 
 
-def run(data: dict, recipe: Recipe, seed: int, seen: tuple[int, ...]) -> dict[str, float]:
+def run(
+    data: dict, recipe: Recipe, seed: int, seen: tuple[int, ...], split: str = "test"
+) -> dict[str, float]:
     torch.manual_seed(seed)
     mem_v, mem_t, mem_y = data["mem_v"], data["mem_t"], data["mem_y"]
     rows = torch.arange(len(mem_y))
@@ -155,7 +168,7 @@ def run(data: dict, recipe: Recipe, seed: int, seen: tuple[int, ...]) -> dict[st
     options = FusionConfig(num_heads=4, dropout=0.1, residual=recipe.residual, retrieved_skip=recipe.skip)
     image_fusion, text_fusion = (
         FusionTransformer(train_v.shape[1], options),
-        FusionTransformer(train_v.shape[1], **options),
+        FusionTransformer(train_v.shape[1], options),
     )
     loss_fn = RecoContrastiveLoss(LossConfig(duplicate_threshold=recipe.duplicate_threshold))
     params = [*image_fusion.parameters(), *text_fusion.parameters(), *loss_fn.parameters()]
@@ -169,6 +182,13 @@ def run(data: dict, recipe: Recipe, seed: int, seen: tuple[int, ...]) -> dict[st
         mask = torch.zeros(retrieved.shape[:2], dtype=torch.bool) if recipe.mask else None
         return fusion(query, retrieved, mask)
 
+    def dropped(query: torch.Tensor) -> torch.Tensor:
+        """Training only: zero each query with probability ``query_dropout`` (the fusion then answers from
+        its neighbours alone, as it must for a concept the backbone cannot embed)."""
+        if not recipe.query_dropout:
+            return query
+        return query * (torch.rand(len(query), 1) >= recipe.query_dropout).to(query.dtype)
+
     for _ in range(recipe.epochs):
         image_fusion.train(), text_fusion.train()
         order = torch.randperm(len(rows))
@@ -178,8 +198,8 @@ def run(data: dict, recipe: Recipe, seed: int, seen: tuple[int, ...]) -> dict[st
             out = loss_fn(
                 v,
                 t,
-                fuse(image_fusion, v, train_t[image_rows[batch]]),
-                fuse(text_fusion, t, train_v[text_rows[batch]]),
+                fuse(image_fusion, dropped(v), train_t[image_rows[batch]]),
+                fuse(text_fusion, dropped(t), train_v[text_rows[batch]]),
             )
             optimizer.zero_grad()
             out["loss"].backward()
@@ -191,10 +211,10 @@ def run(data: dict, recipe: Recipe, seed: int, seen: tuple[int, ...]) -> dict[st
         prompts = data["prompts"].reshape(-1, mem_t.shape[1])
         refined = fuse(text_fusion, prompts, mem_v[neighbours(prompts, mem_t, recipe.k)])
         classes = class_embeddings_from_prompt_embeddings(refined.view_as(data["prompts"]))
-        v = data["test_v"]
+        v = data[f"{split}_v"]
         scores = fuse(image_fusion, v, mem_t[neighbours(v, mem_v, recipe.k)]) @ classes.t()
-    correct = (scores.argmax(1) == data["test_y"]).float()
-    is_seen = torch.isin(data["test_y"], torch.tensor(seen))
+    correct = (scores.argmax(1) == data[f"{split}_y"]).float()
+    is_seen = torch.isin(data[f"{split}_y"], torch.tensor(seen))
     return {
         "seen": 100 * correct[is_seen].mean().item(),
         "unseen": 100 * correct[~is_seen].mean().item(),
@@ -210,6 +230,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="bench_out")
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument(
+        "--split", default="test", choices=["test", "val"], help="evaluate on (choose designs on val)"
+    )
     parser.add_argument("--seen", default=",".join(map(str, DEFAULT_SEEN_CLASSES)), help="seen class ids")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
@@ -218,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {}
     for name in args.rows:
         start = time.time()
-        runs = [run(data, replace(ROWS[name]), seed, seen) for seed in range(args.seeds)]
+        runs = [run(data, replace(ROWS[name]), seed, seen, args.split) for seed in range(args.seeds)]
         results[name] = {
             metric: {
                 "mean": round(statistics.fmean(r[metric] for r in runs), 2),
@@ -236,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "fusion_ablations.json").write_text(
-        json.dumps({"root": args.root, "seeds": args.seeds, "rows": results}, indent=2)
+        json.dumps({"root": args.root, "seeds": args.seeds, "split": args.split, "rows": results}, indent=2)
     )
     print("\n| row | seen | unseen | all |\n|---|---:|---:|---:|")
     for name, m in results.items():
