@@ -3,18 +3,28 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# CPU build by default (it lies on disk on the project's machines). GPU users: TORCH_SPEC="torch==2.13.0" with
-# their CUDA index, and see README "GPU install" for faiss-gpu.
+# CPU build by default (it lies on disk on the project's machines). GPU machines: `make install GPU=1`
+# (optionally TORCH_INDEX=https://download.pytorch.org/whl/cu128 for a given CUDA): a CUDA torch and
+# faiss-gpu-cu12 1.12.0 in place of faiss-cpu (the newest faiss GPU wheel that keeps numpy<2, which
+# autofaiss needs; faiss >= 1.14 also breaks autofaiss's OPQ indexes). See README "GPU install".
+GPU ?= 0
 TORCH_SPEC ?= torch==2.13.0
-STAMP := $(VENV)/.installed
+TORCH_INDEX ?=
+FAISS_GPU_SPEC ?= faiss-gpu-cu12==1.12.0
+STAMP := $(VENV)/.installed-$(if $(filter 1,$(GPU)),gpu,cpu)
 
 .PHONY: install data demo tiny test lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/python -m pip uninstall --quiet -y faiss-gpu-cu12 2>/dev/null || true
 	$(BIN)/python -m pip install --quiet -e ".[autofaiss,dev]"
+	if [ "$(GPU)" = "1" ]; then \
+		$(BIN)/python -m pip uninstall --quiet -y faiss-cpu && \
+		$(BIN)/python -m pip install --quiet "$(FAISS_GPU_SPEC)" "numpy<2"; fi
+	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
 install: $(STAMP)
