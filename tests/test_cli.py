@@ -322,3 +322,24 @@ def test_calibrate_command_writes_the_sweep_and_the_choice(tiny_dir, tmp_path, c
     best = max(scores.values())
     assert result["chosen"] == min(v for v, s in scores.items() if s == best)
     assert f"mix_alpha = {result['chosen']:g}" in capsys.readouterr().out
+
+
+def test_tiny_config_before_prepare_tiny_names_the_command_to_run(tmp_path, monkeypatch, capsys):
+    from reco_lightning.apps.main import main as reco
+
+    monkeypatch.chdir(tmp_path)  # no artifacts/tiny here
+    with pytest.raises(SystemExit) as exit_info:
+        reco(["fit", "--config", str(CONFIG), f"--trainer.default_root_dir={tmp_path}"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "'artifacts/tiny/clip' does not exist" in err and "`reco prepare-tiny --out artifacts/tiny`" in err
+    assert "Repo id" not in err  # not the hub's error
+
+
+def test_missing_local_backbone_is_not_looked_up_on_the_hub(tmp_path):
+    from reco_lightning.encoders import FrozenCLIP
+    from reco_lightning.errors import MissingInputError
+
+    for path in (str(tmp_path / "nope"), "./clip", "a/b/c"):
+        with pytest.raises(MissingInputError, match="does not exist"):
+            FrozenCLIP(path)

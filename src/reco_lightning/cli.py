@@ -27,7 +27,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only
 
 from reco_lightning.data.datamodule import ImageTextDataModule
-from reco_lightning.errors import RecoError
+from reco_lightning.errors import MissingInputError, RecoError
 from reco_lightning.model import RecoModule
 
 __all__ = ["RecoCLI", "main"]
@@ -285,21 +285,32 @@ def calibrate_main(args: Sequence[str]) -> None:
 
 
 def main(
-    args: Sequence[str] | None = None, commands: Mapping[str, Callable[[Sequence[str]], None]] | None = None
+    args: Sequence[str] | None = None,
+    commands: Mapping[str, Callable[[Sequence[str]], None]] | None = None,
+    makers: Mapping[str, str] | None = None,
 ) -> None:
     """Run one `reco` command: our errors as one line on stderr, exit status 1.
 
     ``commands`` adds subcommands to the library's own (:data:`COMMANDS`): the apps on top of the
     library (``reco demo``, ``reco prepare-tiny``) register theirs this way, so the library never
-    imports them.
+    imports them. ``makers``: path prefix -> the command that creates what lies under it; a missing input
+    under such a prefix names that command.
     """
     try:
         _dispatch(args, {**COMMANDS, **(commands or {})})
     except Exception as err:
         if not is_user_error(err) or os.environ.get("RECO_DEBUG", "") not in ("", "0"):
             raise
-        sys.stderr.write(f"reco: error: {one_line(err)} (RECO_DEBUG=1 shows the traceback)\n")
+        message = one_line(err)
+        if isinstance(err, MissingInputError):
+            maker = next((cmd for prefix, cmd in (makers or {}).items() if _under(err.path, prefix)), None)
+            message += f"; it is made by `{maker}`: run that first" if maker else ""
+        sys.stderr.write(f"reco: error: {message} (RECO_DEBUG=1 shows the traceback)\n")
         raise SystemExit(1) from None
+
+
+def _under(path: str, prefix: str) -> bool:
+    return Path(path).resolve().is_relative_to(Path(prefix).resolve())
 
 
 _PACKAGE_DIR = Path(__file__).resolve().parent

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reco_lightning.errors import MissingInputError
+
 __all__ = ["FrozenCLIP", "backbone_fingerprint", "projected_embedding", "tokenize_captions"]
 
 
@@ -78,6 +80,15 @@ def backbone_fingerprint(model: nn.Module, name_or_path: str) -> dict[str, Any]:
     }
 
 
+def _local_path(name_or_path: str) -> bool:
+    """Whether ``name_or_path`` can only be a local directory: hub ids are ``name`` or ``org/name``."""
+    return (
+        name_or_path.startswith((".", "/", "~"))
+        or name_or_path.count("/") > 1
+        or (os.sep != "/" and os.sep in name_or_path)
+    )
+
+
 class FrozenCLIP(nn.Module):
     """A transformers CLIPModel + CLIPProcessor, frozen; outputs unit-norm projected embeddings.
 
@@ -92,6 +103,13 @@ class FrozenCLIP(nn.Module):
 
         hf_logging.disable_progress_bar()
         self.name_or_path = str(name_or_path)
+        if _local_path(self.name_or_path) and not os.path.isdir(self.name_or_path):
+            raise MissingInputError(
+                f"CLIP backbone directory {self.name_or_path!r} does not exist (from {os.getcwd()}): point "
+                "model.backbone at a directory written by save_pretrained, or at a hub name such as "
+                "'openai/clip-vit-base-patch32'",
+                self.name_or_path,
+            )
         try:
             self.model = CLIPModel.from_pretrained(self.name_or_path)
             self.processor = CLIPProcessor.from_pretrained(self.name_or_path)

@@ -8,7 +8,7 @@ caught those keeps working.
 
 from __future__ import annotations
 
-__all__ = ["ChunkedJobError", "RecoError", "RecoMemoryError"]
+__all__ = ["ChunkedJobError", "MissingInputError", "RecoError", "RecoMemoryError"]
 
 
 class RecoError(Exception):
@@ -25,3 +25,15 @@ class ChunkedJobError(RecoError, RuntimeError):
     Apart from :class:`RecoMemoryError` because the same job machinery builds feature caches too: a cache
     build that fails is not a memory error. A memory build reports these as a ``RecoMemoryError``.
     """
+
+
+class MissingInputError(RecoError, FileNotFoundError):
+    """A path the run needs (a backbone directory, say) does not exist; ``path`` is what was asked for.
+
+    The ``reco`` script adds what creates it when an app knows (``reco prepare-tiny`` for the tiny setup's
+    paths, ``reco demo`` for the demo's).
+    """
+
+    def __init__(self, message: str, path: str) -> None:
+        super().__init__(message)
+        self.path = path

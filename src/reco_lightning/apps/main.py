@@ -93,11 +93,13 @@ def prepare_tiny_main(args: Sequence[str]) -> None:
 
 #: subcommands of the apps, added to the library's (reco_lightning.cli.COMMANDS)
 APP_COMMANDS = {"demo": demo_main, "prepare-tiny": prepare_tiny_main}
+#: default output folders of the apps -> the command that fills them (named when an input there is missing)
+APP_MAKERS = {"artifacts/tiny": "reco prepare-tiny --out artifacts/tiny", "artifacts/demo": "reco demo"}
 
 
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of the `reco` console script (see :func:`reco_lightning.cli.main`)."""
-    cli.main(args, APP_COMMANDS)
+    cli.main(args, APP_COMMANDS, APP_MAKERS)
 
 
 if __name__ == "__main__":

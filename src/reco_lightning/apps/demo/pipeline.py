@@ -59,7 +59,9 @@ __all__ = [
     "train_and_test",
 ]
 
-CONFIG = Path(__file__).resolve().parents[4] / "configs" / "demo.yaml"
+# configs/demo.yaml, shipped inside the package (a link in the source tree, a copy in a wheel), so that
+# `reco demo` runs from an installed wheel as from a checkout
+CONFIG = Path(__file__).resolve().parent / "demo.yaml"
 # (search, fusion); the first is the paper's best and the demo's headline "reco"
 GRID = (("uni", "cross"), ("uni", "uni"), ("cross", "cross"), ("cross", "uni"))
 
