@@ -7,8 +7,11 @@
 Each backend runs in its own spawned process so its peak RSS is its own. Vectors reach the process as
 files and the streaming backends are filled chunk by chunk (as a memory build does), so peak RSS is what
 the index costs to build and search, not a copy of the whole data set (autofaiss, which needs every vector
-in memory, is the exception; ivfpq_rerank's includes the store's fp16 pages it maps). ivfpq and
-ivfpq_rerank share one build: nprobe/rerank are search-time, so the second loads the first's index.
+in memory, is the exception; ivfpq's includes the store's fp16 pages it re-ranks from). ``ivfpq`` is the
+package's defaults (``--backend ivfpq``: nlist, nprobe and rerank derived from N, trained on
+``reco memory build``'s default sample) unless --nlist/--nprobe/--rerank/--m/--nbits/--train-size say
+otherwise; ``ivfpq_norerank`` searches the same index by its PQ codes alone (rerank=0). The two share one
+build: nprobe/rerank are search-time, so the second loads the first's index.
 Ground truth is float64 brute force computed here, independently of faiss: the exact backend's recall
 therefore checks the harness itself. Throughputs are best-of-repeats, because a shared 2-core machine is
 noisy. Exact search is also expressed as a fraction of the machine's best float32 matmul rate (numpy or
@@ -18,8 +21,8 @@ torch, [1024, dim] x [dim, 64k]), both over the full run and timed alternately w
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
-import math
 import multiprocessing
 import os
 import shutil
@@ -33,24 +36,21 @@ from tqdm import tqdm
 
 from reco_lightning.atomic import atomic_write_text
 
-__all__ = ["default_nlist", "main", "measure_matmul_gflops", "recall_at"]
+__all__ = ["build_train_size", "main", "measure_matmul_gflops", "recall_at"]
 
 K = 10
 CHUNK_ROWS = 65536
-ALL_BACKENDS = ("exact", "ivfpq", "ivfpq_rerank", "autofaiss")
+ALL_BACKENDS = ("exact", "ivfpq", "ivfpq_norerank", "autofaiss")
+#: IVF-PQ arguments the package derives from N when not given (None here = the package's default).
+DERIVED = ("nlist", "nprobe", "rerank")
 
 
 # --- helpers shared by the parent and the per-backend processes --------------------------------------------
-def default_nlist(n: int, train_size: int) -> int:
-    """~4*sqrt(N) lists (faiss guideline), rounded to a power of two, with >= 20 training points per list.
+def build_train_size() -> int:
+    """``reco memory build``'s default training sample, so the ivfpq row is what a default build makes."""
+    from reco_lightning.jobs.memory_build import build_memory
 
-    faiss asks for 39 points per centroid and warns below; IVF centroids only partition the space, and at
-    20+ points per list the probing recall measured here stays above 0.99 at nprobe=32, while the 1M
-    default (4096 lists from a 100k sample) keeps the training sample, and so the build time, small.
-    """
-    target = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n))))
-    cap = 2 ** int(math.log2(max(1, train_size // 20)))
-    return int(max(1, min(target, cap)))
+    return int(inspect.signature(build_memory).parameters["train_size"].default)
 
 
 def recall_at(approx: np.ndarray, truth: np.ndarray, k: int) -> float:
@@ -184,13 +184,17 @@ def _run_backend(task: dict[str, Any]) -> dict[str, Any]:
             backend.build(np.load(work / "database.npy"))
         else:
             if backend.needs_training:
-                backend.train(_sample_rows(work / "database.npy", task["train_size"], task["seed"]))
+                sample = _sample_rows(work / "database.npy", task["train_size"], task["seed"])
+                if task["kind"] == "ivfpq":  # the whole database's size sizes the derived nlist/rerank
+                    backend.train(sample, ntotal=task["n"])
+                else:
+                    backend.train(sample)
             for _, chunk in _iter_chunks(work / "database.npy"):
                 backend.add(chunk)
         build_s = time.perf_counter() - start
         if shared:
             backend.save(shared)
-    if task["params"].get("rerank", 0) > 0:
+    if (getattr(backend, "rerank", None) or 0) > 0:  # the resolved value: the package default re-ranks
         backend.attach(np.load(work / "database_fp16.npy", mmap_mode="r"))  # the store's fp16 rows
 
     queries = np.load(work / "queries.npy")
@@ -243,6 +247,7 @@ def _run_backend(task: dict[str, Any]) -> dict[str, Any]:
     )
     if task["kind"] == "ivfpq":
         result["train_size"] = min(task["train_size"], task["n"])
+        result["derived"] = [key for key in DERIVED if task["params"].get(key) is None]
     if task["kind"] == "autofaiss":
         budget_bytes = _memory_bytes(task["params"]["max_index_memory_usage"])
         budget_ms = task["params"]["max_index_query_time_ms"]
@@ -296,12 +301,19 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch1-queries", type=int, default=200, help="single queries to time (at most)")
     p.add_argument("--batch1-seconds", type=float, default=20.0, help="stop the batch-1 loop after this")
     p.add_argument("--batch-seconds", type=float, default=3.0, help="repeat batched search for this long")
-    p.add_argument("--nlist", type=int, default=0, help="IVF lists; 0 = ~4*sqrt(N), power of two")
+    p.add_argument("--nlist", type=int, default=None, help="IVF lists (default: the package's, from N)")
     p.add_argument("--m", type=int, default=64, help="PQ sub-quantisers (bytes per vector at nbits=8)")
     p.add_argument("--nbits", type=int, default=8)
-    p.add_argument("--nprobe", type=int, default=32)
-    p.add_argument("--rerank", type=int, default=200, help="candidates re-scored exactly by ivfpq_rerank")
-    p.add_argument("--train-size", type=int, default=100_000, help="IVF-PQ training sample")
+    p.add_argument("--nprobe", type=int, default=None, help="IVF lists probed (default: the package's)")
+    p.add_argument(
+        "--rerank",
+        type=int,
+        default=None,
+        help="candidates re-scored exactly by ivfpq (default: the package's)",
+    )
+    p.add_argument(
+        "--train-size", type=int, default=None, help="IVF-PQ training sample (default: reco memory build's)"
+    )
     p.add_argument("--autofaiss-memory", default=None, help="autofaiss index budget; default 1/16 of exact")
     p.add_argument("--autofaiss-query-ms", type=float, default=10.0, help="autofaiss batch-1 latency budget")
     p.add_argument(
@@ -318,6 +330,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.large:
         args.n = 1_000_000
+    if args.train_size is None:
+        args.train_size = build_train_size()
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = sorted(set(args.backends) - set(ALL_BACKENDS))
     if unknown:
@@ -396,16 +410,17 @@ def _real(work: Path, args: argparse.Namespace) -> tuple[int, np.ndarray]:
 
 def _tasks(args: argparse.Namespace, n: int, dim: int, work: Path) -> list[dict[str, Any]]:
     train_size = min(args.train_size, n)
-    nlist = args.nlist or default_nlist(n, train_size)
     budget = args.autofaiss_memory or f"{max(1, n * dim * 4 // 16 // 1024)}K"
     common = {"dim": dim, "n": n, "work": str(work), "train_size": train_size, "seed": args.seed}
     common.update(batch=args.batch, batch1_queries=args.batch1_queries, batch1_seconds=args.batch1_seconds)
     common.update(batch_seconds=args.batch_seconds)
-    ivf = {"nlist": nlist, "m": args.m, "nbits": args.nbits, "nprobe": args.nprobe}
+    # None = the package's default, resolved by the backend from N when trained (and by load for the
+    # search-time ones: a shared index searched with rerank=None re-ranks by the package's rule)
+    ivf = {"nlist": args.nlist, "m": args.m, "nbits": args.nbits, "nprobe": args.nprobe}
     specs = {
         "exact": ("exact", {}),
-        "ivfpq": ("ivfpq", {**ivf, "rerank": 0}),
-        "ivfpq_rerank": ("ivfpq", {**ivf, "rerank": args.rerank}),
+        "ivfpq": ("ivfpq", {**ivf, "rerank": args.rerank}),
+        "ivfpq_norerank": ("ivfpq", {**ivf, "rerank": 0}),
         "autofaiss": (
             "autofaiss",
             {
@@ -420,7 +435,7 @@ def _tasks(args: argparse.Namespace, n: int, dim: int, work: Path) -> list[dict[
     ]
     for task in tasks:
         if task["kind"] == "ivfpq":  # nprobe/rerank are search-time: one build serves both ivfpq entries
-            task["layout"] = f"ivfpq-{nlist}-{args.m}-{args.nbits}"
+            task["layout"] = f"ivfpq-{args.nlist or 'derived'}-{args.m}-{args.nbits}-{train_size}"
             task["search_params"] = ["nprobe", "rerank"]
     return tasks
 
@@ -486,13 +501,19 @@ def _table(title: str, n: int, dim: int, results: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---|\n"
     )
     lines = []
+    exact_qps = results.get("exact", {}).get("qps_batch1024")
     for name, r in results.items():
         if "error" in r:
             lines.append(f"| {name} | - | - | - | - | - | - | - | {r['error']} |")
             continue
         args = r["init_args"]
         if name.startswith("ivfpq"):
-            note = f"nlist={args['nlist']} m={args['m']} nprobe={args['nprobe']} rerank={args['rerank']}"
+            note = (
+                f"nlist={args['nlist']} m={args['m']} nprobe={args['nprobe']} rerank={args['rerank']}, "
+                f"trained on {r['train_size']:,}"
+                + (f"; derived from N: {', '.join(r['derived'])}" if r.get("derived") else "")
+                + (f"; {r['qps_batch1024'] / exact_qps:.1f}x exact's q/s @1024" if exact_qps else "")
+            )
         elif name == "autofaiss":
             note = (
                 f"{r['index_key']} {r['index_param'] or ''}; memory budget "

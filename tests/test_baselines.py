@@ -81,7 +81,8 @@ def test_lookup_and_mix_rows_use_the_models_neighbours(module, tiny_dir):
     v = clip.encode_images(clip.preprocess_images(images))
     templates = load_templates("clip_generic")
     frozen = build_class_embeddings(data.classnames, templates, clip.encode_captions)
-    looked = lookup(module.neighbours(v, "image"))
+    guard = evaluation.leakage_threshold  # the report's image sides search with the leakage guard
+    looked = lookup(module.neighbours(v, "image", leak_threshold=guard))
     expected = classification_metrics(looked @ frozen.t(), torch.tensor(labels))
     assert rows["lookup"]["top1"] == pytest.approx(expected["top1"])
 
@@ -90,7 +91,7 @@ def test_lookup_and_mix_rows_use_the_models_neighbours(module, tiny_dir):
         return mix(t, module.neighbours(t, "text"), 0.7)
 
     weights = build_class_embeddings(data.classnames, templates, mixed_text)
-    mixed = mix(v, module.neighbours(v, "image"), 0.7)
+    mixed = mix(v, module.neighbours(v, "image", leak_threshold=guard), 0.7)
     expected = classification_metrics(mixed @ weights.t(), torch.tensor(labels))
     assert rows["mix"]["top1"] == pytest.approx(expected["top1"])
 
@@ -135,3 +136,32 @@ def test_control_reads_no_neighbours(tiny_dir):
     expected = control.image_fusion(query, blank, torch.zeros(3, 1, dtype=torch.bool))
     assert torch.allclose(out, expected)
     assert control.refine(query[:0], "text").shape == (0, 32)
+
+
+def test_calibration_reads_the_neighbours_the_evaluation_reads(module, tiny_dir):
+    """The leakage guard reaches calibration (its scores are the evaluation's at the same guard, and a guard
+    that excludes every pair changes them); `leakage_threshold_of` takes the run config's value."""
+    from pathlib import Path
+
+    import yaml
+
+    from reco_lightning.calibration import leakage_threshold_of
+    from reco_lightning.evaluation import DEFAULT_LEAKAGE_THRESHOLD
+
+    for guard in (-1.0, None, 0.95):  # -1.0: no memory pair is ever retrieved for an image
+        swept = calibrate(module, _shapes(tiny_dir), "mix_alpha", values=(0.5,), leakage_threshold=guard)
+        evaluation = ZeroShotEvaluation(
+            [_shapes(tiny_dir)], settings=["mix"], mix_alpha=0.5, leakage_threshold=guard
+        )
+        assert swept["values"][0.5] == pytest.approx(evaluation.evaluate(module)[0].rows[0].metrics["top1"])
+    blind = calibrate(module, _shapes(tiny_dir), "mix_alpha", values=(0.5,), leakage_threshold=-1.0)
+    assert (
+        blind["values"][0.5]
+        != calibrate(module, _shapes(tiny_dir), "mix_alpha", values=(0.5,))["values"][0.5]
+    )
+    configs = Path(__file__).parents[1] / "configs"
+    assert leakage_threshold_of(yaml.safe_load((configs / "demo.yaml").read_text())) == 0.9999
+    assert (
+        leakage_threshold_of(yaml.safe_load((configs / "tiny.yaml").read_text())) == DEFAULT_LEAKAGE_THRESHOLD
+    )
+    assert leakage_threshold_of({}) == DEFAULT_LEAKAGE_THRESHOLD

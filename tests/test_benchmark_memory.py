@@ -37,7 +37,7 @@ def test_all_backends_in_process(bench, tmp_path) -> None:
         assert isinstance(on_disk[key], kind), key
     assert on_disk["n"] == 3000 and on_disk["dim"] == 32 and on_disk["matmul_gflops"] > 0
     backends = on_disk["backends"]
-    assert set(backends) == {"exact", "ivfpq", "ivfpq_rerank", "autofaiss"}
+    assert set(backends) == {"exact", "ivfpq", "ivfpq_norerank", "autofaiss"}
     for name, r in backends.items():
         assert "error" not in r, (name, r)
         for key in ("build_s", "bytes_per_vector", "recall@1", "recall@10", "qps_batch1", "qps_batch1024"):
@@ -46,9 +46,26 @@ def test_all_backends_in_process(bench, tmp_path) -> None:
     assert backends["exact"]["recall@1"] == backends["exact"]["recall@10"] == 1.0
     assert backends["exact"]["bytes_per_vector"] == 32 * 4
     assert backends["ivfpq"]["bytes_per_vector"] < 32 * 4
-    assert backends["ivfpq_rerank"]["recall@10"] > backends["ivfpq"]["recall@10"]
-    assert backends["ivfpq_rerank"]["build_shared_with"] == "ivfpq"  # one IVF-PQ build serves both
-    assert backends["ivfpq_rerank"]["init_args"]["rerank"] == 200
+    assert backends["ivfpq"]["recall@10"] > backends["ivfpq_norerank"]["recall@10"]
+    assert backends["ivfpq_norerank"]["build_shared_with"] == "ivfpq"  # one IVF-PQ build serves both
+    # the ivfpq row is the package's defaults (only m given): derived from N = 3000 and the whole of it
+    # as training sample (`reco memory build` trains on up to 200k rows)
+    from reco_lightning.memory.ivfpq import default_nlist, default_nprobe, default_rerank
+
+    nlist = default_nlist(3000, 3000)
+    expected = {
+        "nlist": nlist,
+        "m": 8,
+        "nbits": 8,
+        "nprobe": default_nprobe(nlist),
+        "rerank": default_rerank(3000),
+    }
+    assert backends["ivfpq"]["init_args"] == expected and expected["rerank"] > 0
+    assert (
+        backends["ivfpq"]["derived"] == ["nlist", "nprobe", "rerank"]
+        and backends["ivfpq"]["train_size"] == 3000
+    )
+    assert backends["ivfpq_norerank"]["init_args"] == {**expected, "rerank": 0}
     # the fraction is the exact backend's FLOP rate over the best measured matmul rate
     flops = 2 * 3000 * 32 * backends["exact"]["qps_batch1024"] / 1e9
     assert on_disk["exact_fraction_of_matmul"] == pytest.approx(flops / on_disk["matmul_gflops"])
@@ -64,7 +81,8 @@ def test_all_backends_in_process(bench, tmp_path) -> None:
     )
     assert auto["within_memory_budget"] is False  # default budget 1/16 of exact; IVF-Flat is bigger
     markdown = (tmp_path / "memory_backends.md").read_text()
-    assert "| ivfpq_rerank |" in markdown and "recall@10" in markdown
+    assert "| ivfpq_norerank |" in markdown and "recall@10" in markdown
+    assert "derived from N: nlist, nprobe, rerank" in markdown and "x exact's q/s" in markdown
     assert (tmp_path / "memory_backends.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "_work").exists()
 
@@ -105,12 +123,12 @@ def test_real_memory_uses_held_out_rows_as_queries(bench, tmp_path) -> None:
         "--batch-seconds",
         "0.05",
     ]
-    args += ["--m", "4", "--backends", "exact,ivfpq_rerank", "--in-process", "--memory", str(memory)]
+    args += ["--m", "4", "--backends", "exact,ivfpq", "--in-process", "--memory", str(memory)]
     report = bench.main([*args, "--out", str(tmp_path / "o")])
     real = report["real_memory"]
     assert real["n"] == 1470 and real["dim"] == 16 and real["queries"] == 30
     assert real["backends"]["exact"]["recall@10"] == 1.0
-    assert real["backends"]["ivfpq_rerank"]["recall@10"] > 0.8
+    assert real["backends"]["ivfpq"]["recall@10"] > 0.8
     assert "real memory" in (tmp_path / "o" / "memory_backends.md").read_text()
     with pytest.raises(SystemExit, match="image_emb.npy"):
         bench.main([*args[:-1], str(tmp_path), "--out", str(tmp_path / "o2")])
@@ -122,9 +140,7 @@ def test_helpers() -> None:
     approx = np.array([[1, 3, 9], [6, 7, 8]])
     assert bench.recall_at(approx, truth, 1) == 0.5
     assert bench.recall_at(approx, truth, 3) == pytest.approx(3 / 6)
-    assert bench.default_nlist(1_000_000, 100_000) == 4096
-    assert bench.default_nlist(100_000, 100_000) == 1024
-    assert bench.default_nlist(3000, 3000) == 128  # capped: >= 20 training points per list
+    assert bench.build_train_size() == 200_000  # `reco memory build`'s default sample
     assert bench._memory_bytes("128M") == 128 * 2**20 and bench._memory_bytes("1.5GB") == int(1.5 * 2**30)
 
 

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from reco_lightning.data.zeroshot import ImageFolderClassification
 from reco_lightning.evaluation import ClassificationSet, RetrievalSet, ZeroShotEvaluation
 from reco_lightning.metrics import classification_metrics
 from reco_lightning.model import RecoModule
@@ -84,3 +85,22 @@ def test_bad_configuration_is_refused(tiny_dir, module):
     )
     with pytest.raises(ValueError, match=r"class_groups.g of s names unknown classes \['purple hexagon'\]"):
         bad.evaluate(module)
+
+
+def test_leakage_guard_is_reported_per_set_and_can_be_turned_off(module, tiny_dir):
+    """Rows that read image neighbours report what the guard excluded; clip rows and a disabled guard don't."""
+    sets = [ClassificationSet("shapes", str(tiny_dir / "zeroshot"), templates="clip_generic")]
+    on, _ = ZeroShotEvaluation(classification=sets, settings=["clip", "reco", "lookup"]).evaluate(module)
+    rows = {r.setting: r.metrics for r in on.rows}
+    assert "leak_images" not in rows["clip"]
+    assert rows["reco"]["leak_images"] == rows["lookup"]["leak_images"] >= 0
+    assert rows["reco"]["leak_items"] >= rows["reco"]["leak_images"]
+    off, _ = ZeroShotEvaluation(classification=sets, settings=["reco"], leakage_threshold=None).evaluate(
+        module
+    )
+    assert "leak_images" not in off.rows[0].metrics
+    # a threshold every memory image passes excludes pairs for every image (and the report says so)
+    everything, _ = ZeroShotEvaluation(
+        classification=sets, settings=["reco"], leakage_threshold=-1.0
+    ).evaluate(module)
+    assert everything.rows[0].metrics["leak_images"] == len(ImageFolderClassification(tiny_dir / "zeroshot"))

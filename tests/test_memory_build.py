@@ -110,3 +110,94 @@ def test_killed_build_resumes_without_duplicate_or_missing_rows(tmp_path, tiny_d
     assert resumed.ids.tolist() == reference.ids.tolist()
     assert np.allclose(resumed.image_embeddings, reference.image_embeddings, atol=2e-3)
     assert not (tmp_path / ".mem.partial").exists()
+
+
+# --- encoding precision and DataLoader workers -----------------------------------------------------------
+@pytest.fixture
+def gpus(monkeypatch):
+    """Pretend torch sees ``n`` CUDA GPUs (no MPS)."""
+    import torch
+
+    def set_gpus(n: int) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+
+    return set_gpus
+
+
+def test_default_num_workers_follows_the_accelerator_and_devices(gpus):
+    from reco_lightning.jobs.memory_build import default_num_workers
+
+    gpus(0)
+    assert default_num_workers("cpu", 1, cpus=16) == 0  # the encoder itself needs the cores
+    assert default_num_workers("auto", "auto", cpus=16) == 0  # auto without a GPU runs on CPU
+    gpus(4)
+    assert default_num_workers("cpu", "auto", cpus=16) == 0
+    assert default_num_workers("auto", "auto", cpus=32) == 8  # 32 // 4 = 8
+    assert default_num_workers("gpu", -1, cpus=64) == 8  # capped at 8
+    assert default_num_workers("gpu", 4, cpus=16) == 4
+    assert default_num_workers("cuda", "2", cpus=16) == 8
+    assert default_num_workers("gpu", "0,1", cpus=6) == 3  # device ids
+    assert default_num_workers("gpu", [0], cpus=4) == 4
+    assert default_num_workers("gpu", 4, cpus=2) == 0  # fewer CPUs than device processes
+    assert default_num_workers("tpu", 8, cpus=16) == 2
+
+
+def test_precision_and_default_workers_reach_the_trainer_and_loader(
+    tmp_path, tiny_dir, tiny_backbone, monkeypatch
+):
+    from reco_lightning.jobs import chunked
+    from reco_lightning.jobs import memory_build as memory_build_module
+
+    seen = []
+    loader_of = chunked._ChunkData.predict_dataloader
+
+    def spy(self):
+        loader = loader_of(self)
+        seen.append((loader.num_workers, self.trainer.precision))
+        return loader
+
+    monkeypatch.setattr(chunked._ChunkData, "predict_dataloader", spy)
+    asked = []
+    monkeypatch.setattr(  # what the default would be on a GPU node: one worker, to spawn it for real
+        memory_build_module, "default_num_workers", lambda *args: asked.append(args) or 1
+    )
+    lines = (tiny_dir / "train.csv").read_text().splitlines()[:17]
+    (tmp_path / "images").symlink_to(tiny_dir / "images")
+    (tmp_path / "pairs.csv").write_text("\n".join(lines) + "\n")
+    out = build_memory(
+        tmp_path / "pairs.csv",
+        tmp_path / "mem",
+        tiny_backbone,
+        batch_size=8,
+        trainer_kwargs=TRAINER,
+        precision="bf16-mixed",
+    )
+    assert asked == [("cpu", 1)] and seen == [(1, "bf16-mixed")]
+    store, reference = MemoryStore.open(out), MemoryStore.open(tiny_dir / "memory")
+    assert store.manifest["precision"] == "bf16-mixed"
+    assert store.image_embeddings.dtype == np.float16  # stored fp16 whatever the encoding precision
+    np.testing.assert_allclose(store.image_embeddings, reference.image_embeddings[:16], atol=3e-2)
+    np.testing.assert_allclose(store.text_embeddings, reference.text_embeddings[:16], atol=3e-2)
+    assert reference.manifest["precision"] == "32-true"  # the default, recorded too
+    # an explicit count is used as given, without asking for the default
+    seen.clear()
+    build_memory(
+        tmp_path / "pairs.csv", tmp_path / "mem0", tiny_backbone, num_workers=0, trainer_kwargs=TRAINER
+    )
+    assert len(asked) == 1 and seen == [(0, "32-true")]
+
+
+def test_memory_build_command_passes_precision_and_workers(tmp_path, monkeypatch):
+    from reco_lightning import cli
+    from reco_lightning.jobs import memory_build as memory_build_module
+
+    calls = []
+    monkeypatch.setattr(memory_build_module, "build_memory", lambda *a, **k: calls.append(k) or tmp_path)
+    monkeypatch.setattr(cli, "build_summary", lambda out: "built")
+    base = ["build", "--source", "pairs.csv", "--out", str(tmp_path / "m"), "--backbone", "clip"]
+    cli.memory_main(base)
+    cli.memory_main([*base, "--precision", "bf16-mixed", "--num_workers", "3"])
+    assert (calls[0]["precision"], calls[0]["num_workers"]) == ("32-true", None)  # None: by the accelerator
+    assert (calls[1]["precision"], calls[1]["num_workers"]) == ("bf16-mixed", 3)

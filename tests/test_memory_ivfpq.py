@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import faiss
 import numpy as np
@@ -35,7 +36,7 @@ def data() -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def built(data) -> IVFPQBackend:
-    backend = IVFPQBackend(DIM, nlist=32, m=8, nbits=8, nprobe=8)
+    backend = IVFPQBackend(DIM, nlist=32, m=8, nbits=8, nprobe=8, rerank=0)  # the PQ codes alone
     backend.build(data[0])
     return backend
 
@@ -146,7 +147,7 @@ def test_load_overrides_search_time_args(built, data, tmp_path) -> None:
     with pytest.raises(RecoMemoryError, match="attach"):
         loaded.search(data[1][:1], 3)
     plain = MemoryBackend.load(tmp_path / "mem", nprobe=32)
-    probe_all = IVFPQBackend(DIM, nlist=32, m=8, nbits=8, nprobe=32)
+    probe_all = IVFPQBackend(DIM, nlist=32, m=8, nbits=8, nprobe=32, rerank=0)
     probe_all.index = faiss.clone_index(built.index)
     probe_all.index.nprobe = 32
     np.testing.assert_array_equal(plain.search(data[1], 10)[1], probe_all.search(data[1], 10)[1])
@@ -220,3 +221,152 @@ def test_to_device_none_keeps_cpu_index(built, data) -> None:
     index = built.index
     built.to_device(None)
     assert built.index is index
+
+
+# --- defaults derived from N -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("ntotal", "n_train", "nlist"),
+    [
+        (20_000, None, 512),  # 4*sqrt(N) = 566 -> 512
+        (100_000, 100_000, 1024),  # 1265 -> 1024
+        (200_000, 100_000, 2048),  # 1789 -> 2048; 100k / 39 = 2564 leaves room
+        (1_000_000, 200_000, 4096),  # 4000 -> 4096 (`reco memory build`'s 200k sample)
+        (1_000_000, 100_000, 2048),  # clipped: 4096 lists would get 24 training points each
+        (10_000_000, 10_000_000, 16384),  # 12649 -> 16384
+        (10_000_000, 200_000, 4096),  # clipped by the sample
+        (4000, None, 64),  # 253 -> 256, clipped to 4000 / 39 = 102 -> 64
+        (300, None, 4),
+        (10, None, 1),
+    ],
+)
+def test_default_nlist_follows_sqrt_n_and_the_training_size(ntotal, n_train, nlist) -> None:
+    assert ivfpq_module.default_nlist(ntotal, n_train) == nlist
+
+
+def test_default_rules_keep_enough_training_points_and_scale() -> None:
+    for ntotal in (300, 1000, 5000, 20_000, 123_456, 10**6, 3 * 10**6, 10**7, 10**8):
+        for n_train in (300, 20_000, 100_000, 200_000, ntotal):
+            n_train = min(n_train, ntotal)
+            nlist = ivfpq_module.default_nlist(ntotal, n_train)
+            assert nlist & (nlist - 1) == 0  # a power of two
+            assert nlist == 1 or n_train // nlist >= 39  # faiss's minimum of training points per centroid
+            assert nlist <= 2 * 4 * math.sqrt(ntotal)
+            nprobe = ivfpq_module.default_nprobe(nlist)
+            assert 1 <= nprobe <= nlist and nprobe >= min(nlist, 32) and nprobe >= nlist // 64
+    assert [ivfpq_module.default_nprobe(n) for n in (8, 512, 1024, 2048, 4096, 16384)] == [
+        8,
+        32,
+        32,
+        32,
+        64,
+        256,
+    ]
+    assert [ivfpq_module.default_rerank(n) for n in (1000, 100_000, 10**6, 10**7)] == [100, 100, 316, 1000]
+
+
+def test_defaults_resolve_when_trained_and_are_recorded(data, tmp_path) -> None:
+    x, q = data
+    backend = IVFPQBackend(DIM, m=8)
+    assert (backend.nlist, backend.nprobe, backend.rerank, backend.ntotal) == (None, None, None, 0)
+    assert backend.min_train_size() == 256  # a derived nlist never needs more than the PQ's 2**nbits
+    backend.build(x)
+    assert (backend.nlist, backend.nprobe, backend.rerank) == (64, 32, 100)  # N = 4000: see above
+    assert backend.index.nlist == 64 and backend.index.nprobe == 32 and backend.min_train_size() == 256
+    backend.attach(x.astype(np.float16))
+    backend.save(tmp_path / "mem")
+    meta = json.loads((tmp_path / "mem" / "backend.json").read_text())
+    assert meta["init_args"] == {"nlist": 64, "m": 8, "nbits": 8, "nprobe": 32, "rerank": 100}
+    loaded = MemoryBackend.load(tmp_path / "mem")
+    assert loaded.init_args() == backend.init_args()
+    loaded.attach(x.astype(np.float16))
+    np.testing.assert_array_equal(loaded.search(q, 10)[1], backend.search(q, 10)[1])
+    # search-time overrides still apply to a derived layout, and None asks for the rule again
+    narrow = MemoryBackend.load(tmp_path / "mem", nprobe=1, rerank=0)
+    assert narrow.index.nprobe == 1 and narrow.init_args()["rerank"] == 0
+    assert not np.array_equal(narrow.search(q, 10)[1], backend.search(q, 10)[1])  # no rows needed at rerank 0
+    again = MemoryBackend.load(tmp_path / "mem", nprobe=None, rerank=None)
+    assert (again.nprobe, again.rerank, again.index.nprobe) == (32, 100, 32)
+
+
+def test_derived_nlist_uses_the_training_sample_and_the_planned_total(data) -> None:
+    x = data[0]
+    sampled = IVFPQBackend(DIM, m=8)
+    sampled.build(x, train_size=1000)  # N = 4000 wants 64 lists; 1000 / 39 = 25 allows 16
+    assert sampled.nlist == 16 and sampled.nprobe == 16 and sampled.ntotal == N
+    chunked = IVFPQBackend(DIM, m=8)  # train on a sample, add in chunks (how the benchmark fills one)
+    chunked.train(x[:3000], ntotal=1_000_000)  # 1M would want 4096 lists: the 3000-row sample allows 64
+    assert chunked.nlist == 64 and chunked.rerank == 316
+    alone = IVFPQBackend(DIM, m=8)
+    alone.train(x[:300])  # without ntotal the sample is everything: N = 300
+    assert (alone.nlist, alone.nprobe, alone.rerank) == (4, 4, 100)
+    with pytest.raises(RecoMemoryError, match=r"at least 256 vectors \(nlist=derived"):
+        IVFPQBackend(DIM, m=8).train(x[:200])
+
+
+def test_explicit_values_are_kept(data, tmp_path) -> None:
+    backend = IVFPQBackend(DIM, nlist=32, m=8, nbits=8, nprobe=4, rerank=7)
+    backend.build(data[0], train_size=500)
+    assert backend.init_args() == {"nlist": 32, "m": 8, "nbits": 8, "nprobe": 4, "rerank": 7}
+    assert backend.index.nlist == 32 and backend.index.nprobe == 4
+    partial = IVFPQBackend(DIM, nlist=32, m=8)  # explicit nlist: nprobe follows it at once, rerank N
+    assert (partial.nprobe, partial.rerank) == (32, None)
+    partial.build(data[0])
+    assert partial.init_args() == {"nlist": 32, "m": 8, "nbits": 8, "nprobe": 32, "rerank": 100}
+
+
+def test_store_manifest_records_the_resolved_defaults(data, tmp_path) -> None:
+    from reco_lightning.memory.store import MemoryStore
+
+    x = data[0]
+    path = MemoryStore.write(
+        tmp_path / "mem", x, x[::-1].copy(), backend={"class_path": "ivfpq", "init_args": {"m": 8}}
+    )
+    store = MemoryStore.open(path)
+    expected = {"nlist": 64, "m": 8, "nbits": 8, "nprobe": 32, "rerank": 100}
+    assert store.manifest["backend"]["init_args"] == expected
+    for modality in ("image", "text"):
+        assert store.index(modality).init_args() == expected
+
+
+def test_recall_at_defaults_on_clip_like_data() -> None:
+    """The package defaults alone (only the dimension given) reach recall@10 >= 0.95 against brute force."""
+    dim = 64
+    x = clustered_unit_vectors(20_000, dim, seed=1)
+    q = clustered_queries(300, dim, seed=1)
+    backend = IVFPQBackend(dim, m=16)  # m=16: 4 dims per code byte, as m=64 is at d=256 (d=512: 8)
+    backend.build(x)
+    backend.attach(x.astype(np.float16))
+    assert (backend.nlist, backend.nprobe, backend.rerank) == (512, 32, 100)
+    recall = _recall(backend.search(q, 10)[1], _exact_top(x, q, 10))
+    assert recall >= 0.95, recall
+    backend.rerank = 0  # the PQ codes alone: what the old default (rerank=0) gave
+    assert _recall(backend.search(q, 10)[1], _exact_top(x, q, 10)) < 0.8
+
+
+def test_reindexed_subset_derives_its_own_defaults(data, tmp_path) -> None:
+    from reco_lightning.memory.store import MemoryStore
+
+    x = data[0]
+    path = MemoryStore.write(tmp_path / "mem", x, x, backend={"class_path": "ivfpq", "init_args": {"m": 8}})
+    store = MemoryStore.open(path)
+    assert store.manifest["backend"]["derived"] == ["nlist", "nprobe", "rerank"]
+    subset = MemoryStore.open(store.select(np.arange(1000), tmp_path / "subset"))
+    # 1000 rows: 4*sqrt(1000) = 126 -> 128 lists, clipped to 1000 / 39 = 25 -> 16, not the 4000-row memory's 64
+    assert subset.manifest["backend"]["init_args"] == {
+        "nlist": 16,
+        "m": 8,
+        "nbits": 8,
+        "nprobe": 16,
+        "rerank": 100,
+    }
+    pinned = {"class_path": "ivfpq", "init_args": {"nlist": 8, "m": 8, "nprobe": 2, "rerank": 5}}
+    fixed = MemoryStore.open(MemoryStore.write(tmp_path / "fixed", x, x, backend=pinned))
+    assert "derived" not in fixed.manifest["backend"]
+    again = MemoryStore.open(fixed.select(np.arange(1000), tmp_path / "fixed_subset"))
+    assert again.manifest["backend"]["init_args"] == {
+        "nlist": 8,
+        "m": 8,
+        "nbits": 8,
+        "nprobe": 2,
+        "rerank": 5,
+    }

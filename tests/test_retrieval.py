@@ -135,3 +135,24 @@ def test_text_queries_drop_pairs_whose_image_copies_the_pair_image():
         pair_images=torch.from_numpy(images[:1]),
     )
     assert 5 not in nb.rows[0].tolist() and 0 not in nb.rows[0].tolist()
+
+
+def test_leakage_guard_drops_copies_of_the_evaluated_image_and_counts_them():
+    """Evaluation: memory pairs whose image is (nearly) the query image are not retrieved; counted per query."""
+    rng = np.random.default_rng(0)
+    images = unit(rng.normal(size=(40, 8)))
+    texts = unit(rng.normal(size=(40, 8)))  # differ from the images: the check must read the image side
+    memory = MemoryStore.from_arrays(images, texts, ids=np.arange(40))
+    queries = torch.tensor(np.stack([images[3], unit(images[7] + 0.01), unit(rng.normal(size=8))]))
+    retriever = Retriever(memory, k=5)
+    plain = retriever(queries, "image")
+    assert plain.rows[0, 0] == 3 and plain.rows[1, 0] == 7 and plain.excluded is None
+    guarded = retriever(queries, "image", leak_threshold=0.99)
+    assert 3 not in guarded.rows[0].tolist() and 7 not in guarded.rows[1].tolist()
+    assert guarded.mask.all(), "k neighbours survive: the search widens past the dropped copy"
+    assert guarded.excluded.tolist() == [1, 1, 0]
+    assert guarded.rows[2].tolist() == plain.rows[2].tolist()  # no copy: nothing changes
+    at_one = retriever(queries[:1], "image", leak_threshold=1.0)  # cosine >= 1.0: the exact copy still is one
+    assert at_one.excluded.tolist() == [1]
+    # text queries are not guarded (their evaluated item is a caption)
+    assert retriever(torch.tensor(texts[:1]), "text", leak_threshold=0.99).excluded is None

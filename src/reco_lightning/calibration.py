@@ -15,11 +15,11 @@ classification set with the deployment memory attached, and pick by one of two r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Literal
 
-from reco_lightning.evaluation import ClassificationSet, ZeroShotEvaluation
+from reco_lightning.evaluation import DEFAULT_LEAKAGE_THRESHOLD, ClassificationSet, ZeroShotEvaluation
 from reco_lightning.model import RecoModule
 
 __all__ = ["PARAMETERS", "Rule", "calibrate", "choose"]
@@ -61,8 +61,12 @@ def calibrate(
     tolerance: float = 0.5,
     batch_size: int = 256,
     limit_images: int | None = None,
+    leakage_threshold: float | None = DEFAULT_LEAKAGE_THRESHOLD,
 ) -> dict[str, Any]:
     """Sweep ``parameter`` over ``values`` on ``dataset`` and pick one by ``rule``.
+
+    ``leakage_threshold``: the evaluation's leakage guard, as the run's ZeroShotEvaluation has it (see
+    :func:`leakage_threshold_of`), so the weight is chosen on the neighbours the evaluation will read.
 
     The model keeps its memory and weights; ``fusion_config.retrieved_skip`` is set on both fusions for the
     sweep and left at the chosen value. Returns {"parameter", "values": {value: metric}, "clip": the
@@ -80,6 +84,7 @@ def calibrate(
             mix_alpha=alpha,
             batch_size=batch_size,
             limit_images=limit_images,
+            leakage_threshold=leakage_threshold,
         )
         report, _ = evaluation.evaluate(model)
         metrics = report.rows[0].metrics
@@ -120,3 +125,13 @@ def _set_retrieved_skip(model: RecoModule, weight: float) -> None:
     for fusion in (model.image_fusion, model.text_fusion):
         fusion.config = replace(fusion.config, retrieved_skip=weight)
     model.hparams["fusion_config"] = {**model.hparams["fusion_config"], "retrieved_skip": weight}
+
+
+def leakage_threshold_of(config: Mapping[str, Any]) -> float | None:
+    """The leakage guard of a `reco fit` config's ZeroShotEvaluation callback (its default without one)."""
+    for callback in (config.get("trainer") or {}).get("callbacks") or []:
+        if isinstance(callback, Mapping) and str(callback.get("class_path", "")).endswith(
+            "ZeroShotEvaluation"
+        ):
+            return (callback.get("init_args") or {}).get("leakage_threshold", DEFAULT_LEAKAGE_THRESHOLD)
+    return DEFAULT_LEAKAGE_THRESHOLD

@@ -119,7 +119,18 @@ def memory_main(args: Sequence[str]) -> None:
         help="'exact', 'ivfpq', 'autofaiss', a class path, or {class_path, init_args}",
     )
     build.add_argument("--batch_size", type=int, default=256)
-    build.add_argument("--num_workers", type=int, default=0)
+    build.add_argument(
+        "--num_workers",
+        type=int | None,
+        default=None,
+        help="DataLoader workers per device (default: 0 when encoding on CPU, else min(8, CPUs // devices))",
+    )
+    build.add_argument(
+        "--precision",
+        default="32-true",
+        help="Trainer precision of the encoding pass: 32-true, 16-mixed, bf16-mixed, ... "
+        "(embeddings are stored fp16 either way)",
+    )
     build.add_argument("--chunk_size", type=int, default=100_000)
     build.add_argument("--train_size", type=int, default=200_000)
     build.add_argument("--image_column", default="filepath")
@@ -159,6 +170,7 @@ def memory_main(args: Sequence[str]) -> None:
             id_column=c.id_column,
             trainer_kwargs={"accelerator": c.accelerator, "devices": c.devices},
             overwrite=c.overwrite,
+            precision=c.precision,
         )
         if rank_zero_only.rank == 0:  # every rank of a multi-device build runs this command
             print(build_summary(out))
@@ -231,14 +243,14 @@ def calibrate_main(args: Sequence[str]) -> None:
     from jsonargparse import ArgumentParser
 
     from reco_lightning.atomic import atomic_write_text
-    from reco_lightning.calibration import DEFAULT_VALUES, PARAMETERS, calibrate
+    from reco_lightning.calibration import DEFAULT_VALUES, PARAMETERS, calibrate, leakage_threshold_of
     from reco_lightning.evaluation import ClassificationSet
 
     parser = ArgumentParser(
         prog="reco calibrate",
         description="Pick a retrieval weight on validation data (never test data) by a stated rule; "
         "prints and writes the choice. The model section of a `reco fit` config (with --ckpt_path: the "
-        "trained fusion) and its memory are used.",
+        "trained fusion), its memory and its ZeroShotEvaluation's leakage guard are used.",
     )
     parser.add_argument("--config", required=True, help="a `reco fit` config; its model section is used")
     parser.add_argument("--ckpt_path", default=None, help="trained fusion weights (default: untrained)")
@@ -257,7 +269,8 @@ def calibrate_main(args: Sequence[str]) -> None:
 
     from reco_lightning.model import RecoModule
 
-    model_args = dict(yaml.safe_load(Path(cfg.config).read_text()).get("model") or {})
+    config = yaml.safe_load(Path(cfg.config).read_text()) or {}
+    model_args = dict(config.get("model") or {})
     if cfg.memory:
         model_args["memory"] = cfg.memory
     if cfg.ckpt_path:
@@ -275,6 +288,7 @@ def calibrate_main(args: Sequence[str]) -> None:
         metric=cfg.metric,
         tolerance=cfg.tolerance,
         batch_size=cfg.batch_size,
+        leakage_threshold=leakage_threshold_of(config),
     )
     atomic_write_text(Path(cfg.out), json.dumps(result, indent=2) + "\n")
     sweep = ", ".join(f"{value:g}: {score:.2f}" for value, score in result["values"].items())

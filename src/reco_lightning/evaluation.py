@@ -33,10 +33,14 @@ from reco_lightning.metrics import (
     plot_k_sweep,
     retrieval_metrics,
 )
+from reco_lightning.retrieval import Neighbours
 
 __all__ = ["SETTINGS", "ClassificationSet", "RetrievalSet", "ZeroShotEvaluation"]
 
 Side = Literal["frozen", "reco", "lookup", "mix"]
+
+#: ZeroShotEvaluation's leakage guard by default (cosine of memory image to evaluated image; see the class)
+DEFAULT_LEAKAGE_THRESHOLD = 0.95
 
 # setting -> (what the image side is, what the text side is): the frozen embedding, RECO's fusion, or a
 # training-free use of the same neighbours (reco_lightning.baselines)
@@ -106,6 +110,12 @@ class ZeroShotEvaluation(pl.Callback):
         during_fit: evaluate at every validation epoch end of `fit` (logged as zeroshot/...).
         report_dir: where reports go; default: the trainer's log dir.
         limit_images: evaluate at most this many images per set (quick checks).
+        leakage_threshold: the leakage guard: memory pairs whose image has cosine >= this with the
+            evaluated image are not retrieved for it (a web-scale memory can hold the evaluation images
+            themselves). Each row that reads neighbours of images reports ``leak_images`` (evaluated images
+            that had such a pair) and ``leak_items`` (pairs excluded). ``None`` turns the guard off. 0.95
+            catches resized and re-encoded copies for real CLIPs; a backbone whose image embeddings are
+            far more concentrated needs a higher value (the demo uses 0.9999: exact copies).
     """
 
     def __init__(
@@ -121,6 +131,7 @@ class ZeroShotEvaluation(pl.Callback):
         during_fit: bool = True,
         report_dir: str | None = None,
         limit_images: int | None = None,
+        leakage_threshold: float | None = DEFAULT_LEAKAGE_THRESHOLD,
     ) -> None:
         unknown = [s for s in settings if s not in SETTINGS]
         if unknown:
@@ -132,6 +143,7 @@ class ZeroShotEvaluation(pl.Callback):
         self.mix_alpha, self.lookup_temperature = float(mix_alpha), lookup_temperature
         self.batch_size, self.num_workers = batch_size, num_workers
         self.during_fit, self.report_dir, self.limit_images = during_fit, report_dir, limit_images
+        self.leakage_threshold = leakage_threshold
         self.last_report: EvaluationReport | None = None
 
     # --- Lightning hooks -------------------------------------------------------------------------------
@@ -244,14 +256,16 @@ class ZeroShotEvaluation(pl.Callback):
         for k in self.k_sweep:
             accumulators[("reco", k)] = _group_accumulators(len(classnames), groups, device)
 
+        leaks = _LeakCount()
         for pixel_values, labels in _progress(self._loader(dataset, pl_module), f"zero-shot {spec.name}"):
             v = pl_module.backbone.encode_images(pixel_values.to(device))
             images: dict[tuple[Side, int | None], Tensor] = {("frozen", None): v}
+            image_sides = self._image_sides(pl_module, v, leaks)
             for (setting, k), groups_acc in accumulators.items():
                 image_side, text_side = SETTINGS[setting]
                 image_key = _side_key(image_side, k)
                 if image_key not in images:
-                    images[image_key] = self._side(pl_module, lambda x: x, "image", image_side, k)(v)
+                    images[image_key] = image_sides(image_side, k)
                 text_key = _side_key(text_side, k)
                 scores = images[image_key] @ weights[text_key].to(device).t()
                 for group, acc in groups_acc.items():
@@ -273,7 +287,7 @@ class ZeroShotEvaluation(pl.Callback):
                 else:
                     metrics[f"top1_{group}"] = computed["top1"]
             name = setting if k is None else f"{setting}@k={k}"
-            report.add(spec.name, name, metrics)
+            report.add(spec.name, name, {**metrics, **leaks.metrics(SETTINGS[setting][0])})
             if k is not None:
                 sweep.setdefault("reco", {})[k] = metrics["top1"]
         if sweep:
@@ -301,21 +315,45 @@ class ZeroShotEvaluation(pl.Callback):
             ]
         )
         sides: dict[tuple[str, Side], Tensor] = {}
+        leaks = _LeakCount()
         for setting in self.settings:
             for modality, side, frozen in zip(
                 ("image", "text"), SETTINGS[setting], (images, texts), strict=True
             ):
                 if (modality, side) not in sides:
-                    transform = self._side(pl_module, lambda x: x, modality, side, None)
+                    if modality == "image":
+                        transform = lambda x, side=side: self._image_sides(pl_module, x, leaks)(side, None)  # noqa: E731
+                    else:
+                        transform = self._side(pl_module, lambda x: x, modality, side, None)
                     sides[(modality, side)] = _batched(transform, frozen, self.batch_size)
             image_side, text_side = SETTINGS[setting]
-            report.add(
-                spec.name,
-                setting,
-                retrieval_metrics(
-                    sides[("image", image_side)], sides[("text", text_side)], dataset.text_to_image
-                ),
+            metrics = retrieval_metrics(
+                sides[("image", image_side)], sides[("text", text_side)], dataset.text_to_image
             )
+            report.add(spec.name, setting, {**metrics, **leaks.metrics(image_side)})
+
+    def _image_sides(
+        self, pl_module: pl.LightningModule, v: Tensor, leaks: _LeakCount
+    ) -> Callable[[Side, int | None], Tensor]:
+        """What each side does to a batch of frozen image embeddings ``v``, every side reading the same
+        neighbours (one search per k), found with the leakage guard; counts what the guard excluded."""
+        found: dict[int | None, Neighbours] = {}
+
+        def side_of(side: Side, k: int | None) -> Tensor:
+            if side == "frozen":
+                return v
+            if k not in found:
+                found[k] = pl_module.neighbours(v, "image", k=k, leak_threshold=self.leakage_threshold)
+                if not leaks.counted(k):
+                    leaks.add(found[k].excluded)
+            neighbours = found[k]
+            if side == "reco":
+                return pl_module.refine(v, "image", rows=neighbours.rows)
+            if side == "lookup":
+                return lookup(neighbours, self.lookup_temperature)
+            return mix(v, neighbours, self.mix_alpha)
+
+        return side_of
 
     def _side(
         self,
@@ -338,6 +376,36 @@ class ZeroShotEvaluation(pl.Callback):
             return mix(embeddings, pl_module.neighbours(embeddings, modality, k=k), self.mix_alpha)
 
         return mixed
+
+
+class _LeakCount:
+    """What the leakage guard excluded over one evaluation set (counted once, at the first k searched)."""
+
+    def __init__(self) -> None:
+        self.images = self.items = 0
+        self.k: object = _UNSET
+        self.guarded = False  # searches ran with the guard on
+
+    def counted(self, k: int | None) -> bool:
+        """Whether searches at ``k`` are already counted (each image is counted at one k only)."""
+        if self.k is _UNSET:
+            self.k = k
+        return self.k != k
+
+    def add(self, excluded: Tensor | None) -> None:
+        if excluded is not None:
+            self.guarded = True
+            self.images += int((excluded > 0).sum())
+            self.items += int(excluded.sum())
+
+    def metrics(self, image_side: Side) -> dict[str, float]:
+        """The counts, for rows whose image side reads neighbours searched with the guard on."""
+        if image_side == "frozen" or not self.guarded:
+            return {}
+        return {"leak_images": self.images, "leak_items": self.items}
+
+
+_UNSET = object()
 
 
 def _side_key(side: Side, k: int | None) -> tuple[Side, int | None]:

@@ -215,10 +215,17 @@ class RecoModule(pl.LightningModule):
         exclude_ids: Tensor | None = None,
         k: int | None = None,
         pair_images: Tensor | None = None,
+        leak_threshold: float | None = None,
     ) -> Neighbours:
-        """The retrieved items the fusion reads (also what the training-free baselines vote with)."""
+        """The retrieved items the fusion reads (also what the training-free baselines vote with);
+        ``leak_threshold``: the evaluation leakage guard (see Retriever)."""
         return self.require_retriever()(
-            embeddings, modality, exclude_ids=exclude_ids, k=k, pair_images=pair_images
+            embeddings,
+            modality,
+            exclude_ids=exclude_ids,
+            k=k,
+            pair_images=pair_images,
+            leak_threshold=leak_threshold,
         )
 
     def forward(self, batch: dict[str, Tensor], exclude_self: bool = False) -> dict[str, Tensor]:

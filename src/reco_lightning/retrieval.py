@@ -43,6 +43,7 @@ class Neighbours:
     mask: Tensor  # [B, k] bool
     rows: Tensor  # [B, k] int64 memory rows, -1 where masked
     scores: Tensor  # [B, k] float32 search scores
+    excluded: Tensor | None = None  # [B] int64 candidates dropped by the evaluation leakage guard
 
 
 class Retriever:
@@ -104,37 +105,51 @@ class Retriever:
         exclude_ids: Tensor | None = None,
         k: int | None = None,
         pair_images: Tensor | None = None,
+        leak_threshold: float | None = None,
     ) -> Neighbours:
         """Neighbours of ``query`` [B, D] (a ``modality`` embedding).
 
         ``exclude_ids`` [B] (training): drop the row whose pair id equals the query's, and rows that are
         near-duplicates of the training pair (see ``near_duplicate_of``; text queries then need
         ``pair_images`` [B, D], the frozen image embeddings of their pairs).
+
+        ``leak_threshold`` (evaluation, image queries): drop memory pairs whose image has cosine >= this
+        with the query image, i.e. copies of the evaluated image that a web-scale memory may hold; how many
+        were dropped per query is ``Neighbours.excluded``.
         """
         k = k or self.k
         memory = self.memory
         if k > len(memory):
             raise ValueError(f"k={k} exceeds the memory size {len(memory)}: lower k or use a larger memory")
-        excluding = exclude_ids is not None
         q = query.detach().to("cpu", torch.float32).numpy()
         index = memory.index(self.searched_modality(modality))
-        if not excluding:
-            scores, rows = index.search(q, k)
-            valid = rows >= 0
-        else:
+        excluded = None
+        if exclude_ids is not None:
             ids = np.asarray(exclude_ids.detach().cpu().numpy(), dtype=np.int64)
             ref_modality, ref = self._duplicate_reference(q, modality, pair_images)
-            scores, rows, valid = self._search_excluding(index, q, ids, ref_modality, ref, k)
+            scores, rows, valid, _ = self._search_excluding(
+                index, q, ids, ref_modality, ref, k, self.near_duplicate_threshold
+            )
+        elif leak_threshold is not None and modality == "image":
+            # >= threshold is a leak: nudge the bound below it, since the check keeps cosine <= bound
+            bound = np.nextafter(np.float32(leak_threshold), np.float32(-np.inf))
+            scores, rows, valid, dropped = self._search_excluding(index, q, None, "image", q, k, float(bound))
+            excluded = torch.from_numpy(dropped)
+        else:
+            scores, rows = index.search(q, k)
+            valid = rows >= 0
         order = np.argsort(~valid, axis=1, kind="stable")[:, :k]  # first k valid, best-scored first
         rows = np.take_along_axis(rows, order, axis=1)
         scores = np.take_along_axis(scores, order, axis=1)
         valid = np.take_along_axis(valid, order, axis=1)
-        return self.gather(
+        neighbours = self.gather(
             torch.from_numpy(np.where(valid, rows, -1)),
             modality,
             query.device,
             scores=torch.from_numpy(np.where(valid, scores, 0.0).astype(np.float32)),
         )
+        neighbours.excluded = excluded
+        return neighbours
 
     def _duplicate_reference(
         self, q: np.ndarray, modality: Modality, pair_images: Tensor | None
@@ -152,38 +167,63 @@ class Retriever:
         return "image", pair_images.detach().to("cpu", torch.float32).numpy()
 
     def _search_excluding(
-        self, index, q: np.ndarray, ids: np.ndarray, ref_modality: Modality, ref: np.ndarray, k: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self,
+        index,
+        q: np.ndarray,
+        ids: np.ndarray | None,
+        ref_modality: Modality,
+        ref: np.ndarray,
+        k: int,
+        threshold: float,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Search k + margin candidates; queries left with < k after exclusion search again, 4x wider.
 
         Dense clusters (many near-copies of one image) can exclude every candidate of a fixed-size
         search, so the pool grows for those queries only, up to ``max_candidates`` or the memory size.
+        Returns scores, rows, valid and, per query, how many candidates the near-duplicate test dropped.
         """
         memory = self.memory
         fetch = min(len(memory), k + self.exclusion_margin)
-        scores, rows, valid = self._excluded(index, q, ids, ref_modality, ref, fetch)
+        scores, rows, valid, dropped = self._excluded(index, q, ids, ref_modality, ref, fetch, threshold)
         while fetch < min(len(memory), self.max_candidates):
             starving = np.flatnonzero(valid.sum(axis=1) < k)
             if starving.size == 0:
                 break
             fetch = min(len(memory), self.max_candidates, fetch * 4)
-            more = self._excluded(index, q[starving], ids[starving], ref_modality, ref[starving], fetch)
+            *more, more_dropped = self._excluded(
+                index,
+                q[starving],
+                None if ids is None else ids[starving],
+                ref_modality,
+                ref[starving],
+                fetch,
+                threshold,
+            )
             fills = (0.0, -1, False)  # scores, rows, valid
             scores, rows, valid = (
                 _pad(a, fetch, f) for a, f in zip((scores, rows, valid), fills, strict=True)
             )
             for array, update, fill in zip((scores, rows, valid), more, fills, strict=True):
                 array[starving] = _pad(update, fetch, fill)
-        return scores, rows, valid
+            dropped[starving] = more_dropped
+        return scores, rows, valid, dropped
 
     def _excluded(
-        self, index, q: np.ndarray, ids: np.ndarray, ref_modality: Modality, ref: np.ndarray, fetch: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self,
+        index,
+        q: np.ndarray,
+        ids: np.ndarray | None,
+        ref_modality: Modality,
+        ref: np.ndarray,
+        fetch: int,
+        threshold: float,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         memory = self.memory
         scores, rows = index.search(q, fetch)
         valid = rows >= 0
         safe = np.where(valid, rows, 0)
-        valid &= memory.ids[safe.ravel()].reshape(safe.shape) != ids[:, None]
+        if ids is not None:
+            valid &= memory.ids[safe.ravel()].reshape(safe.shape) != ids[:, None]
         same = np.asarray(memory.embeddings(ref_modality)[safe.ravel()], dtype=np.float32).reshape(
             *safe.shape, memory.dim
         )
@@ -191,8 +231,9 @@ class Retriever:
         # threshold close to 1 (only copies excluded) must not depend on
         same /= np.maximum(np.linalg.norm(same, axis=-1, keepdims=True), 1e-12)
         ref = ref / np.maximum(np.linalg.norm(ref, axis=-1, keepdims=True), 1e-12)
-        valid &= np.einsum("bkd,bd->bk", same, ref) <= self.near_duplicate_threshold
-        return scores, rows, valid
+        near = np.einsum("bkd,bd->bk", same, ref) > threshold
+        dropped = (valid & near).sum(axis=1).astype(np.int64)
+        return scores, rows, valid & ~near, dropped
 
     def gather(
         self,

@@ -5,7 +5,8 @@ into fixed chunks of rows; each finished chunk is written atomically into a work
 target (``.<name>.partial``), so a killed build re-encodes only the chunk it was in when re-run with the
 same arguments. The target directory appears, complete with manifest and indexes, only at the end.
 A job rather than part of ``memory/``: it is the bridge from data (and Lightning) to the store, which
-itself knows neither.
+itself knows neither. ``precision`` is the Trainer's for the encoding pass (embeddings are stored fp16
+whatever it is); ``num_workers`` defaults by where the encoder runs (:func:`default_num_workers`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
+import torch
 
 from reco_lightning.atomic import replace_directory
 from reco_lightning.data.collate import PairCollator
@@ -25,11 +27,54 @@ from reco_lightning.errors import ChunkedJobError, RecoMemoryError
 from reco_lightning.jobs.chunked import assemble, clear_work, predict_in_chunks
 from reco_lightning.memory.store import finish_memory, write_metadata
 
-__all__ = ["BAD_KEYS_KEPT", "EncoderModule", "build_memory"]
+__all__ = ["BAD_KEYS_KEPT", "MAX_DEFAULT_WORKERS", "EncoderModule", "build_memory", "default_num_workers"]
 
 #: Keys of bad samples recorded in the manifest (and printed by `reco memory build`), so a user can look
 #: at a few of them; the count covers them all.
 BAD_KEYS_KEPT = 5
+#: Most DataLoader workers a device's process gets by default: image decoding rarely needs more to keep
+#: one GPU's CLIP forward fed, and each worker is a process of its own (memory, start-up per chunk).
+MAX_DEFAULT_WORKERS = 8
+
+
+def default_num_workers(accelerator: Any = "auto", devices: Any = "auto", cpus: int | None = None) -> int:
+    """DataLoader workers per device process of an encoding pass, for the Trainer's ``accelerator``/``devices``.
+
+    On CPU (``accelerator="cpu"``, or ``"auto"`` without a GPU): 0. The CLIP forward is then the bottleneck
+    by far (95% of an on-the-fly ViT-B/32 step, README benchmarks) and already uses every core; workers
+    would only take cores from it. On GPUs (or another
+    accelerator): ``min(8, cpus // devices)``, the node's CPUs (those this process may run on) shared by its
+    device processes; ``devices`` as the Trainer takes it (a count, a list or "0,1" of ids, "auto" or -1 for
+    every visible GPU).
+    """
+    accel = str(accelerator).lower()
+    if accel in ("gpu", "cuda") or (accel == "auto" and torch.cuda.is_available()):
+        visible = torch.cuda.device_count()
+    elif accel == "mps" or (accel == "auto" and torch.backends.mps.is_available()):
+        visible = 1
+    elif accel in ("cpu", "auto"):
+        return 0
+    else:  # tpu, hpu, ...: the count comes from ``devices``
+        visible = 1
+    count = _device_count(devices, visible)
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(MAX_DEFAULT_WORKERS, cpus // max(1, count)))
+
+
+def _device_count(devices: Any, visible: int) -> int:
+    """How many devices of this node the Trainer runs on, from its ``devices`` argument."""
+    if isinstance(devices, list | tuple):
+        return len(devices)
+    text = str(devices).strip().lower()
+    if text in ("auto", "-1", "none", ""):
+        return max(1, visible)
+    if "," in text:  # "0,1" or "0,": device ids
+        return len([part for part in text.strip("[]").split(",") if part.strip()])
+    try:
+        return max(1, int(text))
+    except ValueError:
+        return 1
 
 
 class EncoderModule(pl.LightningModule):
@@ -59,7 +104,7 @@ def build_memory(
     backbone: str,
     backend: str | dict[str, Any] = "exact",
     batch_size: int = 256,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     chunk_size: int = 100_000,
     train_size: int | None = 200_000,
     image_column: str = "filepath",
@@ -67,11 +112,16 @@ def build_memory(
     id_column: str | None = None,
     trainer_kwargs: dict[str, Any] | None = None,
     overwrite: bool = False,
+    precision: str | None = None,
 ) -> Path:
     """Encode ``source`` (CSV/TSV, caption folder or webdataset shards) with ``backbone`` into ``out``.
 
-    Re-running after an interruption resumes from the last finished chunk. ``train_size`` caps how many
-    rows train an IVF/PQ quantiser. Bad samples are skipped and counted in the manifest's source field.
+    Re-running after an interruption resumes from the last finished chunk (with the same arguments:
+    ``precision`` is one of them). ``train_size`` caps how many rows train an IVF/PQ quantiser. Bad samples
+    are skipped and counted in the manifest's source field. ``precision``: the Trainer's for the encoding
+    pass (``"32-true"``, ``"16-mixed"``, ``"bf16-mixed"``, ...; None: ``trainer_kwargs``' or Lightning's
+    default, 32-true); the manifest records the one used. ``num_workers``: DataLoader workers per device;
+    None: :func:`default_num_workers` of ``trainer_kwargs``' accelerator and devices.
     """
     out = Path(out)
     if out.exists() and not overwrite:
@@ -81,6 +131,13 @@ def build_memory(
     if total == 0:
         raise RecoMemoryError(f"{source} holds no pairs: nothing to put in the memory")
     work = out.parent / f".{out.name}.partial"
+    trainer_kwargs = dict(trainer_kwargs or {})
+    if precision is not None:
+        trainer_kwargs["precision"] = precision
+    if num_workers is None:
+        num_workers = default_num_workers(
+            trainer_kwargs.get("accelerator", "auto"), trainer_kwargs.get("devices", "auto")
+        )
     module = EncoderModule(backbone)
     plan = {
         "source": str(Path(source).resolve())
@@ -90,6 +147,7 @@ def build_memory(
         "chunk_size": chunk_size,
         "fingerprint": module.backbone.fingerprint,
         "id_scheme": pairs.id_scheme,  # chunks hold ids: a resume must not mix two schemes
+        "precision": str(trainer_kwargs.get("precision", "32-true")),  # nor two encodings' numerics
     }
     collator = PairCollator(module.backbone.processor, module.backbone.max_text_length)
     try:
@@ -100,7 +158,14 @@ def build_memory(
         raise RecoMemoryError(str(err)) from err
     if trainer.global_rank == 0:
         _write_memory(
-            work, files, module.backbone.fingerprint, backend, train_size, str(source), pairs.id_scheme
+            work,
+            files,
+            module.backbone.fingerprint,
+            backend,
+            train_size,
+            str(source),
+            pairs.id_scheme,
+            precision=str(trainer.precision),
         )
         replace_directory(work, out)
     trainer.strategy.barrier()
@@ -115,6 +180,7 @@ def _write_memory(
     train_size: int | None,
     source: str,
     id_scheme: str | None = None,
+    precision: str | None = None,
 ) -> None:
     """Concatenate chunk files into the store's row-aligned arrays, then index; the manifest goes last."""
     dim = int(fingerprint["dim"])
@@ -138,5 +204,5 @@ def _write_memory(
         fingerprint,
         f"{source} ({kept} pairs, {bad} bad samples skipped)",
         train_size,
-        extra={"bad_samples": bad, "bad_keys": bad_keys, "id_scheme": id_scheme},
+        extra={"bad_samples": bad, "bad_keys": bad_keys, "id_scheme": id_scheme, "precision": precision},
     )

@@ -4,11 +4,20 @@ At 1M x 512 an exact index costs 2 KiB per vector and a full scan per query; IVF
 (plus an 8-byte id) per vector and scans only ``nprobe`` of ``nlist`` lists. PQ scores are coarse, so with
 ``rerank > 0`` the index proposes ``max(k, rerank)`` candidates that are re-scored exactly from the
 full-precision rows the store already keeps on disk, which restores near-exact top-k at a small cost.
+
+Defaults follow the number of vectors N, known when the index is trained (``build``, or ``train(sample,
+ntotal=N)``): ``nlist`` ~ 4*sqrt(N) lists (faiss's guideline) rounded to a power of two and capped so every
+list has at least 39 training points (below that faiss warns and k-means centroids are noisy), ``nprobe``
+= nlist / 64 (at least 32, at most nlist), and exact re-ranking of sqrt(N / 10) candidates (at least 100).
+The resolved values are what ``init_args`` (and so ``backend.json`` and the manifest) record, and the spec's
+``derived`` lists which came from the rule, so a memory re-indexed for other rows (``MemoryStore.select``,
+``concat``) derives them again; ``None`` given to ``load`` as a search-time override means the rule again.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +28,53 @@ from reco_lightning.errors import RecoMemoryError
 from reco_lightning.memory.base import MemoryBackend, register_backend
 from reco_lightning.memory.gpu import index_to_cpu, index_to_gpu
 
-__all__ = ["IVFPQBackend", "rerank_exact"]
+__all__ = ["IVFPQBackend", "default_nlist", "default_nprobe", "default_rerank", "rerank_exact"]
+
+#: faiss warns below 39 training points per k-means centroid; a derived nlist never goes below it.
+MIN_POINTS_PER_LIST = 39
+#: Default nprobe = nlist // NPROBE_DIVISOR, at least MIN_NPROBE.
+NPROBE_DIVISOR, MIN_NPROBE = 64, 32
+#: Fewest candidates re-scored exactly by default.
+MIN_RERANK = 100
+
+
+def default_nlist(ntotal: int, n_train: int | None = None) -> int:
+    """IVF lists for ``ntotal`` vectors trained on ``n_train`` (default: all of them).
+
+    ~4*sqrt(N) (faiss's guideline), rounded to the nearest power of two, and at most the largest power of two
+    that leaves every list ``MIN_POINTS_PER_LIST`` training points: 1024 at 100k, 4096 at 1M (with >= 160k
+    training points; 2048 from the 100k sample of ``MemoryBackend.build``'s default), 16384 at 10M (with
+    >= 639k; 4096 from the 200k sample of ``reco memory build``'s default).
+    """
+    n_train = ntotal if n_train is None else min(n_train, ntotal)
+    target = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(ntotal))))
+    cap = 2 ** int(math.log2(max(1, n_train // MIN_POINTS_PER_LIST)))
+    return int(max(1, min(target, cap)))
+
+
+def default_nprobe(nlist: int) -> int:
+    """Lists probed by default: 1/64 of them, at least 32 (all of them below 32 lists).
+
+    The recall lost to probing depends on how many lists a query's true neighbours fall into, which grows
+    more slowly than nlist: on benchmarks/synthetic.py data (d = 512) probing 1/64 lost 0.005 of recall@10
+    at 100k (1024 lists) and 0.002 at 200k and 500k (2048 lists), while 1/128 lost 0.028, 0.014 and 0.013.
+    Small and low-dimensional indexes need more than the fraction: at d = 64, 512 lists, 16 probes reached
+    only 0.95 and 32 probes 0.97, hence the floor. 1M (4096 lists): 64 probes; 16384 lists: 256.
+    """
+    return int(min(nlist, max(MIN_NPROBE, nlist // NPROBE_DIVISOR)))
+
+
+def default_rerank(ntotal: int) -> int:
+    """Candidates re-scored exactly by default: sqrt(N / 10), at least 100 (100 at 100k, 316 at 1M, 1000 at 10M).
+
+    PQ codes alone put only ~0.6 of the true top-10 in their own top-10 on CLIP-like data, and the number of
+    rows whose PQ score passes a true neighbour's grows with N: with 100 candidates recall@10 fell from
+    0.99 (100k) to 0.96 (500k) on benchmarks/synthetic.py data (d = 512), with 200 it was 0.985 at 500k.
+    Growing the candidates as sqrt(N), like nlist, gave recall@10 0.99 at 100k and 200k with every default
+    (benchmarks/memory_backends.py); at 500k 200 candidates (the rule: 224) already gave 0.985.
+    """
+    return int(max(MIN_RERANK, round(math.sqrt(max(0, ntotal) / 10))))
+
 
 # Elements of float32 scratch per re-ranking block ([queries, candidates, dim]): 2M floats = 8 MB keeps
 # memory flat whatever the batch size.
@@ -32,25 +87,50 @@ class IVFPQBackend(MemoryBackend):
 
     ``nlist``, ``m`` and ``nbits`` fix the index layout (train time); ``nprobe`` and ``rerank`` are search-time
     knobs that ``MemoryBackend.load(dir, nprobe=..., rerank=...)`` may change without rebuilding.
+    ``nlist=None`` (default) is chosen from the number of vectors when the index is trained
+    (:func:`default_nlist`); ``nprobe=None`` (default) is :func:`default_nprobe` of ``nlist``, resolved as
+    soon as ``nlist`` is known; ``rerank=None`` (default) is :func:`default_rerank` of the number of vectors,
+    resolved when trained. Re-ranking needs the store's rows (:meth:`attach`; a ``MemoryStore`` attaches
+    them); ``rerank=0`` searches the PQ codes alone.
     """
 
     search_args = frozenset({"nprobe", "rerank"})
 
     def __init__(
-        self, dim: int, nlist: int = 1024, m: int = 64, nbits: int = 8, nprobe: int = 32, rerank: int = 0
+        self,
+        dim: int,
+        nlist: int | None = None,
+        m: int = 64,
+        nbits: int = 8,
+        nprobe: int | None = None,
+        rerank: int | None = None,
     ) -> None:
         super().__init__(dim)
-        self.nlist, self.m, self.nbits = int(nlist), int(m), int(nbits)
-        self.nprobe, self.rerank = int(nprobe), int(rerank)
+        self.nlist = None if nlist is None else int(nlist)
+        self.m, self.nbits = int(m), int(nbits)
+        self.nprobe = None if nprobe is None else int(nprobe)
+        self.rerank = None if rerank is None else int(rerank)
+        given = {"nlist": nlist, "nprobe": nprobe, "rerank": rerank}
+        self._derived = sorted(name for name, value in given.items() if value is None)
         _validate(self.dim, self.nlist, self.m, self.nbits, self.nprobe, self.rerank)
+        self.index: faiss.Index | None = None  # created once nlist is known (here, or when trained)
+        self._rows: np.ndarray | None = None
+        self._planned_total: int | None = None  # set by build(): the N that sizes a derived nlist
+        if self.nlist is not None:
+            self._create_index(self.nlist)
+
+    def _create_index(self, nlist: int) -> None:
+        """Fix the layout: an empty IVF-PQ with ``nlist`` lists; a derived nprobe follows from it."""
+        self.nlist = int(nlist)
+        if self.nprobe is None:
+            self.nprobe = default_nprobe(self.nlist)
         quantizer = faiss.IndexFlatIP(self.dim)
-        self.index: faiss.Index = faiss.IndexIVFPQ(
+        self.index = faiss.IndexIVFPQ(
             quantizer, self.dim, self.nlist, self.m, self.nbits, faiss.METRIC_INNER_PRODUCT
         )
         self.index.own_fields = True
         quantizer.this.disown()  # the IVF index owns and frees its quantizer
         self.index.nprobe = self.nprobe
-        self._rows: np.ndarray | None = None
 
     # --- building -------------------------------------------------------------------------------------
     @property
@@ -58,27 +138,51 @@ class IVFPQBackend(MemoryBackend):
         return True
 
     def min_train_size(self) -> int:
-        """Hard minimum of training vectors: k-means needs a point per IVF list and per PQ centroid."""
-        return max(self.nlist, 2**self.nbits)
+        """Hard minimum of training vectors: k-means needs a point per IVF list and per PQ centroid.
+
+        A derived nlist (``nlist=None``) never exceeds training size / 39, so only the PQ's centroids count.
+        """
+        return max(self.nlist or 1, 2**self.nbits)
 
     def recommended_train_size(self) -> int:
-        """faiss warns below 39 points per centroid; beyond 256 per centroid it subsamples anyway."""
-        return 39 * max(self.nlist, 2**self.nbits)
+        """faiss warns below 39 points per centroid; beyond 256 per centroid it subsamples anyway.
 
-    def train(self, vectors: np.ndarray) -> None:
+        With a derived nlist, the PQ's share: the IVF's is met by construction (see :func:`default_nlist`).
+        """
+        return MIN_POINTS_PER_LIST * max(self.nlist or 1, 2**self.nbits)
+
+    def build(self, vectors: np.ndarray, train_size: int | None = 100_000, seed: int = 0) -> None:
+        """As :meth:`MemoryBackend.build`; a derived nlist is sized for all ``len(vectors)`` rows."""
+        self._planned_total = len(vectors)
+        try:
+            super().build(vectors, train_size=train_size, seed=seed)
+        finally:
+            self._planned_total = None
+
+    def train(self, vectors: np.ndarray, ntotal: int | None = None) -> None:
+        """Train the coarse quantiser and the PQ on ``vectors`` (a sample of what will be added).
+
+        ``ntotal``: how many vectors will be added, which sizes a derived nlist (:func:`default_nlist`);
+        default: as many as ``build`` was given, else the sample's size (the sample is everything).
+        """
         vectors = np.ascontiguousarray(self._check(vectors, "training vectors"), dtype=np.float32)
         need = self.min_train_size()
         if len(vectors) < need:
             raise RecoMemoryError(
-                f"ivfpq training needs at least {need} vectors (nlist={self.nlist}, 2**nbits={2**self.nbits}; "
-                f"{self.recommended_train_size()} recommended) but got {len(vectors)}: add more pairs or lower "
-                "nlist/nbits"
+                f"ivfpq training needs at least {need} vectors (nlist={self.nlist or 'derived'}, "
+                f"2**nbits={2**self.nbits}; {self.recommended_train_size()} recommended) but got {len(vectors)}: "
+                "add more pairs or lower nlist/nbits"
             )
+        total = max(ntotal if ntotal is not None else self._planned_total or 0, len(vectors))
+        if self.index is None:
+            self._create_index(default_nlist(total, len(vectors)))
+        if self.rerank is None:
+            self.rerank = default_rerank(total)
         self.index.train(vectors)
 
     def add(self, vectors: np.ndarray) -> None:
         vectors = np.ascontiguousarray(self._check(vectors, "vectors"), dtype=np.float32)
-        if not self.index.is_trained:
+        if self.index is None or not self.index.is_trained:
             raise RecoMemoryError(
                 "ivfpq index is not trained: call train(sample) (or build(vectors)) before add"
             )
@@ -100,6 +204,8 @@ class IVFPQBackend(MemoryBackend):
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         self._check_k(k)
         queries = np.ascontiguousarray(self._check(queries, "queries"), dtype=np.float32)
+        if self.rerank is None:  # an index given to this backend without training it here
+            self.rerank = default_rerank(self.ntotal)
         if self.rerank <= 0:
             scores, ids = self.index.search(queries, k)
             ids = ids.astype(np.int64, copy=False)
@@ -115,16 +221,17 @@ class IVFPQBackend(MemoryBackend):
         return rerank_exact(queries, candidates.astype(np.int64, copy=False), self._rows, k)
 
     def to_device(self, device: int | None) -> None:
-        self.index = index_to_gpu(self.index, device)
+        if self.index is not None:
+            self.index = index_to_gpu(self.index, device)
 
     # --- persistence and accounting -------------------------------------------------------------------
     @property
     def ntotal(self) -> int:
-        return int(self.index.ntotal)
+        return 0 if self.index is None else int(self.index.ntotal)
 
     def nbytes(self) -> int:
         """Serialised size: codes + ids + inverted-list headers + coarse centroids + PQ codebooks."""
-        return len(faiss.serialize_index(index_to_cpu(self.index)))
+        return 0 if self.index is None else len(faiss.serialize_index(index_to_cpu(self.index)))
 
     def init_args(self) -> dict[str, Any]:
         return {
@@ -135,13 +242,28 @@ class IVFPQBackend(MemoryBackend):
             "rerank": self.rerank,
         }
 
+    def spec(self) -> dict[str, Any]:
+        """The class path and resolved init_args, plus ``derived``: the args the default rules chose."""
+        spec = super().spec()
+        if self._derived:
+            spec["derived"] = list(self._derived)
+        return spec
+
     def _save_index(self, path: Path) -> None:
+        if self.index is None:
+            raise RecoMemoryError("ivfpq index is not trained: build it before saving")
         faiss.write_index(index_to_cpu(self.index), str(path))
 
     def _load_index(self, path: Path) -> None:
         index = faiss.read_index(str(path))
         if not isinstance(index, faiss.IndexIVFPQ):
             raise ValueError(f"expected an IndexIVFPQ, found {type(index).__name__}")
+        if self.nlist is None:  # backend.json records the resolved nlist; tolerate one that does not
+            self.nlist = int(index.nlist)
+        if self.nprobe is None:  # e.g. load(dir, nprobe=None): the default rule
+            self.nprobe = default_nprobe(self.nlist)
+        if self.rerank is None:
+            self.rerank = default_rerank(int(index.ntotal))
         found = (index.d, index.nlist, index.pq.M, index.pq.nbits)
         expected = (self.dim, self.nlist, self.m, self.nbits)
         if found != expected:
@@ -192,8 +314,10 @@ def _fp16_to_fp32() -> np.ndarray:
     return np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
 
-def _validate(dim: int, nlist: int, m: int, nbits: int, nprobe: int, rerank: int) -> None:
-    if nlist < 1:
+def _validate(
+    dim: int, nlist: int | None, m: int, nbits: int, nprobe: int | None, rerank: int | None
+) -> None:
+    if nlist is not None and nlist < 1:
         raise RecoMemoryError(f"ivfpq nlist={nlist} must be >= 1: use about 4*sqrt(N) inverted lists")
     if m < 1 or dim % m:
         divisors = [d for d in (96, 64, 48, 32, 16, 8) if dim % d == 0 and d <= dim] or [1]
@@ -202,7 +326,7 @@ def _validate(dim: int, nlist: int, m: int, nbits: int, nprobe: int, rerank: int
         )
     if not 1 <= nbits <= 16:
         raise RecoMemoryError(f"ivfpq nbits={nbits} must be in 1..16: use 8 (one byte per sub-quantiser)")
-    if nprobe < 1:
+    if nprobe is not None and nprobe < 1:
         raise RecoMemoryError(f"ivfpq nprobe={nprobe} must be >= 1: probe at least one inverted list")
-    if rerank < 0:
+    if rerank is not None and rerank < 0:
         raise RecoMemoryError(f"ivfpq rerank={rerank} must be >= 0: 0 disables exact re-ranking")

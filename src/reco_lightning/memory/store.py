@@ -180,7 +180,7 @@ class MemoryStore:
             ids=np.concatenate([np.asarray(s.ids) for s in stores]),
             captions=meta.column("caption").to_pylist(),
             keys=meta.column("key").to_pylist(),
-            backend=backend or stores[0].manifest["backend"],
+            backend=backend or reindex_spec(stores[0].manifest["backend"]),
             fingerprint=first,
             source="concat:" + ",".join(str(s.path) for s in stores),
             overwrite=overwrite,
@@ -208,7 +208,7 @@ class MemoryStore:
             ids=np.asarray(self.ids[rows]),
             captions=meta.column("caption").to_pylist(),
             keys=meta.column("key").to_pylist(),
-            backend=backend or self.manifest["backend"],
+            backend=backend or reindex_spec(self.manifest["backend"]),
             fingerprint=self.fingerprint,
             source=f"select:{self.path} ({len(rows)} of {len(self)} rows)",
             overwrite=overwrite,
@@ -273,6 +273,18 @@ def check_fingerprint(found: dict[str, Any] | None, expected: dict[str, Any], wh
             f"{what} was built with backbone {found.get('name_or_path')!r} (id {found.get('id')}) but the model "
             f"uses {expected['name_or_path']!r} (id {expected['id']}): rebuild the memory with this backbone"
         )
+
+
+def reindex_spec(spec: str | dict[str, Any]) -> str | dict[str, Any]:
+    """A memory's recorded backend spec, for indexing other rows: what its rules chose is chosen again.
+
+    The spec's ``derived`` names the init_args a backend's rules chose from the rows it indexed (an IVF-PQ's
+    nlist, nprobe and rerank, from N); they are left out, so ``select`` and ``concat`` derive them anew.
+    """
+    if not isinstance(spec, dict) or not spec.get("derived"):
+        return spec
+    init_args = {k: v for k, v in (spec.get("init_args") or {}).items() if k not in spec["derived"]}
+    return {"class_path": spec["class_path"], "init_args": init_args}
 
 
 def write_metadata(

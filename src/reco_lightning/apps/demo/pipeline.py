@@ -288,7 +288,7 @@ def calibrate_weight(
 
     ``fusion_config.retrieved_skip`` is measured on the untrained fusion, which is exactly "query + weight x mean
     of neighbours" (its learned branch starts at zero), so no training run is needed per weight."""
-    from reco_lightning.calibration import calibrate
+    from reco_lightning.calibration import calibrate, leakage_threshold_of
 
     config = _demo_config(layout, seen_classes, protocol.name)  # read, never written: see run_config
     model = _untrained_model(config["model"], layout.memory_all, **overrides)
@@ -300,6 +300,7 @@ def calibrate_weight(
         metric=protocol.metric,
         tolerance=CALIBRATION_TOLERANCE,
         batch_size=512,
+        leakage_threshold=leakage_threshold_of(config),
     )
 
 
