@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("data",),  # sources -> shards/records -> stream -> collate -> datamodule; feature cache reader
     ("jobs",),  # resumable multi-device predict jobs that write to disk (memory build, feature cache)
     ("model",),  # RecoModule
-    ("evaluation", "calibration"),  # callbacks and sweeps over a model
+    ("evaluation", "calibration", "prediction"),  # callbacks (evaluation, embedding export), sweeps
     ("cli",),  # the library's commands
     ("apps",),  # the demo, the tiny setup, the `reco` script: on top, imported by nothing below
 ]

@@ -33,6 +33,7 @@ class PairCollator:
             "position": torch.tensor([p for p, _ in good], dtype=torch.long),
             "key": [s["key"] for _, s in good],
             "caption": [s["caption"] for _, s in good],
+            "image_path": [s.get("image_path", s["key"]) for _, s in good],
             "bad_keys": [r.key for _, r, s in samples if s is None],
         }
         if (

@@ -98,6 +98,7 @@ class ImageTextDataModule(pl.LightningDataModule):
         self._streams: dict[str, EpochShuffled] = {}  # what set_epoch reshuffles, per stage
         self._warned: set[tuple[str, str]] = set()
         self._expected: _Expectations | None = None  # what the attached model told us (see expect)
+        self._predict_after: int | None = None  # see skip_predict
 
     @property
     def collator(self) -> PairCollator:
@@ -121,6 +122,19 @@ class ImageTextDataModule(pl.LightningDataModule):
         """
         self._expected = _Expectations(cache_requirements, memory_id_scheme, memory)
 
+    def skip_predict(self, after_position: int | None) -> None:
+        """Start this rank's predict stream after source position ``after_position`` (None: from the start).
+
+        For a resumed prediction (``reco_lightning.prediction.EmbeddingWriter`` calls this from its
+        ``setup``, before Lightning builds the predict dataloader): this rank's rows up to that position are
+        written already. The predict stream yields each rank's pairs in position order whatever
+        ``num_workers``, so the rest comes out as it would have in an uninterrupted run. A rank may then
+        have nothing left: Lightning is told to accept its empty predict loader (prediction has no collective).
+        """
+        self._predict_after = after_position
+        if after_position is not None:
+            self.allow_zero_length_dataloader_with_multiple_devices = True
+
     def stream(self, stage: str, source: str | None, shuffle: bool) -> PairStream:
         if source is None:
             raise ValueError(
@@ -143,6 +157,8 @@ class ImageTextDataModule(pl.LightningDataModule):
             world_size=world,
             num_workers=hp.num_workers,
             drop_remainder=stage != "predict",
+            ordered=stage == "predict",
+            after=self._predict_after if stage == "predict" else None,
         )
         if stream.dropped_for_balance:
             rank_zero_info(

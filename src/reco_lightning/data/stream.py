@@ -7,6 +7,8 @@ to rank ``i % world`` and, inside a rank, to DataLoader worker ``(i // world) % 
 each other's image bytes (tar members of other ranks are skipped by seeking over them). Batches are
 formed inside the stream, so every rank yields the same number of batches, which DDP needs to avoid
 hanging.
+A prediction stream is ``ordered`` instead (whole batches to workers in turn, so a rank's pairs come out of
+the DataLoader in position order) and can start ``after`` a position, where an interrupted run stopped.
 
 Bad samples (undecodable or missing image, empty caption, unreadable tar member, the unreadable rest of a
 truncated shard) never stop training: :func:`decode` returns None for them and the collator drops them,
@@ -18,15 +20,16 @@ contract is written in one place.
 from __future__ import annotations
 
 import io
+import math
 import random
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from reco_lightning.data.ranks import batch_count, share
+from reco_lightning.data.ranks import share
 from reco_lightning.data.records import PairRecord, PairSource
 
 __all__ = ["PairStream", "decode"]
@@ -42,7 +45,9 @@ def decode(record: PairRecord) -> dict[str, Any] | None:
             image = img.convert("RGB")
     except (OSError, ValueError, EOFError, tarfile.TarError, Image.DecompressionBombError):
         return None
-    return {"image": image, "caption": record.caption, "id": record.id, "key": record.key}
+    # image_path: the file for file sources, the member key for shards (what clip-retrieval records)
+    path = data if isinstance(data, str) else record.key
+    return {"image": image, "caption": record.caption, "id": record.id, "key": record.key, "image_path": path}
 
 
 class PairStream(IterableDataset):
@@ -56,6 +61,13 @@ class PairStream(IterableDataset):
             and validation, where ranks meet in collectives); False for prediction and memory builds,
             where every pair must be encoded and ranks need not stay in step.
         window: only positions in [start, stop) (memory builds encode a source chunk by chunk).
+        ordered: the DataLoader yields this rank's pairs in position order whatever ``num_workers``:
+            worker ``w`` reads the batches ``b`` with ``b % num_workers == w`` of the rank's share (the
+            DataLoader takes one batch from each worker in turn) instead of every ``num_workers``-th pair.
+            For prediction, whose outputs are written in the order they come (see ``after``).
+        after: leave out the positions up to and including this one (a resumed prediction: the rows of
+            this rank up to ``after`` are written already); with ``ordered``, the rest comes out exactly
+            as it would have in an uninterrupted run.
     """
 
     def __init__(
@@ -70,11 +82,14 @@ class PairStream(IterableDataset):
         num_workers: int = 0,
         drop_remainder: bool = True,
         window: tuple[int, int] | None = None,
+        ordered: bool = False,
+        after: int | None = None,
     ) -> None:
         super().__init__()
         self.source, self.batch_size, self.shuffle, self.seed = source, batch_size, shuffle, seed
         self.shuffle_buffer, self.rank, self.world_size = shuffle_buffer, rank, world_size
         self.num_workers = max(1, num_workers)
+        self.ordered, self.after = ordered, after
         self.epoch = 0
         total = len(source)
         self.start, self.stop = window if window is not None else (0, total)
@@ -99,7 +114,34 @@ class PairStream(IterableDataset):
 
     def __len__(self) -> int:
         """Batches this rank yields per epoch (the same on every rank when dropping the remainder)."""
-        return batch_count(self._span(), self.rank, self.world_size, self.num_workers, self.batch_size)
+        if self.ordered:
+            return math.ceil(len(self._rank_share()) / self.batch_size)
+        shares = (self._rank_share()[worker :: self.num_workers] for worker in range(self.num_workers))
+        return sum(math.ceil(len(mine) / self.batch_size) for mine in shares)
+
+    def _rank_share(self) -> range:
+        """This rank's positions, relative to the window start and in order, those up to ``after`` left out.
+
+        Worker ``w`` of ``W`` reads every ``W``-th of them from the ``w``-th (``ranks.share``), or with
+        ``ordered`` the ``w``-th batch of every ``W``.
+        """
+        mine = share(self._span(), self.rank, self.world_size, 0, 1)
+        if self.after is None:
+            return mine
+        done = len(range(self.rank, max(0, self.after - self.start + 1), self.world_size))
+        return mine[done:]
+
+    def _keep(self, worker: int) -> Callable[[int], bool]:
+        """Whether a position (relative to the window start) goes to DataLoader ``worker`` of this rank."""
+        rank_share = self._rank_share()
+        if not self.ordered:
+            return rank_share[worker :: self.num_workers].__contains__
+        size, workers = self.batch_size, self.num_workers
+
+        def keep(relative: int) -> bool:
+            return relative in rank_share and (rank_share.index(relative) // size) % workers == worker
+
+        return keep
 
     def _unit_order(self) -> list[Any]:
         units = self.source.units()
@@ -108,17 +150,18 @@ class PairStream(IterableDataset):
         return units
 
     def _records(self, worker: int) -> Iterator[tuple[int, PairRecord]]:
-        span = self._span()
-        mine = share(span, self.rank, self.world_size, worker, self.num_workers)
-        stop = self.start + span
+        mine = self._keep(worker)
+        stop = self.start + self._span()
+        # a resumed stream does not open the units that end before its first position
+        first = self.start if self.after is None else max(self.start, self.after + 1)
         start_of_unit = 0
         for unit in self._unit_order():
             length = self.source.unit_length(unit)
-            if start_of_unit < stop and start_of_unit + length > self.start:
+            if start_of_unit < stop and start_of_unit + length > first:
                 base = start_of_unit
 
                 def keep(position: int, base: int = base) -> bool:
-                    return base + position - self.start in mine
+                    return mine(base + position - self.start)
 
                 for position, record in self.source.iter_unit(unit, keep):
                     yield base + position, record
