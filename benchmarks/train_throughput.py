@@ -192,13 +192,29 @@ def _unit_vectors(n: int, dim: int, seed: int) -> np.ndarray:
     return np.asarray(clustered_unit_vectors(n, dim, seed=seed), dtype=np.float32)
 
 
-def build_memory(n: int, dim: int, seed: int = 0):
-    """An in-RAM exact-search memory of ``n`` pairs, rows stored fp16 as a memory on disk holds them."""
+def build_memory(n: int, dim: int, seed: int = 0, backend: str = "exact"):
+    """An in-RAM memory of ``n`` pairs searched by ``backend`` (its package defaults), rows stored fp16 as a
+    memory on disk holds them."""
     from reco_lightning.memory.store import MemoryStore
 
     image = _unit_vectors(n, dim, seed).astype(np.float16)
     text = _unit_vectors(n, dim, seed + 1).astype(np.float16)
-    return MemoryStore.from_arrays(image, text, np.arange(n, dtype=np.int64), backend="exact")
+    return MemoryStore.from_arrays(image, text, np.arange(n, dtype=np.int64), backend=backend)
+
+
+def step_shares(phases: dict[str, float]) -> dict[str, float]:
+    """Where one step's time goes, as fractions of it: the index search, the rest of retrieval (exclusion,
+    gather), the fusion's forward, the frozen backbone's forward, and the rest (loss, backward, optimiser)."""
+    total = phases["total_without_index_search"]
+    search = phases.get("index_search", 0.0)
+    shares = {
+        "search": search,
+        "retrieval_rest": max(0.0, phases["retrieve"] - search),
+        "fusion_forward": phases["fusion_forward"],
+        "backbone": phases["clip_embed"],
+    }
+    shares["loss_backward_optimizer"] = max(0.0, total - sum(shares.values()))
+    return {name: value / total for name, value in shares.items()}
 
 
 def on_the_fly_batch(batch_size: int, config: Any, memory_size: int, seed: int) -> dict[str, Tensor]:
@@ -475,9 +491,9 @@ def run_model(spec: ModelSpec, args: argparse.Namespace, work: Path) -> dict[str
         backbone=str(backbone_dir), k=spec.k, fusion_config=FusionConfig(num_heads=spec.fusion_heads)
     )
     config, dim, k, n = module.backbone.model.config, module.backbone.dim, spec.k, spec.memory_size
-    print(f"[{spec.key}] memory of {n} pairs x {dim} (exact search)", flush=True)
+    print(f"[{spec.key}] memory of {n} pairs x {dim} ({args.memory_backend} search)", flush=True)
     start = time.perf_counter()
-    module.set_memory(build_memory(n, dim, args.seed))
+    module.set_memory(build_memory(n, dim, args.seed, args.memory_backend))
     memory_build_s = time.perf_counter() - start
     module.train()
     optimizer = module.configure_optimizers()["optimizer"]
@@ -533,6 +549,7 @@ def run_model(spec: ModelSpec, args: argparse.Namespace, work: Path) -> dict[str
         "on_the_fly": {"batch_size": b_otf, "threads": best_otf["threads"], **otf_phases},
         "cached": {"batch_size": b_cached, "threads": best_cached["threads"], **cached_phases},
     }
+    shares = {"on_the_fly": step_shares(otf_phases), "cached": step_shares(cached_phases)}
     matmul = args.matmul_gflops
     cached_gflops = cached_counted["total"] / best_cached["step_s_median"] / 1e9
     otf_gflops = otf_counted["total"] / best_otf["step_s_median"] / 1e9
@@ -586,6 +603,8 @@ def run_model(spec: ModelSpec, args: argparse.Namespace, work: Path) -> dict[str
         "on_the_fly": on_the_fly,
         "cached": cached,
         "breakdown_s": breakdown,
+        "step_shares": shares,
+        "memory_backend": args.memory_backend,
         "cached_profile_top_ops": cached_profile,
         "targets": {
             f"speedup_ge_{SPEEDUP_TARGET:g}x": best_cached["samples_per_s"] / best_otf["samples_per_s"]
@@ -650,6 +669,20 @@ def markdown(report: dict[str, Any]) -> str:
         for mode, b in report[key]["breakdown_s"].items():
             cells = " | ".join(f"{b[p]:.3f}" if p in b else "-" for p in phases)
             lines.append(f"| {key} | {mode} | {b['batch_size']} | {cells} |")
+    share_names = ("search", "retrieval_rest", "fusion_forward", "backbone", "loss_backward_optimizer")
+    lines += [
+        "",
+        "Share of one step (retrieval latency apart from model latency: `search` is the index search alone):",
+        "",
+        "| model | memory | mode | " + " | ".join(share_names) + " |",
+        "|---|---|---|" + "---:|" * len(share_names),
+    ]
+    for key in report["models"]:
+        entry = report[key]
+        memory = f"{entry['memory_backend']}, N = {entry['memory_size']:,}"
+        for mode, shares in entry["step_shares"].items():
+            cells = " | ".join(f"{shares[name]:.1%}" for name in share_names)
+            lines.append(f"| {key} | {memory} | {mode} | {cells} |")
     for key in report["models"]:
         ops = report[key].get("cached_profile_top_ops") or []
         if ops:
@@ -670,6 +703,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("bench_out"), help="directory for the .json and .md")
     p.add_argument("--models", default="vit_b32,demo", help=f"comma list from {sorted(MODELS)}")
     p.add_argument("--memory-size", type=int, default=0, help="memory pairs N (0: per-model default)")
+    p.add_argument(
+        "--memory-backend", default="exact", help="memory backend (package defaults): exact, ivfpq, ..."
+    )
     p.add_argument(
         "--on-the-fly-batch-sizes", default="", help="comma list (default: per model, e.g. 32,64 for vit_b32)"
     )

@@ -87,6 +87,19 @@ def test_train_throughput_tiny(benchmarks, tmp_path) -> None:
     ops = demo["cached_profile_top_ops"]
     assert ops and all(o["self_s"] >= 0 and 0 <= o["share"] <= 1 for o in ops)
     assert "| demo |" in (tmp_path / "train_throughput.md").read_text()
+    # retrieval latency apart from model latency: shares of one step that add up to it
+    assert demo["memory_backend"] == "exact"
+    for mode, shares in demo["step_shares"].items():
+        phases = demo["breakdown_s"][mode]
+        assert sum(shares.values()) == pytest.approx(1.0), mode
+        assert shares["search"] == pytest.approx(
+            phases.get("index_search", 0.0) / phases["total_without_index_search"]
+        )
+        assert shares["backbone"] == pytest.approx(
+            phases["clip_embed"] / phases["total_without_index_search"]
+        )
+    assert demo["step_shares"]["cached"]["search"] == 0.0  # the cache replaces the search
+    assert "Share of one step" in (tmp_path / "train_throughput.md").read_text()
 
 
 def test_analytic_flops_formula(benchmarks) -> None:
