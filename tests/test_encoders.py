@@ -52,5 +52,8 @@ def test_projected_output_handles_transformers_4_and_5():
 
 
 def test_missing_backbone_gives_one_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="cannot load CLIP backbone"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         FrozenCLIP(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()  # a directory, but not a saved CLIP
+    with pytest.raises(FileNotFoundError, match="cannot load CLIP backbone"):
+        FrozenCLIP(tmp_path / "empty")
