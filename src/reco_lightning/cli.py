@@ -100,6 +100,7 @@ def memory_main(args: Sequence[str]) -> None:
     from jsonargparse import ArgumentParser
 
     from reco_lightning.jobs.memory_build import build_memory
+    from reco_lightning.memory.base import DEFAULT_TRAIN_SIZE
     from reco_lightning.memory.store import MemoryStore
 
     parser = ArgumentParser(prog="reco memory", description="Build, combine and inspect RECO memories.")
@@ -132,7 +133,7 @@ def memory_main(args: Sequence[str]) -> None:
         "(embeddings are stored fp16 either way)",
     )
     build.add_argument("--chunk_size", type=int, default=100_000)
-    build.add_argument("--train_size", type=int, default=200_000)
+    build.add_argument("--train_size", type=int, default=DEFAULT_TRAIN_SIZE)
     build.add_argument("--image_column", default="filepath")
     build.add_argument("--caption_column", default="caption")
     build.add_argument("--id_column", type=str | None, default=None)

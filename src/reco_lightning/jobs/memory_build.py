@@ -25,6 +25,7 @@ from reco_lightning.data.sources import open_source
 from reco_lightning.encoders import FrozenCLIP
 from reco_lightning.errors import ChunkedJobError, RecoMemoryError
 from reco_lightning.jobs.chunked import assemble, clear_work, predict_in_chunks
+from reco_lightning.memory.base import DEFAULT_TRAIN_SIZE
 from reco_lightning.memory.store import finish_memory, write_metadata
 
 __all__ = ["BAD_KEYS_KEPT", "MAX_DEFAULT_WORKERS", "EncoderModule", "build_memory", "default_num_workers"]
@@ -106,7 +107,7 @@ def build_memory(
     batch_size: int = 256,
     num_workers: int | None = None,
     chunk_size: int = 100_000,
-    train_size: int | None = 200_000,
+    train_size: int | None = DEFAULT_TRAIN_SIZE,
     image_column: str = "filepath",
     caption_column: str = "caption",
     id_column: str | None = None,

@@ -43,8 +43,8 @@ def default_nlist(ntotal: int, n_train: int | None = None) -> int:
 
     ~4*sqrt(N) (faiss's guideline), rounded to the nearest power of two, and at most the largest power of two
     that leaves every list ``MIN_POINTS_PER_LIST`` training points: 1024 at 100k, 4096 at 1M (with >= 160k
-    training points; 2048 from the 100k sample of ``MemoryBackend.build``'s default), 16384 at 10M (with
-    >= 639k; 4096 from the 200k sample of ``reco memory build``'s default).
+    training points, as the default 200k sample, ``memory.base.DEFAULT_TRAIN_SIZE``), 16384 at 10M (with
+    >= 639k; 4096 from the default sample).
     """
     n_train = ntotal if n_train is None else min(n_train, ntotal)
     target = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(ntotal))))

@@ -30,7 +30,7 @@ import numpy as np
 from reco_lightning.arrays import LayoutError, open_array, read_manifest
 from reco_lightning.atomic import atomic_write_text, replace_directory
 from reco_lightning.errors import RecoMemoryError
-from reco_lightning.memory.base import MemoryBackend, backend_from_spec
+from reco_lightning.memory.base import DEFAULT_TRAIN_SIZE, MemoryBackend, backend_from_spec
 from reco_lightning.types import MODALITIES, Modality
 
 __all__ = ["MemoryStore"]
@@ -100,7 +100,7 @@ class MemoryStore:
         ids: np.ndarray | None = None,
         backend: str | dict[str, Any] = "exact",
         fingerprint: dict[str, Any] | None = None,
-        train_size: int | None = 100_000,
+        train_size: int | None = DEFAULT_TRAIN_SIZE,
     ) -> MemoryStore:
         """An in-RAM memory over given (normalised) embeddings; indexes built here."""
         image, text, ids = _validated_arrays(image_embeddings, text_embeddings, ids)
@@ -125,7 +125,7 @@ class MemoryStore:
         backend: str | dict[str, Any] = "exact",
         fingerprint: dict[str, Any] | None = None,
         source: str = "arrays",
-        train_size: int | None = 100_000,
+        train_size: int | None = DEFAULT_TRAIN_SIZE,
         overwrite: bool = False,
         id_scheme: str | None = None,
     ) -> Path:
@@ -312,7 +312,7 @@ def finish_memory(
     backend: str | dict[str, Any] | MemoryBackend,
     fingerprint: dict[str, Any] | None,
     source: str,
-    train_size: int | None = 100_000,
+    train_size: int | None = DEFAULT_TRAIN_SIZE,
     extra: dict[str, Any] | None = None,
 ) -> None:
     """Index the embeddings already in ``directory`` and write the manifest last (it marks completion).
