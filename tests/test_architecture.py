@@ -16,7 +16,7 @@ PACKAGE = "reco_lightning"
 
 # bottom-up; a module may import modules of its own layer or below (prefix match, longest wins)
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "types", "atomic", "arrays", "optim"),  # foundation: no torch models, no Lightning
+    ("errors", "types", "atomic", "arrays", "optim", "hashing"),  # foundation: no torch models, no Lightning
     ("encoders", "fusion", "losses", "metrics", "tiny_clip", "memory"),  # components
     ("retrieval", "baselines"),  # memory + embeddings -> neighbours
     ("data",),  # sources -> shards/records -> stream -> collate -> datamodule; feature cache reader
@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("cli",),  # the library's commands
     ("apps",),  # the demo, the tiny setup, the `reco` script: on top, imported by nothing below
 ]
-NO_LIGHTNING = ("errors", "types", "atomic", "arrays", "optim", "encoders", "fusion", "losses", "metrics",
+NO_LIGHTNING = ("errors", "types", "atomic", "arrays", "optim", "hashing", "encoders", "fusion", "losses", "metrics",
                 "memory", "retrieval", "baselines")  # fmt: skip
 
 

@@ -101,6 +101,7 @@ def memory_main(args: Sequence[str]) -> None:
 
     from reco_lightning.jobs.memory_build import build_memory
     from reco_lightning.memory.base import DEFAULT_TRAIN_SIZE
+    from reco_lightning.memory.interop import export_memory, import_embeddings
     from reco_lightning.memory.store import MemoryStore
 
     parser = ArgumentParser(prog="reco memory", description="Build, combine and inspect RECO memories.")
@@ -149,6 +150,30 @@ def memory_main(args: Sequence[str]) -> None:
     concat.add_argument("--overwrite", type=bool, default=False)
     commands.add_subcommand("concat", concat)
 
+    imp = ArgumentParser(
+        description="Make a memory from clip-retrieval embeddings (img_emb/, text_emb/, metadata/)."
+    )
+    imp.add_argument("src", help="folder of img_emb/, text_emb/ and metadata/ parts")
+    imp.add_argument("--out", required=True, help="memory directory to create")
+    imp.add_argument(
+        "--backbone", required=True, help="the CLIP that encoded the embeddings (declared, not verified)"
+    )
+    imp.add_argument("--backend", type=Any, default="exact")
+    imp.add_argument("--train_size", type=int, default=DEFAULT_TRAIN_SIZE)
+    imp.add_argument(
+        "--id_column", type=str | None, default=None, help="metadata column of unique integer ids"
+    )
+    imp.add_argument("--caption_column", default="caption")
+    imp.add_argument("--key_column", type=str | None, default=None)
+    imp.add_argument("--overwrite", type=bool, default=False)
+    commands.add_subcommand("import", imp)
+
+    export = ArgumentParser(description="Write a memory in clip-retrieval's layout (fp16 parts).")
+    export.add_argument("memory")
+    export.add_argument("--out", required=True)
+    export.add_argument("--part_size", type=int, default=1_000_000)
+    commands.add_subcommand("export", export)
+
     info = ArgumentParser(description="Print a memory's manifest and sizes.")
     info.add_argument("path")
     commands.add_subcommand("info", info)
@@ -178,6 +203,31 @@ def memory_main(args: Sequence[str]) -> None:
     elif sub == "concat":
         out = MemoryStore.concat(c.paths, c.out, backend=_plain(c.backend), overwrite=c.overwrite)
         print(f"memory written to {out}")
+    elif sub == "import":
+        out = import_embeddings(
+            c.src,
+            c.out,
+            backbone=c.backbone,
+            backend=_plain(c.backend),
+            train_size=c.train_size,
+            id_column=c.id_column,
+            caption_column=c.caption_column,
+            key_column=c.key_column,
+            overwrite=c.overwrite,
+        )
+        manifest = json.loads((Path(out) / "manifest.json").read_text())
+        fixed = manifest["normalised_rows"]
+        print(
+            f"memory written to {out}: {manifest['count']} rows from {manifest['imported_parts']} parts, "
+            f"{fixed['image']} image and {fixed['text']} text rows normalised, backbone {c.backbone} declared "
+            "(not verified)"
+        )
+    elif sub == "export":
+        out = export_memory(c.memory, c.out, part_size=c.part_size)
+        parts = len(list((Path(out) / "metadata").glob("metadata_*.parquet")))
+        print(
+            f"embeddings written to {out}: {len(MemoryStore.open(c.memory, load_indexes=False))} rows in {parts} parts"
+        )
     else:
         store = MemoryStore.open(c.path)
         print(json.dumps({**store.manifest, "bytes": store.nbytes()}, indent=2))

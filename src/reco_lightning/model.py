@@ -109,7 +109,9 @@ class RecoModule(pl.LightningModule):
                 search_params=self.hparams.memory_search_params,
             )
         elif memory.fingerprint is not None:
-            check_fingerprint(memory.fingerprint, self.backbone.fingerprint, "memory")
+            check_fingerprint(
+                memory.fingerprint, self.backbone.fingerprint, f"memory {memory.path or '(in RAM)'}"
+            )
         if memory.dim != self.backbone.dim:
             raise ValueError(
                 f"memory dim {memory.dim} != backbone dim {self.backbone.dim}: use a memory built with this backbone"

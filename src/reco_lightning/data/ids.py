@@ -10,10 +10,11 @@ check that a memory's ids and a source's ids can be compared at all.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Protocol
+
+from reco_lightning.hashing import derived_id
 
 __all__ = [
     "ID_FROM_IMAGE_PATH",
@@ -33,12 +34,6 @@ class IdentifiedPairs(Protocol):
 
     name: str
     id_scheme: str
-
-
-def derived_id(namespace: str, key: str) -> int:
-    """A stable non-negative int64 for ``key``: the same key gets the same id in every file and on every machine."""
-    digest = hashlib.blake2b(f"{namespace}\0{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") >> 1
 
 
 def image_path_id(path: str | os.PathLike) -> int:

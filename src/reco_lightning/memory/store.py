@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -268,11 +269,31 @@ def check_fingerprint(found: dict[str, Any] | None, expected: dict[str, Any], wh
             f"{what} has dim {found.get('dim')} but the backbone {expected['name_or_path']} has dim "
             f"{expected['dim']}: use a memory built with this backbone"
         )
+    if found.get("declared"):  # an imported memory: its backbone was named, not fingerprinted
+        _warn_declared(found, expected, what)
+        return
     if found.get("id") != expected["id"]:
         raise RecoMemoryError(
             f"{what} was built with backbone {found.get('name_or_path')!r} (id {found.get('id')}) but the model "
             f"uses {expected['name_or_path']!r} (id {expected['id']}): rebuild the memory with this backbone"
         )
+
+
+_WARNED_DECLARED: set[str] = set()
+
+
+def _warn_declared(found: dict[str, Any], expected: dict[str, Any], what: str) -> None:
+    """One warning per memory: an imported memory's backbone is trusted on its word (the dim matched)."""
+    if what in _WARNED_DECLARED:
+        return
+    _WARNED_DECLARED.add(what)
+    declared, used = found.get("name_or_path"), expected.get("name_or_path")
+    same = "the model's backbone" if declared == used else f"not the model's {used!r}"
+    warnings.warn(
+        f"{what}'s backbone is declared, not verified: it was imported as encoded by {declared!r} ({same}, "
+        f"dim {found.get('dim')}); its rows are used as if they came from the model's backbone",
+        stacklevel=3,
+    )
 
 
 def reindex_spec(spec: str | dict[str, Any]) -> str | dict[str, Any]:

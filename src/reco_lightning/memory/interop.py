@@ -1,0 +1,362 @@
+"""Memories to and from clip-retrieval's embeddings layout (``reco memory import`` / ``reco memory export``).
+
+The layout (clip-retrieval, autofaiss, embedding-reader, and our own ``reco predict``)::
+
+    img_emb/img_emb_{i}.npy          [n_i, dim] image embeddings of part i
+    text_emb/text_emb_{i}.npy        [n_i, dim] text embeddings of part i
+    metadata/metadata_{i}.parquet    n_i rows: caption, image_path / key, ... of part i
+
+Parts are matched across the three folders by their suffix ``i`` and taken in sorted file-name order, as
+the readers take them. :func:`import_embeddings` scans every part before copying anything (a part missing
+from a folder, or whose row counts differ, is refused: a short metadata part must never shift rows), then
+copies part by part (each part memory-mapped, never the whole set in RAM) into the memory's arrays inside
+the build's work directory ``.<name>.partial``; after each part a progress file is written, so a re-run
+after a kill resumes from the next part and ends with the files of an uninterrupted run. The captions and
+keys are gathered in RAM at the end to write ``metadata.parquet`` (a few GB for 10M rows).
+
+The backbone cannot be fingerprinted without its weights: the memory records it as declared
+(``{"name_or_path", "dim", "declared": True}``) and a model opens it with one warning when the dims agree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from reco_lightning.atomic import atomic_write_text, replace_directory
+from reco_lightning.errors import RecoMemoryError
+from reco_lightning.hashing import derived_id
+from reco_lightning.memory.base import DEFAULT_TRAIN_SIZE
+from reco_lightning.memory.store import MemoryStore, finish_memory, write_metadata
+
+__all__ = ["NORM_TOLERANCE", "export_memory", "import_embeddings"]
+
+#: rows whose L2 norm is further than this from 1 are normalised on import (and counted)
+NORM_TOLERANCE = 1e-3
+_FOLDERS = (("img_emb", ".npy"), ("text_emb", ".npy"), ("metadata", ".parquet"))
+_PROGRESS, _BLOCK = "import_progress.json", 65_536
+
+
+def _parts(src: Path) -> list[str]:
+    """The part suffixes of ``src`` in sorted file-name order; a part missing from a folder is refused."""
+    found: dict[str, set[str]] = {}
+    for folder, ext in _FOLDERS:
+        pattern = re.compile(rf"^{folder}_(.+){re.escape(ext)}$")
+        directory = src / folder
+        if not directory.is_dir():
+            raise RecoMemoryError(
+                f"{directory} is missing: {src} is not in clip-retrieval's embeddings layout"
+            )
+        found[folder] = {m.group(1) for p in directory.iterdir() if (m := pattern.match(p.name))}
+    every = sorted(set().union(*found.values()))
+    if not every:
+        raise RecoMemoryError(f"{src} holds no parts in img_emb/, text_emb/, metadata/: nothing to import")
+    for suffix in every:
+        for folder, ext in _FOLDERS:
+            if suffix not in found[folder]:
+                raise RecoMemoryError(
+                    f"part {suffix} has no {src / folder / f'{folder}_{suffix}{ext}'}: restore it, or remove that "
+                    "part from every folder"
+                )
+    return every
+
+
+def _scan(
+    src: Path, id_column: str | None, caption_column: str, key_column: str | None
+) -> tuple[list[dict[str, Any]], int, str]:
+    """Every part's rows, the dim and the key source, checked before anything is written."""
+    import pyarrow.parquet as pq
+
+    parts, dim, key_source = [], None, None
+    for suffix in _parts(src):
+        img_path, text_path = (
+            src / "img_emb" / f"img_emb_{suffix}.npy",
+            src / "text_emb" / f"text_emb_{suffix}.npy",
+        )
+        meta_path = src / "metadata" / f"metadata_{suffix}.parquet"
+        img, text = np.load(img_path, mmap_mode="r"), np.load(text_path, mmap_mode="r")
+        for path, rows in ((img_path, img), (text_path, text)):
+            if rows.ndim != 2 or rows.dtype.kind != "f":
+                raise RecoMemoryError(
+                    f"{path} holds {rows.dtype}{list(rows.shape)}, not float [rows, dim] embeddings: fix that part"
+                )
+        if len(img) != len(text):
+            raise RecoMemoryError(
+                f"{img_path} has {len(img)} rows but {text_path} has {len(text)}: the part's pairs are not aligned, "
+                "fix or remove that part"
+            )
+        if img.shape[1] != text.shape[1] or (dim is not None and img.shape[1] != dim):
+            raise RecoMemoryError(
+                f"{img_path} / {text_path} have dims {img.shape[1]} / {text.shape[1]} but the parts before have "
+                f"{dim or img.shape[1]}: every part must come from one backbone, remove the odd part"
+            )
+        dim = int(img.shape[1])
+        meta = pq.ParquetFile(meta_path)
+        if meta.metadata.num_rows != len(img):
+            raise RecoMemoryError(
+                f"{meta_path} has {meta.metadata.num_rows} rows but {img_path} has {len(img)}: the metadata would "
+                "shift rows, fix or remove that part"
+            )
+        columns = set(meta.schema_arrow.names)
+        for wanted, flag in (
+            (id_column, "--id_column"),
+            (caption_column, "--caption_column"),
+            (key_column, "--key_column"),
+        ):
+            if wanted is not None and wanted not in columns:
+                raise RecoMemoryError(
+                    f"{meta_path} has no column {wanted!r} (it has {sorted(columns)}): pass the right {flag}"
+                )
+        source = key_column or next((c for c in ("key", "image_path") if c in columns), "position")
+        if key_source is not None and source != key_source:
+            raise RecoMemoryError(
+                f"{meta_path} keys its rows by {source!r} but the parts before by {key_source!r}: pass --key_column"
+            )
+        key_source = source
+        parts.append({"suffix": suffix, "rows": len(img)})
+    assert dim is not None and key_source is not None
+    return parts, dim, key_source
+
+
+def _read_meta(
+    path: Path, suffix: str, id_column: str | None, caption_column: str, key_source: str, id_scheme: str
+) -> tuple[np.ndarray, list[str], list[str]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = sorted({c for c in (id_column, caption_column, key_source) if c and c != "position"})
+    table = pq.read_table(path, columns=columns)
+    captions = ["" if c is None else str(c) for c in table.column(caption_column).to_pylist()]
+    if key_source == "position":
+        keys = [f"{suffix}:{row}" for row in range(table.num_rows)]
+    else:
+        keys = ["" if k is None else str(k) for k in table.column(key_source).to_pylist()]
+    if id_column is not None:
+        column = table.column(id_column)
+        if not pa.types.is_integer(column.type):
+            raise RecoMemoryError(
+                f"{path}: column {id_column!r} holds {column.type}, not integer ids: fix it"
+            )
+        if column.null_count:
+            raise RecoMemoryError(
+                f"{path}: column {id_column!r} has {column.null_count} empty ids: fill them"
+            )
+        ids = np.asarray(column.to_numpy(), dtype=np.int64)
+    else:
+        ids = np.fromiter((derived_id(id_scheme, k) for k in keys), dtype=np.int64, count=len(keys))
+    return ids, captions, keys
+
+
+def _copy_rows(source: Path, target: np.ndarray, start: int) -> int:
+    """Copy a part's rows into ``target[start:]`` as fp16, L2-normalising rows off unit norm; how many were."""
+    rows = np.load(source, mmap_mode="r")
+    fixed = 0
+    for lo in range(0, len(rows), _BLOCK):
+        block = np.asarray(rows[lo : lo + _BLOCK], dtype=np.float32)
+        if not np.isfinite(block).all():
+            bad = lo + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
+            raise RecoMemoryError(f"{source} row {bad} is not finite: fix or remove that part")
+        norms = np.linalg.norm(block, axis=1)
+        off = np.abs(norms - 1.0) > NORM_TOLERANCE
+        if off.any():
+            if (norms[off] == 0).any():
+                bad = lo + int(np.flatnonzero(norms == 0)[0])
+                raise RecoMemoryError(
+                    f"{source} row {bad} is all zeros and cannot be normalised: fix that part"
+                )
+            block[off] /= norms[off, None]
+            fixed += int(off.sum())
+        target[start + lo : start + lo + len(block)] = block.astype(np.float16)
+    return fixed
+
+
+def import_embeddings(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    backbone: str,
+    backend: str | dict[str, Any] = "exact",
+    train_size: int | None = DEFAULT_TRAIN_SIZE,
+    id_column: str | None = None,
+    caption_column: str = "caption",
+    key_column: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Make the memory ``out`` from clip-retrieval embeddings in ``src`` encoded by ``backbone`` (declared).
+
+    ``id_column``: a metadata column of unique integer pair ids (id scheme ``column:<name>``, comparable
+    with sources that declare an id column); else ids are derived from each row's key (``key_column``, else
+    the metadata's ``key`` or ``image_path`` column, else ``<part>:<row>``; id scheme ``import:<that>``).
+    Resumable: re-run with the same arguments after a kill.
+    """
+    src, out = Path(src), Path(out)
+    if out.exists() and not overwrite:
+        raise RecoMemoryError(f"memory {out} already exists: choose another --out or pass --overwrite")
+    parts, dim, key_source = _scan(src, id_column, caption_column, key_column)
+    total = sum(p["rows"] for p in parts)
+    id_scheme = f"column:{id_column}" if id_column is not None else f"import:{key_source}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = out.parent / f".{out.name}.partial"
+    plan = {
+        "source": str(src.resolve()),
+        "parts": parts,
+        "dim": dim,
+        "backbone": backbone,
+        "id_scheme": id_scheme,
+        "caption_column": caption_column,
+        "key_source": key_source,
+    }
+    progress = _read_progress(work)
+    if progress is not None and progress.get("plan") != plan:
+        raise RecoMemoryError(
+            f"{work} holds an interrupted import with other arguments or another source: re-run that import, "
+            "or delete that folder to start over"
+        )
+    if progress is None:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        progress = {"plan": plan, "parts_done": 0, "normalised": {"image": 0, "text": 0}}
+        for name in ("image_emb.npy", "text_emb.npy"):
+            np.lib.format.open_memmap(work / name, mode="w+", dtype=np.float16, shape=(total, dim)).flush()
+        np.lib.format.open_memmap(work / "ids.npy", mode="w+", dtype=np.int64, shape=(total,)).flush()
+        _write_progress(work, progress)
+    arrays = {
+        name: np.lib.format.open_memmap(work / f"{name}.npy", mode="r+")
+        for name in ("image_emb", "text_emb", "ids")
+    }
+    start = sum(p["rows"] for p in parts[: progress["parts_done"]])
+    for index in range(progress["parts_done"], len(parts)):
+        suffix, rows = parts[index]["suffix"], parts[index]["rows"]
+        ids, captions, keys = _read_meta(
+            src / "metadata" / f"metadata_{suffix}.parquet",
+            suffix,
+            id_column,
+            caption_column,
+            key_source,
+            id_scheme,
+        )
+        fixed = {
+            "image": _copy_rows(src / "img_emb" / f"img_emb_{suffix}.npy", arrays["image_emb"], start),
+            "text": _copy_rows(src / "text_emb" / f"text_emb_{suffix}.npy", arrays["text_emb"], start),
+        }
+        arrays["ids"][start : start + rows] = ids
+        for array in arrays.values():
+            array.flush()
+        _write_part_meta(work / f"meta_{index:06d}.json", captions, keys)
+        start += rows
+        progress["parts_done"] = index + 1
+        progress["normalised"] = {m: progress["normalised"][m] + fixed[m] for m in fixed}
+        _write_progress(work, progress)
+    ids = np.array(arrays["ids"])
+    del arrays
+    if id_column is not None:
+        unique, counts = np.unique(ids, return_counts=True)
+        if (counts > 1).any():
+            dup = int(unique[counts > 1][0])
+            raise RecoMemoryError(
+                f"{src}: column {id_column!r} holds id {dup} {int(counts[counts > 1][0])} times (and "
+                f"{int((counts > 1).sum())} ids repeat in all): ids must be unique, fix the metadata or import "
+                "without --id_column"
+            )
+    captions, keys = [], []
+    for index in range(len(parts)):
+        part = json.loads((work / f"meta_{index:06d}.json").read_text())
+        captions += part["caption"]
+        keys += part["key"]
+    write_metadata(work / "metadata.parquet", ids, captions, keys)
+    del captions, keys
+    finish_memory(
+        work,
+        backend,
+        {"name_or_path": backbone, "dim": dim, "declared": True},
+        f"{src} ({total} pairs in {len(parts)} parts, imported)",
+        train_size,
+        extra={
+            "id_scheme": id_scheme,
+            "normalised_rows": progress["normalised"],
+            "imported_parts": len(parts),
+        },
+    )
+    for index in range(len(parts)):
+        (work / f"meta_{index:06d}.json").unlink()
+    (work / _PROGRESS).unlink()
+    replace_directory(work, out)
+    return out
+
+
+def _read_progress(work: Path) -> dict[str, Any] | None:
+    path = work / _PROGRESS
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        return None
+
+
+def _write_progress(work: Path, progress: dict[str, Any]) -> None:
+    atomic_write_text(work / _PROGRESS, json.dumps(progress, indent=1))
+
+
+def _write_part_meta(path: Path, captions: list[str], keys: list[str]) -> None:
+    atomic_write_text(path, json.dumps({"caption": captions, "key": keys}))
+
+
+def export_memory(memory_dir: str | os.PathLike, out: str | os.PathLike, part_size: int = 1_000_000) -> Path:
+    """Write the memory ``memory_dir`` into ``out`` in clip-retrieval's layout: fp16 parts of ``part_size`` rows.
+
+    Each file is written to a temp name and renamed; a part's metadata (id, caption, key) goes last, so a
+    part is complete iff its metadata file exists. ``out`` must not hold parts already.
+    """
+    import pyarrow.parquet as pq
+
+    if part_size < 1:
+        raise RecoMemoryError(f"part_size must be at least 1, got {part_size}")
+    store = MemoryStore.open(memory_dir, load_indexes=False)
+    out = Path(out)
+    for folder, _ in _FOLDERS:
+        if (out / folder).is_dir() and any((out / folder).iterdir()):
+            raise RecoMemoryError(f"{out / folder} is not empty: export into a new folder")
+        (out / folder).mkdir(parents=True, exist_ok=True)
+    meta = pq.read_table(Path(memory_dir) / "metadata.parquet", columns=["id", "caption", "key"])
+    count = len(store)
+    n_parts = -(-count // part_size)
+    width = max(4, len(str(n_parts - 1)))
+    for index in range(n_parts):
+        lo, hi = index * part_size, min(count, (index + 1) * part_size)
+        suffix = f"{index:0{width}d}"
+        for folder, rows in (("img_emb", store.image_embeddings), ("text_emb", store.text_embeddings)):
+            _replace_via_temp(
+                out / folder / f"{folder}_{suffix}.npy",
+                lambda tmp, r=rows, a=lo, b=hi: _save_rows(tmp, r, a, b),
+            )
+        part = meta.slice(lo, hi - lo)
+        _replace_via_temp(
+            out / "metadata" / f"metadata_{suffix}.parquet", lambda tmp, t=part: pq.write_table(t, tmp)
+        )
+    return out
+
+
+def _replace_via_temp(path: Path, write: Any) -> None:
+    """``write(temp)`` beside ``path``, then rename: a reader sees the whole file or none."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _save_rows(path: Path, rows: np.ndarray, lo: int, hi: int) -> None:
+    """``rows[lo:hi]`` as an fp16 .npy, block by block (a part is never whole in RAM)."""
+    target = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(hi - lo, rows.shape[1]))
+    for start in range(lo, hi, _BLOCK):
+        stop = min(hi, start + _BLOCK)
+        target[start - lo : stop - lo] = rows[start:stop]
+    target.flush()
+    del target
