@@ -126,6 +126,18 @@ def files(root: Path) -> list[str]:
     )
 
 
+def assert_same_export(out: Path, reference: Path) -> None:
+    """The same part files as ``reference``: metadata equal, embeddings equal to fp16 precision."""
+    assert files(out) == files(reference)
+    for name in files(reference):
+        if name.endswith(".parquet"):
+            assert pq.read_table(out / name).equals(pq.read_table(reference / name)), name
+        else:
+            np.testing.assert_allclose(
+                np.load(out / name).astype(np.float32), np.load(reference / name), rtol=0, atol=1e-3
+            )
+
+
 def assert_rows(root: Path, expected: dict, refined: tuple[bool, bool] = (True, True)) -> pd.DataFrame:
     image, text, meta = read_as_clip_retrieval(root)
     assert image.dtype == text.dtype == np.float16 and image.shape == text.shape == (len(meta), 32)
@@ -302,14 +314,7 @@ def test_killed_run_resumes_without_redoing_rows_and_ends_as_an_uninterrupted_on
     counted = Count()  # resumed with 2 workers and another batch size (< 20: see `expected`): same row order
     assert predict(tiny_dir, ckpt, out, counted, batch_size=6, num_workers=2) is None  # not kept in RAM
     assert counted.rows == 64 - 40, "only the rows of the parts not written"
-    assert files(out) == files(reference)
-    for name in files(reference):
-        if name.endswith(".parquet"):
-            assert pq.read_table(out / name).equals(pq.read_table(reference / name)), name
-        else:
-            np.testing.assert_allclose(
-                np.load(out / name).astype(np.float32), np.load(reference / name), rtol=0, atol=1e-3
-            )
+    assert_same_export(out, reference)
     manifest, done = (json.loads((d / "manifest.json").read_text()) for d in (out, reference))
     assert manifest["plan"] == done["plan"] and manifest["ranks"] == done["ranks"] and manifest["complete"]
 
@@ -347,14 +352,7 @@ def test_resume_over_shards_with_bad_samples_skips_whole_shards_and_ends_as_an_u
     counted = Count()
     predict(tiny_dir, ckpt, out, counted, source=shards, batch_size=4, part_size=7)
     assert counted.rows == 29 - 14 and opened == ["00001.tar", "00002.tar"], "the first shard was all written"
-    assert files(out) == files(reference)
-    for name in files(reference):
-        if name.endswith(".parquet"):
-            assert pq.read_table(out / name).equals(pq.read_table(reference / name)), name
-        else:
-            np.testing.assert_allclose(
-                np.load(out / name).astype(np.float32), np.load(reference / name), rtol=0, atol=1e-3
-            )
+    assert_same_export(out, reference)
 
 
 def test_a_side_not_refined_is_written_frozen_and_recorded(tiny_dir, ckpt, expected, tmp_path):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "replace_directory"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "replace_directory"]
 
 
 def _umask() -> int:
@@ -16,23 +17,29 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to a temp file beside ``path``, then rename it over ``path``.
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Call ``write(temp)`` on a temp file beside ``path``, then rename it over ``path``.
 
-    The file gets the permissions a plain ``open()`` would give it (mkstemp's 0600 would hide
-    manifests and reports from the other users of a shared machine).
+    For writers that need a path (``np.lib.format.open_memmap``, ``pyarrow.parquet.write_table``). The file
+    gets the permissions a plain ``open()`` would give it (mkstemp's 0600 would hide manifests and reports
+    from the other users of a shared machine).
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        write(Path(tmp))
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to a temp file beside ``path``, then rename it over ``path`` (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -344,14 +344,9 @@ class ZeroShotEvaluation(pl.Callback):
                 return v
             if k not in found:
                 found[k] = pl_module.neighbours(v, "image", k=k, leak_threshold=self.leakage_threshold)
-                if not leaks.counted(k):
+                if leaks.counts(k):
                     leaks.add(found[k].excluded)
-            neighbours = found[k]
-            if side == "reco":
-                return pl_module.refine(v, "image", rows=neighbours.rows)
-            if side == "lookup":
-                return lookup(neighbours, self.lookup_temperature)
-            return mix(v, neighbours, self.mix_alpha)
+            return self._apply(pl_module, v, "image", side, found[k])
 
         return side_of
 
@@ -366,16 +361,25 @@ class ZeroShotEvaluation(pl.Callback):
         """``encode`` followed by what ``side`` does to one modality's embeddings."""
         if side == "frozen":
             return encode
-        if side == "reco":
-            return lambda x: pl_module.refine(encode(x), modality, k=k)
-        if side == "lookup":
-            return lambda x: lookup(pl_module.neighbours(encode(x), modality, k=k), self.lookup_temperature)
 
-        def mixed(x: Any) -> Tensor:
+        def transformed(x: Any) -> Tensor:
             embeddings = encode(x)
-            return mix(embeddings, pl_module.neighbours(embeddings, modality, k=k), self.mix_alpha)
+            return self._apply(
+                pl_module, embeddings, modality, side, pl_module.neighbours(embeddings, modality, k=k)
+            )
 
-        return mixed
+        return transformed
+
+    def _apply(
+        self, pl_module: pl.LightningModule, x: Tensor, modality: str, side: Side, neighbours: Neighbours
+    ) -> Tensor:
+        """What a retrieving ``side`` makes of embeddings ``x`` and their ``neighbours`` (the same rows the
+        fusion reads, so every setting compares uses of one retrieval)."""
+        if side == "reco":
+            return pl_module.refine(x, modality, rows=neighbours.rows)
+        if side == "lookup":
+            return lookup(neighbours, self.lookup_temperature)
+        return mix(x, neighbours, self.mix_alpha)
 
 
 class _LeakCount:
@@ -386,11 +390,12 @@ class _LeakCount:
         self.k: object = _UNSET
         self.guarded = False  # searches ran with the guard on
 
-    def counted(self, k: int | None) -> bool:
-        """Whether searches at ``k`` are already counted (each image is counted at one k only)."""
+    def counts(self, k: int | None) -> bool:
+        """Whether searches at ``k`` are counted: only those at the first k searched, so that each image is
+        counted once however many k a sweep scores."""
         if self.k is _UNSET:
             self.k = k
-        return self.k != k
+        return self.k == k
 
     def add(self, excluded: Tensor | None) -> None:
         if excluded is not None:

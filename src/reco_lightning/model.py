@@ -190,8 +190,9 @@ class RecoModule(pl.LightningModule):
     ) -> Tensor:
         """RECO-refined embeddings of one modality (retrieve, then fuse).
 
-        ``k`` overrides the trained k; ``rows`` [B, k] are precomputed neighbour rows (feature cache),
-        which replace the search (exclusion was applied when they were computed); ``pair_images``: the
+        ``k`` overrides the trained k; ``rows`` [B, k] are neighbour rows found already (a feature
+        cache, or an evaluation sharing one search between settings), which replace the search (exclusion
+        was applied when they were found); ``pair_images``: the
         frozen images of text queries' pairs, for near-duplicate exclusion in training.
         """
         fusion = self.image_fusion if modality == "image" else self.text_fusion

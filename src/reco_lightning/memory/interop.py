@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from reco_lightning.atomic import atomic_write_text, replace_directory
+from reco_lightning.atomic import atomic_write, atomic_write_text, replace_directory
 from reco_lightning.errors import RecoMemoryError
 from reco_lightning.hashing import derived_id
 from reco_lightning.memory.base import DEFAULT_TRAIN_SIZE
@@ -331,25 +331,15 @@ def export_memory(memory_dir: str | os.PathLike, out: str | os.PathLike, part_si
         lo, hi = index * part_size, min(count, (index + 1) * part_size)
         suffix = f"{index:0{width}d}"
         for folder, rows in (("img_emb", store.image_embeddings), ("text_emb", store.text_embeddings)):
-            _replace_via_temp(
+            atomic_write(
                 out / folder / f"{folder}_{suffix}.npy",
                 lambda tmp, r=rows, a=lo, b=hi: _save_rows(tmp, r, a, b),
             )
         part = meta.slice(lo, hi - lo)
-        _replace_via_temp(
+        atomic_write(
             out / "metadata" / f"metadata_{suffix}.parquet", lambda tmp, t=part: pq.write_table(t, tmp)
         )
     return out
-
-
-def _replace_via_temp(path: Path, write: Any) -> None:
-    """``write(temp)`` beside ``path``, then rename: a reader sees the whole file or none."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _save_rows(path: Path, rows: np.ndarray, lo: int, hi: int) -> None:
