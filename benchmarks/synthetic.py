@@ -87,10 +87,11 @@ def _sample(
     seed: int,
     stream: int,
     return_labels: bool,
+    out: np.ndarray | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     a, b, s, noise = (float(w) for w in np.sqrt(np.asarray(weights) / np.sum(weights)))
     dim = dist.mean.shape[0]
-    out = np.empty((n, dim), dtype=np.float32)
+    out = np.empty((n, dim), dtype=np.float32) if out is None else out
     labels = np.empty(n, dtype=np.int64)
     rng = np.random.default_rng([seed, 104729, stream])
     mean = dist.mean.astype(np.float32)
@@ -126,18 +127,21 @@ def clustered_unit_vectors(
     local_rank: int = 16,
     return_labels: bool = False,
     queries: bool = False,
+    out: np.ndarray | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """``n`` L2-normalised float32 rows [n, dim] with CLIP-like anisotropy, Zipf clusters and low-rank spread.
 
     The ``*_share`` arguments are the relative energy of the shared mean direction, the cluster centre, the
     within-cluster low-rank spread and the isotropic noise (normalised to sum to 1). ``return_labels`` also
     returns each row's cluster id, for tests and diagnostics. ``queries`` draws from an independent random
-    stream of the same distribution (see :func:`clustered_queries`).
+    stream of the same distribution (see :func:`clustered_queries`). ``out``: an [n, dim] array (e.g. an fp16
+    memmap) filled chunk by chunk instead of a new float32 one, for databases larger than RAM.
     """
     _validate(n, dim, n_clusters, (mean_share, cluster_share, spread_share, noise_share))
     dist = _distribution(dim, n_clusters, zipf_exponent, semantic_rank, local_rank, seed)
     weights = (mean_share, cluster_share, spread_share, noise_share)
-    return _sample(dist, n, weights, seed, _QUERY_STREAM if queries else _DATABASE_STREAM, return_labels)
+    stream = _QUERY_STREAM if queries else _DATABASE_STREAM
+    return _sample(dist, n, weights, seed, stream, return_labels, out)
 
 
 def clustered_queries(

@@ -262,3 +262,22 @@ def test_model_opens_a_declared_memory_of_its_dim_with_one_warning(tiny_dir, tmp
     other = _declared_memory(tmp_path, dim + 8, backbone)
     with pytest.raises(RecoMemoryError, match=f"has dim {dim + 8} but the backbone"):
         module.set_memory(str(other))
+
+
+def test_concat_of_imported_memories_checks_their_declared_backbones(tmp_path):
+    src = make_clip_retrieval(tmp_path / "src")
+    a = import_embeddings(src, tmp_path / "a", backbone="some/clip")
+    b = import_embeddings(src, tmp_path / "b", backbone="another/clip")
+    with pytest.raises(
+        RecoMemoryError, match=r"built with different backbones \(another/clip vs some/clip\)"
+    ):
+        MemoryStore.concat([a, b], tmp_path / "ab")
+    both = MemoryStore.open(MemoryStore.concat([a, a], tmp_path / "aa"), load_indexes=False)
+    one = MemoryStore.open(a, load_indexes=False)
+    np.testing.assert_array_equal(
+        np.asarray(both.image_embeddings), np.concatenate([one.image_embeddings] * 2)
+    )
+    np.testing.assert_array_equal(np.asarray(both.ids), np.concatenate([one.ids] * 2))
+    assert both.fingerprint == one.fingerprint and both.fingerprint["declared"]
+    captions = pq.read_table(tmp_path / "aa" / "metadata.parquet").column("caption").to_pylist()
+    assert captions == pq.read_table(a / "metadata.parquet").column("caption").to_pylist() * 2

@@ -27,7 +27,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only
 
 from reco_lightning.data.datamodule import ImageTextDataModule
-from reco_lightning.errors import MissingInputError, RecoError
+from reco_lightning.errors import MissingInputError, RecoError, RecoMemoryError
 from reco_lightning.model import RecoModule
 
 __all__ = ["RecoCLI", "main"]
@@ -102,6 +102,7 @@ def memory_main(args: Sequence[str]) -> None:
     from reco_lightning.jobs.memory_build import build_memory
     from reco_lightning.memory.base import DEFAULT_TRAIN_SIZE
     from reco_lightning.memory.interop import export_memory, import_embeddings
+    from reco_lightning.memory.reindex import adopt_index, index_memory
     from reco_lightning.memory.store import MemoryStore
 
     parser = ArgumentParser(prog="reco memory", description="Build, combine and inspect RECO memories.")
@@ -174,6 +175,41 @@ def memory_main(args: Sequence[str]) -> None:
     export.add_argument("--part_size", type=int, default=1_000_000)
     commands.add_subcommand("export", export)
 
+    index = ArgumentParser(
+        description="Re-index a memory's rows without re-encoding; 'ivfpq_ondisk' builds in stages and shards "
+        "(train once, one process per shard, merge once)."
+    )
+    index.add_argument("memory")
+    index.add_argument(
+        "--backend",
+        type=Any,
+        default=None,
+        help="default: 'ivfpq_ondisk' to build, 'autofaiss' (any faiss index) to adopt --image_index/--text_index",
+    )
+    index.add_argument("--stage", default="all", help="all | train | shard | merge")
+    index.add_argument(
+        "--shard",
+        type=int | None,
+        default=None,
+        help="the shard this process builds (default: every missing one)",
+    )
+    index.add_argument(
+        "--num_shards",
+        type=int | None,
+        default=None,
+        help="default: one per 2M rows; the same in every stage",
+    )
+    index.add_argument("--modality", default="both", help="image | text | both")
+    index.add_argument("--train_size", type=int, default=DEFAULT_TRAIN_SIZE)
+    index.add_argument(
+        "--image_index",
+        type=str | None,
+        default=None,
+        help="adopt this faiss index file (built elsewhere over the memory's image rows, in order) instead",
+    )
+    index.add_argument("--text_index", type=str | None, default=None, help="the same for the text rows")
+    commands.add_subcommand("index", index)
+
     info = ArgumentParser(description="Print a memory's manifest and sizes.")
     info.add_argument("path")
     commands.add_subcommand("info", info)
@@ -221,6 +257,29 @@ def memory_main(args: Sequence[str]) -> None:
             f"memory written to {out}: {manifest['count']} rows from {manifest['imported_parts']} parts, "
             f"{fixed['image']} image and {fixed['text']} text rows normalised, backbone {c.backbone} declared "
             "(not verified)"
+        )
+    elif sub == "index" and (c.image_index or c.text_index):
+        files = {m: p for m, p in (("image", c.image_index), ("text", c.text_index)) if p}
+        done = adopt_index(c.memory, files, backend=_plain(c.backend or "autofaiss"))
+        print(
+            f"memory {c.memory}: adopted {', '.join(done['adopted'])} index as {done['backend']['class_path']}"
+        )
+    elif sub == "index":
+        if c.modality not in ("image", "text", "both"):
+            raise RecoMemoryError(f"--modality {c.modality!r}: use image, text or both")
+        done = index_memory(
+            c.memory,
+            backend=_plain(c.backend or "ivfpq_ondisk"),
+            stage=c.stage,
+            shard=c.shard,
+            num_shards=c.num_shards,
+            modalities=("image", "text") if c.modality == "both" else (c.modality,),
+            train_size=c.train_size,
+        )
+        shards = {m: len(s) for m, s in done.get("shards", {}).items()}
+        print(
+            f"memory {c.memory}: stage {done['stage']} done for {', '.join(done['modalities'])}"
+            + (f" ({shards} shards built of {done['num_shards']})" if shards else "")
         )
     elif sub == "export":
         out = export_memory(c.memory, c.out, part_size=c.part_size)

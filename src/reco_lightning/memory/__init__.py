@@ -2,8 +2,9 @@
 
 from reco_lightning.memory.autotuned import AutofaissBackend
 from reco_lightning.memory.base import BACKENDS, MemoryBackend, backend_class, register_backend
-from reco_lightning.memory.exact import ExactBackend
+from reco_lightning.memory.exact import ExactBackend, MappedExactBackend
 from reco_lightning.memory.ivfpq import IVFPQBackend
+from reco_lightning.memory.ondisk import OnDiskIVFPQBackend
 from reco_lightning.memory.store import MemoryStore
 
 __all__ = [
@@ -11,8 +12,10 @@ __all__ = [
     "AutofaissBackend",
     "ExactBackend",
     "IVFPQBackend",
+    "MappedExactBackend",
     "MemoryBackend",
     "MemoryStore",
+    "OnDiskIVFPQBackend",
     "backend_class",
     "register_backend",
 ]

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from reco_lightning.arrays import release_pages
 from reco_lightning.atomic import atomic_write_text
 from reco_lightning.errors import RecoMemoryError
 
@@ -129,9 +130,26 @@ class MemoryBackend(ABC):
             if train_size is not None and train_size < len(vectors):
                 rows = np.sort(np.random.default_rng(seed).choice(len(vectors), train_size, replace=False))
                 sample = vectors[rows]
-            self.train(np.ascontiguousarray(sample, dtype=np.float32))
+            sample = np.ascontiguousarray(sample, dtype=np.float32)
+            release_pages(vectors)
+            self.train(sample)
         for start in range(0, len(vectors), 65536):
             self.add(np.ascontiguousarray(vectors[start : start + 65536], dtype=np.float32))
+            release_pages(vectors)  # a memmap's pages read so far leave this process's RSS
+
+    def build_saved(
+        self,
+        rows: np.ndarray,
+        directory: str | os.PathLike,
+        train_size: int | None = DEFAULT_TRAIN_SIZE,
+        seed: int = 0,
+    ) -> None:
+        """``build(rows)`` then ``save(directory)``: how a memory indexes its rows.
+
+        A backend that can build out of core (``ivfpq_ondisk``: shard by shard, resumable) overrides it.
+        """
+        self.build(rows, train_size=train_size, seed=seed)
+        self.save(directory)
 
     # --- searching ------------------------------------------------------------------------------------
     @abstractmethod

@@ -24,8 +24,9 @@ from typing import Any
 import faiss
 import numpy as np
 
+from reco_lightning.arrays import release_pages
 from reco_lightning.errors import RecoMemoryError
-from reco_lightning.memory.base import MemoryBackend, register_backend
+from reco_lightning.memory.base import DEFAULT_TRAIN_SIZE, MemoryBackend, register_backend
 from reco_lightning.memory.gpu import index_to_cpu, index_to_gpu
 
 __all__ = ["IVFPQBackend", "default_nlist", "default_nprobe", "default_rerank", "rerank_exact"]
@@ -79,6 +80,9 @@ def default_rerank(ntotal: int) -> int:
 # Elements of float32 scratch per re-ranking block ([queries, candidates, dim]): 2M floats = 8 MB keeps
 # memory flat whatever the batch size.
 _RERANK_BLOCK_ELEMS = 1 << 21
+# Rows gathered from a memmap between two releases of its pages (``arrays.release_pages``): each random row
+# maps up to 64 KB (the kernel maps cached neighbours too), so 4096 rows keep RSS within ~256 MB.
+_RELEASE_ROWS = 4096
 
 
 @register_backend("ivfpq")
@@ -151,7 +155,7 @@ class IVFPQBackend(MemoryBackend):
         """
         return MIN_POINTS_PER_LIST * max(self.nlist or 1, 2**self.nbits)
 
-    def build(self, vectors: np.ndarray, train_size: int | None = 100_000, seed: int = 0) -> None:
+    def build(self, vectors: np.ndarray, train_size: int | None = DEFAULT_TRAIN_SIZE, seed: int = 0) -> None:
         """As :meth:`MemoryBackend.build`; a derived nlist is sized for all ``len(vectors)`` rows."""
         self._planned_total = len(vectors)
         try:
@@ -255,7 +259,10 @@ class IVFPQBackend(MemoryBackend):
         faiss.write_index(index_to_cpu(self.index), str(path))
 
     def _load_index(self, path: Path) -> None:
-        index = faiss.read_index(str(path))
+        self._adopt(faiss.read_index(str(path)))
+
+    def _adopt(self, index: faiss.Index) -> None:
+        """Take an index read from disk: check its layout against backend.json's, apply search-time args."""
         if not isinstance(index, faiss.IndexIVFPQ):
             raise ValueError(f"expected an IndexIVFPQ, found {type(index).__name__}")
         if self.nlist is None:  # backend.json records the resolved nlist; tolerate one that does not
@@ -282,7 +289,9 @@ def rerank_exact(
     one batched mat-vec. Widening dominates the cost; a 65536-entry lookup table does it exactly and ~1.5x
     faster than numpy's scalar ``astype``, single-threaded, so it does not degrade when cores are busy
     (multi-threaded torch did, by up to 4x on a shared 2-core machine). Blocks keep scratch memory bounded.
-    Ids of -1 (fewer candidates than asked) score -inf, sort last and come back as -1.
+    Ids of -1 (fewer candidates than asked) score -inf, sort last and come back as -1. Pages of a memmapped
+    ``rows`` are released as it goes (:func:`~reco_lightning.arrays.release_pages`), so RSS stays bounded
+    however large the memory: the rows stay in the page cache, shared by the node's processes.
     """
     n_queries, n_cand = candidates.shape
     out_scores = np.empty((n_queries, k), dtype=np.float32)
@@ -291,11 +300,15 @@ def rerank_exact(
     rows = np.asarray(rows)  # a plain view of a memmap: np.memmap results are slower to compute with
     fp16 = rows.dtype == np.float16
     source = rows.view(np.uint16) if fp16 else rows
+    gathered_since_release = 0
     for start in range(0, n_queries, block):
         stop = min(start + block, n_queries)
         ids = candidates[start:stop]
         valid = ids >= 0
         gathered = source[np.where(valid, ids, 0)]  # [b, C, dim]
+        gathered_since_release += ids.size
+        if gathered_since_release >= _RELEASE_ROWS and release_pages(rows):
+            gathered_since_release = 0
         vecs = np.take(_fp16_to_fp32(), gathered) if fp16 else gathered.astype(np.float32, copy=False)
         scores = np.matmul(vecs, queries[start:stop, :, None])[..., 0]  # [b, C] exact fp32 dot products
         scores[~valid] = -np.inf

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from reco_lightning.arrays import LayoutError, open_array, read_manifest
+from reco_lightning.arrays import LayoutError, RowWriter, open_array, read_manifest, release_pages
 from reco_lightning.atomic import atomic_write_text, replace_directory
 from reco_lightning.errors import RecoMemoryError
 from reco_lightning.memory.base import DEFAULT_TRAIN_SIZE, MemoryBackend, backend_from_spec
@@ -37,6 +37,7 @@ from reco_lightning.types import MODALITIES, Modality
 __all__ = ["MemoryStore"]
 
 FORMAT, VERSION = "reco-memory", 1
+_COPY_BLOCK = 65_536
 
 
 class MemoryStore:
@@ -159,34 +160,71 @@ class MemoryStore:
         backend: str | dict[str, Any] | None = None,
         overwrite: bool = False,
     ) -> Path:
-        """Concatenate memories built with the same backbone into one, re-indexing without re-encoding."""
-        if not paths:
-            raise RecoMemoryError("concat needs at least one memory path")
-        stores = [cls.open(p, load_indexes=False) for p in paths]
-        first = stores[0].fingerprint
-        for store in stores[1:]:
-            if (store.fingerprint or {}).get("id") != (first or {}).get("id"):
-                raise RecoMemoryError(
-                    f"cannot concatenate {store.path} with {stores[0].path}: built with different backbones "
-                    f"({(store.fingerprint or {}).get('name_or_path')} vs {(first or {}).get('name_or_path')})"
-                )
-        import pyarrow as pa
+        """Concatenate memories built with one backbone into one, re-indexed without re-encoding.
+
+        Rows, ids and metadata are copied block by block (never all in RAM: N node memories of a cluster
+        build become one), into a work directory renamed into place when complete.
+        """
         import pyarrow.parquet as pq
 
-        meta = pa.concat_tables([pq.read_table(s.path / "metadata.parquet") for s in stores])
-        return cls.write(
-            out,
-            np.concatenate([np.asarray(s.image_embeddings) for s in stores]),
-            np.concatenate([np.asarray(s.text_embeddings) for s in stores]),
-            ids=np.concatenate([np.asarray(s.ids) for s in stores]),
-            captions=meta.column("caption").to_pylist(),
-            keys=meta.column("key").to_pylist(),
-            backend=backend or reindex_spec(stores[0].manifest["backend"]),
-            fingerprint=first,
-            source="concat:" + ",".join(str(s.path) for s in stores),
-            overwrite=overwrite,
-            id_scheme=_common({s.manifest.get("id_scheme") for s in stores}),
-        )
+        if not paths:
+            raise RecoMemoryError("concat needs at least one memory path")
+        out = Path(out)
+        if out.exists() and not overwrite:
+            raise RecoMemoryError(f"memory {out} already exists: choose another path or pass overwrite=True")
+        stores = [cls.open(p, load_indexes=False) for p in paths]
+        first = stores[0]
+        for store in stores[1:]:
+            if _backbone_key(store.fingerprint) != _backbone_key(first.fingerprint) or store.dim != first.dim:
+                raise RecoMemoryError(
+                    f"cannot concatenate {store.path} with {first.path}: built with different backbones "
+                    f"({(store.fingerprint or {}).get('name_or_path')} vs {(first.fingerprint or {}).get('name_or_path')})"
+                )
+        total, dim = sum(len(s) for s in stores), first.dim
+        tmp = Path(tempfile.mkdtemp(dir=_parent(out), prefix=f".{out.name}.partial-"))
+        try:
+            layout = {
+                "image_emb": (np.float16, (total, dim)),
+                "text_emb": (np.float16, (total, dim)),
+                "ids": (np.int64, (total,)),
+            }
+            writers = {
+                name: RowWriter(tmp / f"{name}.npy", dtype, shape) for name, (dtype, shape) in layout.items()
+            }
+            row = 0
+            for store in stores:
+                sources = {
+                    "image_emb": store.image_embeddings,
+                    "text_emb": store.text_embeddings,
+                    "ids": store.ids,
+                }
+                for lo in range(0, len(store), _COPY_BLOCK):
+                    for name, rows in sources.items():
+                        writers[name].write(row + lo, np.asarray(rows[lo : lo + _COPY_BLOCK]))
+                        release_pages(rows)
+                row += len(store)
+            for writer in writers.values():
+                writer.close()
+            writer = None
+            for store in stores:
+                for batch in pq.ParquetFile(store.path / "metadata.parquet").iter_batches(
+                    columns=["id", "caption", "key"]
+                ):
+                    if writer is None:
+                        writer = pq.ParquetWriter(tmp / "metadata.parquet", batch.schema)
+                    writer.write_batch(batch)
+            writer.close()
+            finish_memory(
+                tmp,
+                backend or reindex_spec(first.manifest["backend"]),
+                first.fingerprint,
+                "concat:" + ",".join(str(s.path) for s in stores),
+                extra={"id_scheme": _common({s.manifest.get("id_scheme") for s in stores})},
+            )
+            replace_directory(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return out
 
     def select(
         self,
@@ -335,10 +373,13 @@ def finish_memory(
     source: str,
     train_size: int | None = DEFAULT_TRAIN_SIZE,
     extra: dict[str, Any] | None = None,
+    resume: bool = False,
 ) -> None:
     """Index the embeddings already in ``directory`` and write the manifest last (it marks completion).
 
-    ``extra`` adds fields to the manifest (a build's bad-sample count and first keys).
+    ``extra`` adds fields to the manifest (a build's bad-sample count and first keys). ``resume``: keep a
+    modality's index already complete in ``directory`` (its ``backend.json`` is written last), for a
+    resumed job whose plan pins the rows and the backend (``reco memory import``).
     """
     from tqdm.auto import tqdm
 
@@ -351,12 +392,23 @@ def finish_memory(
             raise RecoMemoryError(
                 f"no pairs were encoded into {directory}: the source is empty or every sample was bad"
             )
+        target = directory / f"index_{modality}"
+        if resume and (target / "backend.json").is_file():
+            spec = json.loads((target / "backend.json").read_text())
+            spec = {key: value for key, value in spec.items() if key not in ("dim", "ntotal")}
+            continue
         index = backend_from_spec(backend if not isinstance(backend, MemoryBackend) else backend.spec(), dim)
-        index.build(rows, train_size=train_size)
-        index.save(directory / f"index_{modality}")
+        index.build_saved(rows, target, train_size=train_size)
         spec = index.spec()
     manifest = {**_manifest(count, dim, fingerprint, spec, source), **(extra or {})}
     atomic_write_text(directory / "manifest.json", json.dumps(manifest, indent=2))
+
+
+def update_manifest(directory: Path, **fields: Any) -> dict[str, Any]:
+    """Rewrite ``directory/manifest.json`` atomically with ``fields`` changed (a re-indexed memory's backend)."""
+    manifest = {**_read_manifest(directory), **fields}
+    atomic_write_text(directory / "manifest.json", json.dumps(manifest, indent=2))
+    return manifest
 
 
 def _manifest(
@@ -452,6 +504,14 @@ def _check_metadata(path: Path, count: int) -> None:
         ) from err
     if rows != count:
         raise RecoMemoryError(f"{path} has {rows} rows but the manifest says {count}: rebuild the memory")
+
+
+def _backbone_key(fingerprint: dict[str, Any] | None) -> Any:
+    """What must agree for two memories' rows to share a space: the fingerprint id, or a declared name and dim."""
+    fingerprint = fingerprint or {}
+    if fingerprint.get("declared"):
+        return ("declared", fingerprint.get("name_or_path"), fingerprint.get("dim"))
+    return fingerprint.get("id")
 
 
 def _common(values: set[Any]) -> Any:
