@@ -146,7 +146,10 @@ def stage_search(a: argparse.Namespace) -> dict[str, Any]:
     from reco_lightning.memory.base import MemoryBackend
 
     rss_before = _rss_mb()
-    backend = MemoryBackend.load(a.work / "index")
+    overrides = {
+        key: value for key, value in (("nprobe", a.nprobe), ("rerank", a.rerank)) if value is not None
+    }
+    backend = MemoryBackend.load(a.work / "index", **overrides)
     backend.attach(_rows(a))
     rss_open = _rss_mb()
     queries, truth = np.load(a.work / "queries.npy"), np.load(a.work / "truth.npy")
@@ -172,6 +175,19 @@ def stage_search(a: argparse.Namespace) -> dict[str, Any]:
         "peak_rss_mb": _peak_rss_mb(),
         "search_args": {"nprobe": backend.nprobe, "rerank": backend.rerank},
     }
+
+
+def stage_tune(a: argparse.Namespace) -> dict[str, Any]:
+    """``reco memory tune``'s measurement on the index: rows as queries, the fastest setting reaching the target."""
+    from reco_lightning.memory.base import MemoryBackend
+    from reco_lightning.memory.tuning import tune_search
+
+    backend = MemoryBackend.load(a.work / "index")
+    rows = _rows(a)
+    backend.attach(rows)
+    start = time.perf_counter()
+    result = tune_search(backend, rows, target=a.tune_recall, k=K, n_queries=a.tune_queries)
+    return {**result, "seconds": time.perf_counter() - start, "peak_rss_mb": _peak_rss_mb()}
 
 
 def stage_import_data(a: argparse.Namespace) -> dict[str, Any]:
@@ -245,6 +261,7 @@ STAGES = {
     "shard": stage_shard,
     "merge": stage_merge,
     "search": stage_search,
+    "tune": stage_tune,
     "import_data": stage_import_data,
     "import": stage_import,
 }
@@ -263,8 +280,10 @@ def _child(a: argparse.Namespace, stage: str, **extra: Any) -> dict[str, Any]:
 
 def _table(r: dict[str, Any]) -> str:
     n, s, e, b = r["n"], r["search"], r["exact"], r["build"]
+    reused = r.get("reused_from_previous_run")
     lines = [
-        f"on-disk IVF-PQ, N = {n:,} x {r['dim']} fp16 rows, {r['queries']} queries, k = {K}",
+        f"on-disk IVF-PQ, N = {n:,} x {r['dim']} fp16 rows, {r['queries']} queries, k = {K}"
+        + (f" ({', '.join(reused)} from the previous run)" if reused else ""),
         f"index: {b['merge']['spec']['init_args']}, {b['train']['num_shards']} shards, "
         f"{b['merge']['index_bytes_on_disk'] / 2**20:,.0f} MiB on disk",
         "",
@@ -281,11 +300,29 @@ def _table(r: dict[str, Any]) -> str:
             r["batch"]
         ),
         "|---|---:|---:|---:|---:|---:|---:|---:|",
-        f"| ivfpq_ondisk + re-rank | {s['recall@1']:.3f} | {s['recall@10']:.3f} | {s['qps_1']:.1f} | "
-        f"{s['qps_batch']:.0f} | {s['qps_batch'] / e['qps_batch']:.1f} | {s['rss_open_mb']:.0f} | {s['peak_rss_mb']:.0f} |",
+        _search_row("ivfpq_ondisk + re-rank, defaults", s, e),
+        *(
+            (
+                _search_row(
+                    f"same index, tuned: nprobe {r['tune']['nprobe']}, rerank {r['tune']['rerank']}",
+                    r["search_tuned"],
+                    e,
+                ),
+            )
+            if "tune" in r
+            else ()
+        ),
         f"| exact_mmap (scan of the fp16 memmap) | 1 | 1 | {e['qps_1'] or float('nan'):.2f} | {e['qps_batch']:.1f} | 1.0 | - | "
         f"{e['peak_rss_mb']:.0f} |",
     ]
+    if "tune" in r:
+        t = r["tune"]
+        lines += [
+            "",
+            f"`reco memory tune --recall {t['target']}` ({t['queries']} memory rows as queries, exact truth by a scan): "
+            f"nprobe {t['nprobe']}, rerank {t['rerank']}, recall@{t['k']} {t['recall']:.3f} on those rows; "
+            f"{len(t['measured'])} settings measured in {t['seconds']:.0f} s, peak RSS {t['peak_rss_mb']:.0f} MiB",
+        ]
     if "import" in r:
         im = r["import"]
         lines += [
@@ -296,6 +333,13 @@ def _table(r: dict[str, Any]) -> str:
             f"{im['copy_rows_per_s']:,.0f} rows/s",
         ]
     return "\n".join(lines)
+
+
+def _search_row(label: str, s: dict[str, Any], e: dict[str, Any]) -> str:
+    return (
+        f"| {label} | {s['recall@1']:.3f} | {s['recall@10']:.3f} | {s['qps_1']:.1f} | {s['qps_batch']:.0f} | "
+        f"{s['qps_batch'] / e['qps_batch']:.1f} | {s['rss_open_mb']:.0f} | {s['peak_rss_mb']:.0f} |"
+    )
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -311,11 +355,21 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--import-rows", type=int, default=1_000_000, help="0 skips the import benchmark")
     p.add_argument("--import-parts", type=int, default=10)
     p.add_argument("--import-repeats", type=int, default=3)
+    p.add_argument("--tune-recall", type=float, default=0.98, help="`reco memory tune` target; 0 skips it")
+    p.add_argument("--tune-queries", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench_out/ondisk"))
     p.add_argument("--keep-data", action="store_true", help="keep OUT/_work (rows, index) for reruns")
+    p.add_argument(
+        "--reuse-build",
+        action="store_true",
+        help="with --keep-data's index: rerun exact and the search stages only, keep OUT's build (and import "
+        "with --import-rows 0) results, recorded as reused",
+    )
     p.add_argument("--stage", choices=sorted(STAGES), default=None, help=argparse.SUPPRESS)
     p.add_argument("--shard", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--nprobe", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--rerank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.work = a.out / "_work"
@@ -330,6 +384,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
             str(a.import_repeats),
             "--seed",
             str(a.seed),
+            "--tune-recall",
+            str(a.tune_recall),
+            "--tune-queries",
+            str(a.tune_queries),
             "--out",
             str(a.out),
         ),
@@ -359,21 +417,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     ):
         shutil.rmtree(a.work / "build", ignore_errors=True)
         r["generate"] = _child(a, "generate")
+    result_path = a.out / f"ondisk_{a.n}.json"
+    previous = json.loads(result_path.read_text()) if a.reuse_build and result_path.is_file() else None
     r["exact"] = _child(a, "exact")
-    shutil.rmtree(a.work / "build", ignore_errors=True)
-    shutil.rmtree(a.work / "index", ignore_errors=True)
-    train = _child(a, "train")
-    shards = [_child(a, "shard", shard=i) for i in range(train["num_shards"])]
-    r["build"] = {"train": train, "shards": shards, "merge": _child(a, "merge")}
+    if previous is not None and (a.work / "index").is_dir():  # search stages again, back to back, alone
+        r["build"], r["reused_from_previous_run"] = previous["build"], ["build"]
+    else:
+        shutil.rmtree(a.work / "build", ignore_errors=True)
+        shutil.rmtree(a.work / "index", ignore_errors=True)
+        train = _child(a, "train")
+        shards = [_child(a, "shard", shard=i) for i in range(train["num_shards"])]
+        r["build"] = {"train": train, "shards": shards, "merge": _child(a, "merge")}
     r["search"] = _child(a, "search")
+    if a.tune_recall:
+        r["tune"] = _child(a, "tune")
+        r["search_tuned"] = _child(a, "search", nprobe=r["tune"]["nprobe"], rerank=r["tune"]["rerank"])
     if a.import_rows:
         r["import_data"] = _child(a, "import_data")
         r["import"] = _child(a, "import")
+    elif previous is not None and "import" in previous:
+        r["import_data"], r["import"] = previous["import_data"], previous["import"]
+        r["reused_from_previous_run"].append("import")
     r["wall_seconds"] = time.perf_counter() - started
     table = _table(r)
     print(table)
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / f"ondisk_{a.n}.json").write_text(json.dumps(r, indent=2))
+    result_path.write_text(json.dumps(r, indent=2))
     (a.out / f"ondisk_{a.n}.md").write_text(table + "\n")
     if not a.keep_data:
         shutil.rmtree(a.work, ignore_errors=True)

@@ -151,3 +151,40 @@ def _load():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_ondisk_benchmark_end_to_end_on_tiny_data(monkeypatch, tmp_path) -> None:
+    """benchmarks/memory_ondisk.py: every stage in its own process, the report's numbers sane, --reuse-build."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    ondisk = importlib.import_module("memory_ondisk")
+    tiny = ["--n", "4000", "--dim", "64", "--queries", "64", "--batch", "64", "--batch-seconds", "0.05"]
+    tiny += [
+        "--single",
+        "5",
+        "--exact-single",
+        "1",
+        "--shards",
+        "2",
+        "--import-rows",
+        "600",
+        "--import-parts",
+        "3",
+    ]
+    tiny += ["--import-repeats", "1", "--tune-queries", "200", "--tune-recall", "0.9", "--out", str(tmp_path)]
+    report = ondisk.main([*tiny, "--keep-data"])
+    assert json.loads((tmp_path / "ondisk_4000.json").read_text()) == json.loads(json.dumps(report))
+    assert [s["rows"] for s in report["build"]["shards"]] == [2000, 2000]
+    for row in ("search", "search_tuned"):
+        assert (
+            0.5 < report[row]["recall@10"] <= 1
+            and report[row]["qps_batch"] > 0
+            and report[row]["peak_rss_mb"] > 0
+        )
+    assert report["tune"]["recall"] >= 0.9 and report["tune"]["reached"]
+    assert report["import"]["rows_per_s"] > 0 and report["exact"]["qps_batch"] > 0
+    assert "| ivfpq_ondisk + re-rank, defaults |" in (tmp_path / "ondisk_4000.md").read_text()
+
+    again = ondisk.main([*tiny, "--reuse-build", "--import-rows", "0"])
+    assert again["reused_from_previous_run"] == ["build", "import"]
+    assert again["build"] == report["build"] and again["import"] == report["import"]
+    assert not (tmp_path / "_work").exists()  # no --keep-data this time

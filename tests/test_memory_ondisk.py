@@ -386,3 +386,26 @@ def test_an_index_built_elsewhere_over_the_memorys_rows_is_adopted_after_checks(
     assert isinstance(adopted.index("text"), AutofaissBackend)
     assert adopted.index("text").search(text[:4], 1)[1][:, 0].tolist() == [0, 1, 2, 3]
     assert isinstance(adopted.index("image"), ExactBackend)  # the other modality is left as it was
+
+
+def test_reco_memory_tune_writes_the_fastest_setting_reaching_the_target(tmp_path, capsys, monkeypatch):
+    from reco_lightning.cli import main
+    from reco_lightning.memory import tuning
+
+    memory = MemoryStore.write(tmp_path / "memory", _unit(N, 3), _unit(N, 4), backend=SPEC, train_size=None)
+    with pytest.raises(RecoMemoryError, match="ExactBackend has no search settings"):
+        tuning.tune_search(ExactBackend(DIM), _unit(20), 0.9)
+    main(["memory", "tune", str(memory), "--recall", "0.9", "--queries", "300", "--modality", "image"])
+    assert "image: nprobe " in capsys.readouterr().out
+    meta = json.loads((memory / "index_image" / "backend.json").read_text())
+    tuned = meta["tuned"]
+    assert tuned["reached"] and tuned["recall"] >= 0.9 and tuned["queries"] == 300
+    assert (meta["init_args"]["nprobe"], meta["init_args"]["rerank"]) == (tuned["nprobe"], tuned["rerank"])
+    store = MemoryStore.open(memory)
+    assert (store.index("image").nprobe, store.index("image").rerank) == (tuned["nprobe"], tuned["rerank"])
+    assert store.manifest["backend"]["tuned"] == tuned
+
+    monkeypatch.setattr(tuning, "RERANKS", (0,))  # PQ codes alone cannot reach it
+    result = tuning.tune_search(store.index("text"), store.text_embeddings, target=0.99, n_queries=200)
+    assert not result["reached"] and result["rerank"] == 0
+    assert result["recall"] == max(m["recall"] for m in result["measured"])

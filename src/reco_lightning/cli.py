@@ -96,6 +96,12 @@ def lightning_main(args: Sequence[str] | None = None, run: bool = True) -> RecoC
     )
 
 
+def _modalities(choice: str) -> tuple[str, ...]:
+    if choice not in ("image", "text", "both"):
+        raise RecoMemoryError(f"--modality {choice!r}: use image, text or both")
+    return ("image", "text") if choice == "both" else (choice,)
+
+
 def memory_main(args: Sequence[str]) -> None:
     from jsonargparse import ArgumentParser
 
@@ -104,6 +110,7 @@ def memory_main(args: Sequence[str]) -> None:
     from reco_lightning.memory.interop import export_memory, import_embeddings
     from reco_lightning.memory.reindex import adopt_index, index_memory
     from reco_lightning.memory.store import MemoryStore
+    from reco_lightning.memory.tuning import tune_memory
 
     parser = ArgumentParser(prog="reco memory", description="Build, combine and inspect RECO memories.")
     commands = parser.add_subcommands()
@@ -210,6 +217,17 @@ def memory_main(args: Sequence[str]) -> None:
     index.add_argument("--text_index", type=str | None, default=None, help="the same for the text rows")
     commands.add_subcommand("index", index)
 
+    tune = ArgumentParser(
+        description="Set an IVF-PQ memory's nprobe and rerank to the fastest reaching a recall@k target, measured "
+        "on its own rows against exact search (search-time only: nothing is rebuilt)."
+    )
+    tune.add_argument("memory")
+    tune.add_argument("--recall", type=float, default=0.98, help="recall@k target")
+    tune.add_argument("--k", type=int, default=10)
+    tune.add_argument("--queries", type=int, default=1000, help="memory rows sampled as queries")
+    tune.add_argument("--modality", default="both", help="image | text | both")
+    commands.add_subcommand("tune", tune)
+
     info = ArgumentParser(description="Print a memory's manifest and sizes.")
     info.add_argument("path")
     commands.add_subcommand("info", info)
@@ -258,6 +276,16 @@ def memory_main(args: Sequence[str]) -> None:
             f"{fixed['image']} image and {fixed['text']} text rows normalised, backbone {c.backbone} declared "
             "(not verified)"
         )
+    elif sub == "tune":
+        results = tune_memory(
+            c.memory, target=c.recall, modalities=_modalities(c.modality), k=c.k, n_queries=c.queries
+        )
+        for modality, r in results.items():
+            status = "reached" if r["reached"] else "NOT reached (most accurate setting kept)"
+            print(
+                f"{modality}: nprobe {r['nprobe']}, rerank {r['rerank']}: recall@{r['k']} {r['recall']:.3f} on "
+                f"{r['queries']} rows, target {r['target']} {status}"
+            )
     elif sub == "index" and (c.image_index or c.text_index):
         files = {m: p for m, p in (("image", c.image_index), ("text", c.text_index)) if p}
         done = adopt_index(c.memory, files, backend=_plain(c.backend or "autofaiss"))
@@ -265,15 +293,13 @@ def memory_main(args: Sequence[str]) -> None:
             f"memory {c.memory}: adopted {', '.join(done['adopted'])} index as {done['backend']['class_path']}"
         )
     elif sub == "index":
-        if c.modality not in ("image", "text", "both"):
-            raise RecoMemoryError(f"--modality {c.modality!r}: use image, text or both")
         done = index_memory(
             c.memory,
             backend=_plain(c.backend or "ivfpq_ondisk"),
             stage=c.stage,
             shard=c.shard,
             num_shards=c.num_shards,
-            modalities=("image", "text") if c.modality == "both" else (c.modality,),
+            modalities=_modalities(c.modality),
             train_size=c.train_size,
         )
         shards = {m: len(s) for m, s in done.get("shards", {}).items()}

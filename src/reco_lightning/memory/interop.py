@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -264,29 +265,38 @@ def import_embeddings(
         _write_progress(work, progress)
     arrays = {name: RowWriter(work / f"{name}.npy") for name in ("image_emb", "text_emb", "ids")}
     start = sum(p["rows"] for p in parts[: progress["parts_done"]])
-    for index in range(progress["parts_done"], len(parts)):
-        suffix, rows = parts[index]["suffix"], parts[index]["rows"]
-        ids, captions, keys = _read_meta(
-            src / "metadata" / f"metadata_{suffix}.parquet",
-            suffix,
-            id_column,
-            caption_column,
-            key_source,
-            id_scheme,
-        )
-        fixed = {
-            "image": _copy_rows(src / "img_emb" / f"img_emb_{suffix}.npy", arrays["image_emb"], start),
-            "text": _copy_rows(src / "text_emb" / f"text_emb_{suffix}.npy", arrays["text_emb"], start),
-        }
-        arrays["ids"].write(start, ids)  # in the page cache: a killed process loses none of it
-        _write_part_meta(work / f"meta_{index:06d}.json", captions, keys)
-        start += rows
-        progress["parts_done"] = index + 1
-        progress["normalised"] = {m: progress["normalised"][m] + fixed[m] for m in fixed}
-        _write_progress(work, progress)
+    # the two sides' reads, norms and writes (which release the GIL) overlap each other and the metadata's work
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for index in range(progress["parts_done"], len(parts)):
+            suffix, rows = parts[index]["suffix"], parts[index]["rows"]
+            copies = {
+                "image": pool.submit(
+                    _copy_rows, src / "img_emb" / f"img_emb_{suffix}.npy", arrays["image_emb"], start
+                ),
+                "text": pool.submit(
+                    _copy_rows, src / "text_emb" / f"text_emb_{suffix}.npy", arrays["text_emb"], start
+                ),
+            }
+            try:
+                ids, captions, keys = _read_meta(
+                    src / "metadata" / f"metadata_{suffix}.parquet",
+                    suffix,
+                    id_column,
+                    caption_column,
+                    key_source,
+                    id_scheme,
+                )
+            finally:  # a copy's error is raised here
+                fixed = {side: copy.result() for side, copy in copies.items()}
+            arrays["ids"].write(start, ids)  # in the page cache: a killed process loses none of it
+            _write_part_meta(work / f"meta_{index:06d}.json", captions, keys)
+            start += rows
+            progress["parts_done"] = index + 1
+            progress["normalised"] = {m: progress["normalised"][m] + fixed[m] for m in fixed}
+            _write_progress(work, progress)
     for array in arrays.values():
         array.close()
-    ids = np.load(work / "ids.npy")
+    ids = np.load(work / "ids.npy", mmap_mode="r")  # 8 bytes a row: read as the metadata is written
     if id_column is not None:
         unique, counts = np.unique(ids, return_counts=True)
         if (counts > 1).any():

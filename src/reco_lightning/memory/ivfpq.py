@@ -193,6 +193,16 @@ class IVFPQBackend(MemoryBackend):
         self.index.add(vectors)
 
     # --- searching ------------------------------------------------------------------------------------
+    def set_search(self, nprobe: int | None = None, rerank: int | None = None) -> None:
+        """Change the search-time settings of a built index (``None`` keeps one as it is)."""
+        _validate(self.dim, self.nlist, self.m, self.nbits, nprobe, rerank)
+        if nprobe is not None:
+            self.nprobe = int(nprobe)
+            if self.index is not None:
+                self.index.nprobe = self.nprobe
+        if rerank is not None:
+            self.rerank = int(rerank)
+
     def attach(self, rows: np.ndarray) -> None:
         if rows.ndim != 2 or rows.shape[1] != self.dim:
             raise RecoMemoryError(

@@ -338,11 +338,13 @@ def reindex_spec(spec: str | dict[str, Any]) -> str | dict[str, Any]:
     """A memory's recorded backend spec, for indexing other rows: what its rules chose is chosen again.
 
     The spec's ``derived`` names the init_args a backend's rules chose from the rows it indexed (an IVF-PQ's
-    nlist, nprobe and rerank, from N); they are left out, so ``select`` and ``concat`` derive them anew.
+    nlist, nprobe and rerank, from N), and ``tuned`` says nprobe and rerank were measured on them (``reco
+    memory tune``); they are left out, so ``select`` and ``concat`` derive them anew.
     """
-    if not isinstance(spec, dict) or not spec.get("derived"):
+    if not isinstance(spec, dict) or not (spec.get("derived") or spec.get("tuned")):
         return spec
-    init_args = {k: v for k, v in (spec.get("init_args") or {}).items() if k not in spec["derived"]}
+    chosen = set(spec.get("derived") or ()) | ({"nprobe", "rerank"} if spec.get("tuned") else set())
+    init_args = {k: v for k, v in (spec.get("init_args") or {}).items() if k not in chosen}
     return {"class_path": spec["class_path"], "init_args": init_args}
 
 
