@@ -59,6 +59,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/memory_backends.py --out bench_out
 	$(BIN)/python benchmarks/train_throughput.py --out bench_out
 	$(BIN)/python benchmarks/streaming_ram.py --out bench_out
+	$(BIN)/python benchmarks/memory_ondisk.py --out bench_out/ondisk
 	$(BIN)/python benchmarks/demo_accuracy.py --seeds 3 --out bench_out
 	$(BIN)/python benchmarks/fusion_ablations.py --root artifacts/demo --out bench_out
 	$(BIN)/python benchmarks/loss_memory.py --out bench_out

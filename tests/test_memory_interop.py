@@ -239,7 +239,9 @@ def _declared_memory(tmp_path: Path, dim: int, name: str) -> Path:
     pq.write_table(
         pa.table({"caption": [f"c{i}" for i in range(20)]}), src / "metadata" / "metadata_0.parquet"
     )
-    return import_embeddings(src, tmp_path / f"memory{dim}", backbone=name)
+    return import_embeddings(
+        src, tmp_path / f"memory{dim}", backbone=name, verify=False
+    )  # declared on purpose
 
 
 def test_model_opens_a_declared_memory_of_its_dim_with_one_warning(tiny_dir, tmp_path):
@@ -281,3 +283,69 @@ def test_concat_of_imported_memories_checks_their_declared_backbones(tmp_path):
     assert both.fingerprint == one.fingerprint and both.fingerprint["declared"]
     captions = pq.read_table(tmp_path / "aa" / "metadata.parquet").column("caption").to_pylist()
     assert captions == pq.read_table(a / "metadata.parquet").column("caption").to_pylist() * 2
+
+
+def _encoded_folder(tiny_dir: Path, backbone: str, root: Path, relative: bool) -> Path:
+    """tiny_dir's training pairs encoded by ``backbone``, in clip-retrieval's layout (two parts)."""
+    import csv
+
+    from PIL import Image
+
+    from reco_lightning.encoders import FrozenCLIP
+
+    model = FrozenCLIP(backbone)
+    with open(tiny_dir / "train.csv") as fh:
+        pairs = list(csv.DictReader(fh))[:40]
+    for folder in ("img_emb", "text_emb", "metadata"):
+        (root / folder).mkdir(parents=True)
+    for part, chunk in enumerate((pairs[:25], pairs[25:])):
+        images = [Image.open(tiny_dir / p["filepath"]).convert("RGB") for p in chunk]
+        np.save(
+            root / "img_emb" / f"img_emb_{part}.npy",
+            model.encode_images(model.preprocess_images(images)).numpy().astype(np.float16),
+        )
+        np.save(
+            root / "text_emb" / f"text_emb_{part}.npy",
+            model.encode_captions([p["caption"] for p in chunk]).numpy().astype(np.float16),
+        )
+        paths = [p["filepath"] if relative else str(tiny_dir / p["filepath"]) for p in chunk]
+        pq.write_table(
+            pa.table({"image_path": paths, "caption": [p["caption"] for p in chunk]}),
+            root / "metadata" / f"metadata_{part}.parquet",
+        )
+    return root
+
+
+def test_a_local_backbone_is_verified_by_re_encoding_a_sample(
+    tiny_dir, tiny_backbone, other_backbone, tmp_path
+):
+    from reco_lightning.encoders import FrozenCLIP
+
+    src = _encoded_folder(tiny_dir, tiny_backbone, tmp_path / "src", relative=False)
+    memory = import_embeddings(src, tmp_path / "verified", backbone=tiny_backbone, verify_samples=16)
+    fingerprint = MemoryStore.open(memory, load_indexes=False).fingerprint
+    assert fingerprint["id"] == FrozenCLIP(tiny_backbone).fingerprint["id"] and not fingerprint.get(
+        "declared"
+    )
+    assert fingerprint["verified"]["text"]["rows"] == 16 and fingerprint["verified"]["image"]["rows"] == 16
+    assert min(side["median_cosine"] for side in fingerprint["verified"].values()) >= interop.VERIFY_COSINE
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a verified memory opens like a built one: no "declared" warning
+        MemoryStore.open(memory, expected_fingerprint=FrozenCLIP(tiny_backbone).fingerprint)
+
+    with pytest.raises(RecoMemoryError, match=r"do not match backbone .*median cosine"):
+        import_embeddings(src, tmp_path / "wrong", backbone=other_backbone)
+    declared = import_embeddings(src, tmp_path / "declared", backbone=other_backbone, verify=False)
+    assert MemoryStore.open(declared, load_indexes=False).fingerprint["declared"]
+    with pytest.raises(RecoMemoryError, match="cannot verify the backbone .*no/such-clip.* does not exist"):
+        import_embeddings(src, tmp_path / "unreachable", backbone=str(tmp_path / "no/such-clip"), verify=True)
+
+
+def test_relative_image_keys_are_checked_under_image_root(tiny_dir, tiny_backbone, tmp_path):
+    src = _encoded_folder(tiny_dir, tiny_backbone, tmp_path / "src", relative=True)
+    text_only = import_embeddings(src, tmp_path / "a", backbone=tiny_backbone, verify_samples=8)
+    assert set(MemoryStore.open(text_only, load_indexes=False).fingerprint["verified"]) == {"text"}
+    both = import_embeddings(
+        src, tmp_path / "b", backbone=tiny_backbone, verify_samples=8, image_root=tiny_dir
+    )
+    assert set(MemoryStore.open(both, load_indexes=False).fingerprint["verified"]) == {"text", "image"}

@@ -164,7 +164,9 @@ def memory_main(args: Sequence[str]) -> None:
     imp.add_argument("src", help="folder of img_emb/, text_emb/ and metadata/ parts")
     imp.add_argument("--out", required=True, help="memory directory to create")
     imp.add_argument(
-        "--backbone", required=True, help="the CLIP that encoded the embeddings (declared, not verified)"
+        "--backbone",
+        required=True,
+        help="the CLIP that encoded the embeddings (verified by re-encoding a sample, see --verify; else declared)",
     )
     imp.add_argument("--backend", type=Any, default="exact")
     imp.add_argument("--train_size", type=int, default=DEFAULT_TRAIN_SIZE)
@@ -173,6 +175,14 @@ def memory_main(args: Sequence[str]) -> None:
     )
     imp.add_argument("--caption_column", default="caption")
     imp.add_argument("--key_column", type=str | None, default=None)
+    imp.add_argument(
+        "--verify",
+        type=bool | None,
+        default=None,
+        help="re-encode a sample of captions (and images found) with the backbone and refuse rows that do not "
+        "match; default: when the backbone is a local directory (true: also load a hub name; false: never)",
+    )
+    imp.add_argument("--image_root", type=str | None, default=None, help="where relative image keys live")
     imp.add_argument("--overwrite", type=bool, default=False)
     commands.add_subcommand("import", imp)
 
@@ -268,13 +278,19 @@ def memory_main(args: Sequence[str]) -> None:
             caption_column=c.caption_column,
             key_column=c.key_column,
             overwrite=c.overwrite,
+            verify=c.verify,
+            image_root=c.image_root,
         )
         manifest = json.loads((Path(out) / "manifest.json").read_text())
         fixed = manifest["normalised_rows"]
         print(
             f"memory written to {out}: {manifest['count']} rows from {manifest['imported_parts']} parts, "
-            f"{fixed['image']} image and {fixed['text']} text rows normalised, backbone {c.backbone} declared "
-            "(not verified)"
+            f"{fixed['image']} image and {fixed['text']} text rows normalised, backbone {c.backbone} "
+            + (
+                f"verified ({verified})"
+                if (verified := manifest["fingerprint"].get("verified"))
+                else "declared (not verified)"
+            )
         )
     elif sub == "tune":
         results = tune_memory(

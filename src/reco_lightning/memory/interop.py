@@ -15,8 +15,11 @@ after a kill resumes from the next part and ends with the files of an uninterrup
 is written part by part too (a row group per part), and the index is built by the backend's
 ``build_saved`` (``ivfpq_ondisk``: in resumable shards inside the work directory).
 
-The backbone cannot be fingerprinted without its weights: the memory records it as declared
-(``{"name_or_path", "dim", "declared": True}``) and a model opens it with one warning when the dims agree.
+The backbone is verified where it can be (:func:`verify_backbone`): its weights re-encode a sample of the
+captions (always in the metadata) and of the images (where the keys are paths of files found); rows that do
+not match are refused, and a match records the backbone's real fingerprint. Without its weights the memory
+records it as declared (``{"name_or_path", "dim", "declared": True}``) and a model opens it with one warning
+when the dims agree.
 """
 
 from __future__ import annotations
@@ -39,10 +42,13 @@ from reco_lightning.hashing import derived_ids
 from reco_lightning.memory.base import DEFAULT_TRAIN_SIZE
 from reco_lightning.memory.store import MemoryStore, finish_memory
 
-__all__ = ["NORM_TOLERANCE", "export_memory", "import_embeddings"]
+__all__ = ["NORM_TOLERANCE", "VERIFY_COSINE", "export_memory", "import_embeddings", "verify_backbone"]
 
 #: rows whose L2 norm is further than this from 1 are normalised on import (and counted)
 NORM_TOLERANCE = 1e-3
+#: the median cosine between stored rows and their re-encoding that a verified backbone must reach (fp16
+#: storage and other hardware leave ~0.999; another backbone of the same dim is near 0)
+VERIFY_COSINE = 0.99
 _FOLDERS = (("img_emb", ".npy"), ("text_emb", ".npy"), ("metadata", ".parquet"))
 _PROGRESS, _BLOCK = "import_progress.json", 65_536
 
@@ -222,13 +228,22 @@ def import_embeddings(
     caption_column: str = "caption",
     key_column: str | None = None,
     overwrite: bool = False,
+    verify: bool | None = None,
+    image_root: str | os.PathLike | None = None,
+    verify_samples: int = 64,
 ) -> Path:
-    """Make the memory ``out`` from clip-retrieval embeddings in ``src`` encoded by ``backbone`` (declared).
+    """Make the memory ``out`` from clip-retrieval embeddings in ``src`` encoded by ``backbone``.
 
     ``id_column``: a metadata column of unique integer pair ids (id scheme ``column:<name>``, comparable
     with sources that declare an id column); else ids are derived from each row's key (``key_column``, else
     the metadata's ``key`` or ``image_path`` column, else ``<part>:<row>``; id scheme ``import:<that>``).
     Resumable: re-run with the same arguments after a kill.
+
+    The backbone (:func:`verify_backbone`): ``verify=None`` re-encodes ``verify_samples`` sampled captions
+    (and their images, where the keys are image paths found, under ``image_root`` if relative) when the
+    backbone is a local directory, ``True`` also loads a hub name, ``False`` never: the rows must match the
+    re-encoding (median cosine >= ``VERIFY_COSINE``) and the memory records the backbone's real fingerprint;
+    unverified, it is recorded as declared.
     """
     src, out = Path(src), Path(out)
     if out.exists() and not overwrite:
@@ -307,10 +322,11 @@ def import_embeddings(
                 "without --id_column"
             )
     _write_metadata_parts(work, ids, len(parts))
+    fingerprint = verify_backbone(work, backbone, dim, verify, image_root, verify_samples)
     finish_memory(
         work,
         backend,
-        {"name_or_path": backbone, "dim": dim, "declared": True},
+        fingerprint,
         f"{src} ({total} pairs in {len(parts)} parts, imported)",
         train_size,
         extra={
@@ -349,6 +365,88 @@ def _write_metadata_parts(work: Path, ids: np.ndarray, n_parts: int) -> None:
                 start = stop
 
     atomic_write(work / "metadata.parquet", write)
+
+
+def verify_backbone(
+    work: Path,
+    backbone: str,
+    dim: int,
+    verify: bool | None,
+    image_root: str | os.PathLike | None = None,
+    samples: int = 64,
+) -> dict[str, Any]:
+    """The imported memory's backbone fingerprint: verified by re-encoding a sample of its pairs, or declared.
+
+    Captions are always at hand (the metadata); images where the keys are paths of existing files. Rows
+    that do not match the named backbone are refused; a backbone that cannot be loaded leaves the memory
+    declared (``verify=None``) or is an error (``verify=True``).
+    """
+    import pyarrow.parquet as pq
+
+    from reco_lightning.encoders import FrozenCLIP
+
+    declared = {"name_or_path": backbone, "dim": dim, "declared": True}
+    if verify is False or (verify is None and not Path(backbone).is_dir()):
+        return declared
+    try:
+        model = FrozenCLIP(backbone)
+    except Exception as err:  # unreachable hub name, not a CLIP directory
+        if verify:
+            raise RecoMemoryError(f"cannot verify the backbone {backbone!r}: {err}") from err
+        return declared
+    if model.dim != dim:
+        raise RecoMemoryError(
+            f"the embeddings have dim {dim} but backbone {backbone!r} has dim {model.dim}: name the backbone that "
+            "encoded them"
+        )
+    meta = pq.read_table(work / "metadata.parquet", columns=["caption", "key"])
+    rows = np.sort(np.random.default_rng(0).choice(meta.num_rows, min(samples, meta.num_rows), replace=False))
+    picked = meta.take(rows)
+    checked: dict[str, Any] = {}
+    text = model.encode_captions(picked.column("caption").to_pylist()).numpy()
+    checked["text"] = _median_cosine(text, np.load(work / "text_emb.npy", mmap_mode="r")[rows])
+    images, image_rows = _reachable_images(picked.column("key").to_pylist(), image_root)
+    if images:
+        encoded = model.encode_images(model.preprocess_images(images)).numpy()
+        stored = np.load(work / "image_emb.npy", mmap_mode="r")[rows[image_rows]]
+        checked["image"] = _median_cosine(encoded, stored)
+    for side, (cosine, n) in checked.items():
+        if cosine < VERIFY_COSINE:
+            raise RecoMemoryError(
+                f"the {side} embeddings do not match backbone {backbone!r}: median cosine {cosine:.3f} between {n} "
+                f"stored rows and their re-encoding (a match gives >= {VERIFY_COSINE}): name the backbone that "
+                "encoded them, or import with --verify false to record it as declared"
+            )
+    verified = {side: {"rows": n, "median_cosine": round(cosine, 4)} for side, (cosine, n) in checked.items()}
+    return {**model.fingerprint, "verified": verified}
+
+
+def _median_cosine(encoded: np.ndarray, stored: np.ndarray) -> tuple[float, int]:
+    stored = np.asarray(stored, dtype=np.float32)
+    stored /= np.linalg.norm(stored, axis=1, keepdims=True)
+    return float(np.median((encoded * stored).sum(axis=1))), len(stored)
+
+
+def _reachable_images(keys: list[str], root: str | os.PathLike | None) -> tuple[list[Any], list[int]]:
+    """The images of ``keys`` that are paths of readable image files (relative ones under ``root``)."""
+    from PIL import Image
+
+    images, found = [], []
+    for index, key in enumerate(keys):
+        path = Path(key)
+        if not path.is_absolute():
+            if root is None:
+                continue
+            path = Path(root) / path
+        if path.suffix.lower() not in (".jpg", ".jpeg", ".png", ".webp", ".bmp") or not path.is_file():
+            continue
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except OSError:
+            continue
+        found.append(index)
+    return images, found
 
 
 def _read_progress(work: Path) -> dict[str, Any] | None:
