@@ -349,3 +349,33 @@ def test_relative_image_keys_are_checked_under_image_root(tiny_dir, tiny_backbon
         src, tmp_path / "b", backbone=tiny_backbone, verify_samples=8, image_root=tiny_dir
     )
     assert set(MemoryStore.open(both, load_indexes=False).fingerprint["verified"]) == {"text", "image"}
+
+
+def test_a_killed_export_resumes_to_the_files_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    memory = import_embeddings(
+        make_clip_retrieval(tmp_path / "src"), tmp_path / "memory", backbone="some/clip"
+    )
+    whole = export_memory(memory, tmp_path / "whole", part_size=6)  # 21 rows: 4 parts
+
+    real, calls = interop._save_rows, []
+
+    def killed_in_part_2(*args):
+        calls.append(args)
+        if len(calls) == 5:  # parts 0 and 1 written (2 sides each), killed in part 2
+            raise KeyboardInterrupt("killed")
+        return real(*args)
+
+    monkeypatch.setattr(interop, "_save_rows", killed_in_part_2)
+    with pytest.raises(KeyboardInterrupt):
+        export_memory(memory, tmp_path / "out", part_size=6)
+    monkeypatch.setattr(interop, "_save_rows", real)
+    with pytest.raises(RecoMemoryError, match=r"holds an interrupted export .* \(part_size 6\)"):
+        export_memory(memory, tmp_path / "out", part_size=5)
+    written = []
+    monkeypatch.setattr(interop, "_save_rows", lambda path, *a: written.append(path.name) or real(path, *a))
+    resumed = export_memory(memory, tmp_path / "out", part_size=6)
+    assert len(written) == 4  # parts 2 and 3 only (temp names: two sides each)
+    files = lambda root: {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}  # noqa: E731
+    assert files(resumed) == files(whole) and not (resumed / "export.json").exists()
+    with pytest.raises(RecoMemoryError, match="is not empty: export into a new folder"):
+        export_memory(memory, resumed, part_size=6)

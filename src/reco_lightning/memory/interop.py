@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from reco_lightning.arrays import RowWriter
+from reco_lightning.arrays import RowWriter, release_pages
 from reco_lightning.atomic import atomic_write, atomic_write_text, replace_directory
 from reco_lightning.errors import RecoMemoryError
 from reco_lightning.hashing import derived_ids
@@ -471,7 +471,9 @@ def export_memory(memory_dir: str | os.PathLike, out: str | os.PathLike, part_si
     """Write the memory ``memory_dir`` into ``out`` in clip-retrieval's layout: fp16 parts of ``part_size`` rows.
 
     Each file is written to a temp name and renamed; a part's metadata (id, caption, key) goes last, so a
-    part is complete iff its metadata file exists. ``out`` must not hold parts already.
+    part is complete iff its metadata file exists. Resumable: ``out/export.json`` records what is being
+    exported while it runs, and a re-run of the same export skips the complete parts (another export into
+    that folder is refused). ``out`` must not hold parts of anything else.
     """
     import pyarrow.parquet as pq
 
@@ -479,34 +481,63 @@ def export_memory(memory_dir: str | os.PathLike, out: str | os.PathLike, part_si
         raise RecoMemoryError(f"part_size must be at least 1, got {part_size}")
     store = MemoryStore.open(memory_dir, load_indexes=False)
     out = Path(out)
+    plan = {"memory": str(Path(memory_dir).resolve()), "identity": store.identity, "part_size": part_size}
+    marker = out / "export.json"
+    if marker.is_file():
+        found = json.loads(marker.read_text())
+        if found != plan:
+            raise RecoMemoryError(
+                f"{out} holds an interrupted export of {found.get('memory')} (part_size {found.get('part_size')}): "
+                "re-run that export, or export into a new folder"
+            )
+    else:
+        for folder, _ in _FOLDERS:
+            if (out / folder).is_dir() and any((out / folder).iterdir()):
+                raise RecoMemoryError(f"{out / folder} is not empty: export into a new folder")
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(marker, json.dumps(plan, indent=1))
     for folder, _ in _FOLDERS:
-        if (out / folder).is_dir() and any((out / folder).iterdir()):
-            raise RecoMemoryError(f"{out / folder} is not empty: export into a new folder")
         (out / folder).mkdir(parents=True, exist_ok=True)
-    meta = pq.read_table(Path(memory_dir) / "metadata.parquet", columns=["id", "caption", "key"])
+    meta = pq.ParquetFile(Path(memory_dir) / "metadata.parquet")
     count = len(store)
     n_parts = -(-count // part_size)
     width = max(4, len(str(n_parts - 1)))
     for index in range(n_parts):
         lo, hi = index * part_size, min(count, (index + 1) * part_size)
         suffix = f"{index:0{width}d}"
+        if (out / "metadata" / f"metadata_{suffix}.parquet").is_file():
+            continue  # complete: written by the run this one resumes
         for folder, rows in (("img_emb", store.image_embeddings), ("text_emb", store.text_embeddings)):
             atomic_write(
                 out / folder / f"{folder}_{suffix}.npy",
                 lambda tmp, r=rows, a=lo, b=hi: _save_rows(tmp, r, a, b),
             )
-        part = meta.slice(lo, hi - lo)
+        part = _metadata_rows(meta, lo, hi)
         atomic_write(
             out / "metadata" / f"metadata_{suffix}.parquet", lambda tmp, t=part: pq.write_table(t, tmp)
         )
+    marker.unlink()
     return out
 
 
+def _metadata_rows(meta: Any, lo: int, hi: int) -> Any:
+    """Rows ``[lo, hi)`` of a ParquetFile (id, caption, key), reading only the row groups that hold them."""
+    import pyarrow as pa
+
+    tables, start = [], 0
+    for group in range(meta.num_row_groups):
+        rows = meta.metadata.row_group(group).num_rows
+        if start < hi and start + rows > lo:
+            table = meta.read_row_group(group, columns=["id", "caption", "key"])
+            tables.append(table.slice(max(0, lo - start), min(hi, start + rows) - max(lo, start)))
+        start += rows
+    return pa.concat_tables(tables)
+
+
 def _save_rows(path: Path, rows: np.ndarray, lo: int, hi: int) -> None:
-    """``rows[lo:hi]`` as an fp16 .npy, block by block (a part is never whole in RAM)."""
-    target = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(hi - lo, rows.shape[1]))
-    for start in range(lo, hi, _BLOCK):
-        stop = min(hi, start + _BLOCK)
-        target[start - lo : stop - lo] = rows[start:stop]
-    target.flush()
-    del target
+    """``rows[lo:hi]`` as an fp16 .npy, block by block (a part is never whole in RAM, nor mapped)."""
+    with RowWriter(path, np.float16, (hi - lo, rows.shape[1])) as target:
+        for start in range(lo, hi, _BLOCK):
+            stop = min(hi, start + _BLOCK)
+            target.write(start - lo, np.asarray(rows[start:stop], dtype=np.float16))
+            release_pages(rows)
