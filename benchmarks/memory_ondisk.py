@@ -335,6 +335,44 @@ def _table(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot(r: dict[str, Any], path: Path) -> None:
+    """Recall@10 against queries/s: the tuning's measured settings (on memory rows), the searches on held-out
+    queries at the defaults and at the tuned setting, and exact, with the 20x-exact line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    exact = r["exact"]["qps_batch"]
+    if "tune" in r:
+        grid = r["tune"]["measured"]
+        ax.scatter([m["qps"] for m in grid], [m["recall"] for m in grid], marker=".", color="grey",
+                   label="tuning: (nprobe, rerank) on 1000 memory rows")  # fmt: skip
+        for m in grid:
+            ax.annotate(f"{m['nprobe']},{m['rerank']}", (m["qps"], m["recall"]), fontsize=7, xytext=(3, -8),
+                        textcoords="offset points", color="grey")  # fmt: skip
+    rows = [("defaults", r["search"], "o")]
+    if "search_tuned" in r:
+        rows.append((f"tuned ({r['tune']['nprobe']}, {r['tune']['rerank']})", r["search_tuned"], "s"))
+    for label, s, marker in rows:
+        ax.scatter(
+            [s["qps_batch"]], [s["recall@10"]], marker=marker, s=60, label=f"{label}: held-out queries"
+        )
+    ax.scatter([exact], [1.0], marker="^", s=60, label="exact scan of the memmap")
+    ax.axvline(20 * exact, linestyle="--", color="k", linewidth=0.8, label="20x exact")
+    ax.axhline(0.95, linestyle=":", color="k", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"queries/s at batch {r['batch']} (log)")
+    ax.set_ylabel("recall@10 vs exact")
+    ax.set_title(f"on-disk IVF-PQ, N = {r['n']:,}")
+    ax.legend(fontsize=7, loc="lower left")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _search_row(label: str, s: dict[str, Any], e: dict[str, Any]) -> str:
     return (
         f"| {label} | {s['recall@1']:.3f} | {s['recall@10']:.3f} | {s['qps_1']:.1f} | {s['qps_batch']:.0f} | "
@@ -444,6 +482,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     a.out.mkdir(parents=True, exist_ok=True)
     result_path.write_text(json.dumps(r, indent=2))
     (a.out / f"ondisk_{a.n}.md").write_text(table + "\n")
+    plot(r, a.out / f"ondisk_{a.n}.png")
     if not a.keep_data:
         shutil.rmtree(a.work, ignore_errors=True)
     return r

@@ -183,6 +183,7 @@ def test_ondisk_benchmark_end_to_end_on_tiny_data(monkeypatch, tmp_path) -> None
     assert report["tune"]["recall"] >= 0.9 and report["tune"]["reached"]
     assert report["import"]["rows_per_s"] > 0 and report["exact"]["qps_batch"] > 0
     assert "| ivfpq_ondisk + re-rank, defaults |" in (tmp_path / "ondisk_4000.md").read_text()
+    assert (tmp_path / "ondisk_4000.png").stat().st_size > 0
 
     again = ondisk.main([*tiny, "--reuse-build", "--import-rows", "0"])
     assert again["reused_from_previous_run"] == ["build", "import"]
