@@ -111,7 +111,13 @@ def test_a_killed_shard_or_merge_resumes_to_the_files_of_an_uninterrupted_build(
 
 def test_a_build_with_other_arguments_or_missing_parts_is_refused_by_name(rows, tmp_path):
     build = ShardedIndexBuild(rows, tmp_path / "work", SPEC, num_shards=3, train_size=None)
-    with pytest.raises(RecoMemoryError, match="trained.faiss is missing: run the train stage first"):
+    with pytest.raises(
+        RecoMemoryError, match="trained.faiss is missing or incomplete .* run the train stage first"
+    ):
+        build.build_shard(0, progress=False)
+    build.train()
+    (tmp_path / "work" / "trained.json").unlink()  # killed between the stage's two files: not trained yet
+    with pytest.raises(RecoMemoryError, match="trained.faiss is missing or incomplete"):
         build.build_shard(0, progress=False)
     build.train()
     build.build_shard(0, progress=False)

@@ -219,11 +219,14 @@ class ShardedIndexBuild:
 
     # --- stages ---------------------------------------------------------------------------------------
     def train(self) -> OnDiskIVFPQBackend:
-        """Stage 1 (one process): train on the sample and write ``trained.faiss``; a no-op once written."""
+        """Stage 1 (one process): train on the sample and write ``trained.faiss``; a no-op once written.
+
+        ``trained.json`` (the resolved arguments) is written last and marks the stage complete.
+        """
         self._claim_work()
         path = self.work / "trained.faiss"
         backend = self._backend()
-        if path.is_file():
+        if self._is_trained():
             return self._trained()
         count = len(self.rows)
         sample_rows = np.arange(count)
@@ -257,9 +260,10 @@ class ShardedIndexBuild:
             return path
         trained = self.work / "trained.faiss"
         self._claim_work()
-        if not trained.is_file():
+        if not self._is_trained():
             raise RecoMemoryError(
-                f"{trained} is missing: run the train stage first (`reco memory index ... --stage train`)"
+                f"{trained} is missing or incomplete (no trained.json beside it): run the train stage first "
+                "(`reco memory index ... --stage train`)"
             )
         index = faiss.read_index(str(trained))
         blocks = range(start, stop, _ADD_BLOCK)
@@ -288,8 +292,8 @@ class ShardedIndexBuild:
 
         self._claim_work()
         missing = self.missing_shards()
-        if missing or not (self.work / "trained.faiss").is_file():
-            what = "trained.faiss" if not (self.work / "trained.faiss").is_file() else f"shards {missing}"
+        if missing or not self._is_trained():
+            what = "trained.faiss" if not self._is_trained() else f"shards {missing}"
             raise RecoMemoryError(
                 f"{self.work} lacks {what}: build them (`reco memory index ... --stage train|shard`) before merging"
             )
@@ -320,6 +324,9 @@ class ShardedIndexBuild:
     # --- helpers --------------------------------------------------------------------------------------
     def _backend(self) -> OnDiskIVFPQBackend:
         return backend_from_spec(self.plan["spec"], self.plan["dim"])  # type: ignore[return-value]
+
+    def _is_trained(self) -> bool:
+        return (self.work / "trained.faiss").is_file() and (self.work / "trained.json").is_file()
 
     def _trained(self) -> OnDiskIVFPQBackend:
         """The trained, empty backend from ``trained.faiss`` with the args training resolved."""
