@@ -105,7 +105,8 @@ class RowWriter:
                 raise LayoutError(path, "format", found=version)
             shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
             self.offset = fh.tell()
-        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+        self.dtype = np.dtype(dtype)
+        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * self.dtype.itemsize
         self.fd = os.open(path, os.O_RDWR)
 
     def write(self, row: int, block: np.ndarray) -> None:
@@ -114,6 +115,18 @@ class RowWriter:
         while data:
             written = os.pwrite(self.fd, data, at)
             data, at = data[written:], at + written
+
+    def copy(
+        self, row: int, rows: np.ndarray, lo: int = 0, hi: int | None = None, block: int = 65_536
+    ) -> None:
+        """Write ``rows[lo:hi]`` (cast to this file's dtype) from row ``row`` on, block by block.
+
+        ``rows`` may be a memmap of any size: a block at a time is in RAM and its pages are released.
+        """
+        hi = len(rows) if hi is None else hi
+        for start in range(lo, hi, block):
+            self.write(row + start - lo, np.asarray(rows[start : min(hi, start + block)], dtype=self.dtype))
+            release_pages(rows)
 
     def close(self) -> None:
         os.close(self.fd)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "replace_directory"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "claim_plan", "replace_directory"]
 
 
 def _umask() -> int:
@@ -60,3 +62,17 @@ def replace_directory(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
     else:
         os.replace(tmp, final)
     return final
+
+
+def claim_plan(path: str | os.PathLike, plan: dict[str, Any]) -> dict[str, Any] | None:
+    """Record ``plan`` (what a resumable job is doing) at ``path``, unless a plan is there already.
+
+    Returns the plan found there when it is another one (the caller refuses to mix two jobs), else None:
+    the job is new, or the same job resuming.
+    """
+    path = Path(path)
+    if path.is_file():
+        found = json.loads(path.read_text())
+        return None if found == plan else found
+    atomic_write_text(path, json.dumps(plan, indent=2))
+    return None

@@ -17,7 +17,6 @@ of the plan or of the ranks' shares raise :class:`~reco_lightning.errors.Chunked
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -30,7 +29,7 @@ import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
-from reco_lightning.atomic import atomic_write_text
+from reco_lightning.atomic import claim_plan
 from reco_lightning.data.collate import PairCollator
 from reco_lightning.data.records import PairSource
 from reco_lightning.data.stream import PairStream
@@ -172,16 +171,12 @@ def predict_in_chunks(
     """
     chunks_dir = work / "chunks"
     chunks_dir.mkdir(parents=True, exist_ok=True)
-    plan_path = work / "build.json"
-    if plan_path.is_file():
-        previous = json.loads(plan_path.read_text())
-        if previous != plan:
-            raise ChunkedJobError(
-                f"{work} holds an interrupted build with other settings ({_diff(previous, plan)}): delete {work} "
-                "to start over, or resume with the original arguments"
-            )
-    else:
-        atomic_write_text(plan_path, json.dumps(plan, indent=2))
+    previous = claim_plan(work / "build.json", plan)
+    if previous is not None:
+        raise ChunkedJobError(
+            f"{work} holds an interrupted build with other settings ({_diff(previous, plan)}): delete {work} "
+            "to start over, or resume with the original arguments"
+        )
     trainer = pl.Trainer(
         **{
             "logger": False,

@@ -31,12 +31,16 @@ __all__ = [
     "MemoryBackend",
     "backend_class",
     "backend_from_spec",
+    "recorded_spec",
     "register_backend",
+    "training_sample",
 ]
 
 #: Rows sampled to train an index's quantisers, the same for every way a memory is built (the API, `reco
 #: memory build`): an IVF's derived nlist depends on it (at 1M: 4096 lists from 200k, 2048 from 100k).
 DEFAULT_TRAIN_SIZE = 200_000
+#: Rows read at a time when a backend is built from (possibly memory-mapped) rows.
+_BLOCK = 65_536
 
 BACKENDS: dict[str, type[MemoryBackend]] = {}
 
@@ -88,6 +92,31 @@ def backend_from_spec(spec: str | dict[str, Any] | MemoryBackend, dim: int) -> M
     return backend_class(spec["class_path"])(dim=dim, **dict(spec.get("init_args") or {}))
 
 
+def recorded_spec(directory: str | os.PathLike) -> dict[str, Any]:
+    """The spec a saved index records in ``directory/backend.json`` (class path, init_args, derived, tuned)."""
+    meta = json.loads((Path(directory) / "backend.json").read_text())
+    return {key: value for key, value in meta.items() if key not in ("dim", "ntotal")}
+
+
+def training_sample(vectors: np.ndarray, train_size: int | None, seed: int = 0) -> np.ndarray:
+    """``train_size`` rows of ``vectors`` drawn by ``seed``, as float32 (all rows if None or more).
+
+    The one sampling rule of every build (in RAM or sharded), so the same rows train the same quantisers;
+    gathered block by block, releasing a memmap's pages as it goes.
+    """
+    count = len(vectors)
+    if train_size is None or train_size >= count:
+        sample = np.ascontiguousarray(vectors, dtype=np.float32)  # no copy of rows already float32 in RAM
+        release_pages(vectors)
+        return sample
+    picked = np.sort(np.random.default_rng(seed).choice(count, train_size, replace=False))
+    sample = np.empty((len(picked), vectors.shape[1]), dtype=np.float32)
+    for lo in range(0, len(picked), _BLOCK):
+        sample[lo : lo + _BLOCK] = vectors[picked[lo : lo + _BLOCK]]
+        release_pages(vectors)
+    return sample
+
+
 class MemoryBackend(ABC):
     """k-NN search by inner product over L2-normalised float32 vectors.
 
@@ -126,15 +155,9 @@ class MemoryBackend(ABC):
         """
         vectors = self._check(vectors, "vectors")
         if self.needs_training:
-            sample = vectors
-            if train_size is not None and train_size < len(vectors):
-                rows = np.sort(np.random.default_rng(seed).choice(len(vectors), train_size, replace=False))
-                sample = vectors[rows]
-            sample = np.ascontiguousarray(sample, dtype=np.float32)
-            release_pages(vectors)
-            self.train(sample)
-        for start in range(0, len(vectors), 65536):
-            self.add(np.ascontiguousarray(vectors[start : start + 65536], dtype=np.float32))
+            self.train(training_sample(vectors, train_size, seed))
+        for start in range(0, len(vectors), _BLOCK):
+            self.add(np.ascontiguousarray(vectors[start : start + _BLOCK], dtype=np.float32))
             release_pages(vectors)  # a memmap's pages read so far leave this process's RSS
 
     def build_saved(

@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from reco_lightning.arrays import RowWriter, release_pages
-from reco_lightning.atomic import atomic_write, atomic_write_text, replace_directory
+from reco_lightning.arrays import RowWriter
+from reco_lightning.atomic import atomic_write, atomic_write_text, claim_plan, replace_directory
 from reco_lightning.errors import RecoMemoryError
 from reco_lightning.hashing import derived_ids
 from reco_lightning.memory.base import DEFAULT_TRAIN_SIZE
@@ -483,19 +483,17 @@ def export_memory(memory_dir: str | os.PathLike, out: str | os.PathLike, part_si
     out = Path(out)
     plan = {"memory": str(Path(memory_dir).resolve()), "identity": store.identity, "part_size": part_size}
     marker = out / "export.json"
-    if marker.is_file():
-        found = json.loads(marker.read_text())
-        if found != plan:
-            raise RecoMemoryError(
-                f"{out} holds an interrupted export of {found.get('memory')} (part_size {found.get('part_size')}): "
-                "re-run that export, or export into a new folder"
-            )
-    else:
+    if not marker.is_file():
         for folder, _ in _FOLDERS:
             if (out / folder).is_dir() and any((out / folder).iterdir()):
                 raise RecoMemoryError(f"{out / folder} is not empty: export into a new folder")
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(marker, json.dumps(plan, indent=1))
+    found = claim_plan(marker, plan)
+    if found is not None:
+        raise RecoMemoryError(
+            f"{out} holds an interrupted export of {found.get('memory')} (part_size {found.get('part_size')}): "
+            "re-run that export, or export into a new folder"
+        )
     for folder, _ in _FOLDERS:
         (out / folder).mkdir(parents=True, exist_ok=True)
     meta = pq.ParquetFile(Path(memory_dir) / "metadata.parquet")
@@ -537,7 +535,4 @@ def _metadata_rows(meta: Any, lo: int, hi: int) -> Any:
 def _save_rows(path: Path, rows: np.ndarray, lo: int, hi: int) -> None:
     """``rows[lo:hi]`` as an fp16 .npy, block by block (a part is never whole in RAM, nor mapped)."""
     with RowWriter(path, np.float16, (hi - lo, rows.shape[1])) as target:
-        for start in range(lo, hi, _BLOCK):
-            stop = min(hi, start + _BLOCK)
-            target.write(start - lo, np.asarray(rows[start:stop], dtype=np.float16))
-            release_pages(rows)
+        target.copy(0, rows, lo, hi, block=_BLOCK)

@@ -33,9 +33,15 @@ import faiss
 import numpy as np
 
 from reco_lightning.arrays import release_pages
-from reco_lightning.atomic import atomic_write, atomic_write_text, replace_directory
+from reco_lightning.atomic import atomic_write, atomic_write_text, claim_plan, replace_directory
 from reco_lightning.errors import RecoMemoryError
-from reco_lightning.memory.base import DEFAULT_TRAIN_SIZE, MemoryBackend, backend_from_spec, register_backend
+from reco_lightning.memory.base import (
+    DEFAULT_TRAIN_SIZE,
+    MemoryBackend,
+    backend_from_spec,
+    register_backend,
+    training_sample,
+)
 from reco_lightning.memory.ivfpq import IVFPQBackend
 
 __all__ = ["LISTS_FILE", "SHARD_ROWS", "OnDiskIVFPQBackend", "ShardedIndexBuild"]
@@ -224,21 +230,11 @@ class ShardedIndexBuild:
         ``trained.json`` (the resolved arguments) is written last and marks the stage complete.
         """
         self._claim_work()
-        path = self.work / "trained.faiss"
-        backend = self._backend()
         if self._is_trained():
             return self._trained()
-        count = len(self.rows)
-        sample_rows = np.arange(count)
-        if self.train_size is not None and self.train_size < count:
-            rng = np.random.default_rng(self.seed)
-            sample_rows = np.sort(rng.choice(count, self.train_size, replace=False))
-        sample = np.empty((len(sample_rows), self.rows.shape[1]), dtype=np.float32)
-        for lo in range(0, len(sample_rows), _ADD_BLOCK):  # gather block by block, unmapping what was read
-            sample[lo : lo + _ADD_BLOCK] = self.rows[sample_rows[lo : lo + _ADD_BLOCK]]
-            release_pages(self.rows)
-        backend.train(sample, ntotal=count)
-        atomic_write(path, lambda tmp: faiss.write_index(backend.index, str(tmp)))
+        backend = self._backend()
+        backend.train(training_sample(self.rows, self.train_size, self.seed), ntotal=len(self.rows))
+        atomic_write(self.work / "trained.faiss", lambda tmp: faiss.write_index(backend.index, str(tmp)))
         atomic_write_text(self.work / "trained.json", json.dumps(backend.init_args()))
         return backend
 
@@ -291,9 +287,9 @@ class ShardedIndexBuild:
         from faiss.contrib.ondisk import merge_ondisk
 
         self._claim_work()
-        missing = self.missing_shards()
-        if missing or not self._is_trained():
-            what = "trained.faiss" if not self._is_trained() else f"shards {missing}"
+        missing, trained = self.missing_shards(), self._is_trained()
+        if missing or not trained:
+            what = f"shards {missing}" if trained else "trained.faiss"
             raise RecoMemoryError(
                 f"{self.work} lacks {what}: build them (`reco memory index ... --stage train|shard`) before merging"
             )
@@ -312,7 +308,6 @@ class ShardedIndexBuild:
             raise RecoMemoryError(
                 f"the shards in {self.work} hold {backend.ntotal} rows, not {len(self.rows)}: delete them and rebuild"
             )
-        backend.index.nprobe = backend.nprobe
         MemoryBackend.save(backend, tmp)
         derived = backend._derived
         del backend
@@ -339,14 +334,10 @@ class ShardedIndexBuild:
 
     def _claim_work(self) -> None:
         """Create ``work`` with this build's plan, or check the plan found there is this one."""
-        path = self.work / _PLAN
-        if path.is_file():
-            found = json.loads(path.read_text())
-            if found != self.plan:
-                raise RecoMemoryError(
-                    f"{self.work} holds another index build ({found}); this one is {self.plan}: finish that build "
-                    "with its arguments, or delete the folder to start over"
-                )
-            return
         self.work.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(self.plan, indent=1))
+        found = claim_plan(self.work / _PLAN, self.plan)
+        if found is not None:
+            raise RecoMemoryError(
+                f"{self.work} holds another index build ({found}); this one is {self.plan}: finish that build "
+                "with its arguments, or delete the folder to start over"
+            )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,12 +58,11 @@ def index_memory(
             )
         spec = None
         for modality in modalities:
-            target = root / f"index_{modality}"
-            fresh = target.with_name(f".{target.name}.new")
-            shutil.rmtree(fresh, ignore_errors=True)
             index = backend_from_spec(backend, dim)
-            index.build_saved(store.embeddings(modality), fresh, train_size=train_size, seed=seed)  # type: ignore[arg-type]
-            replace_directory(fresh, target)
+            rows = store.embeddings(modality)  # type: ignore[arg-type]
+            _swap_index(
+                root, modality, lambda fresh, i=index, r=rows: i.build_saved(r, fresh, train_size, seed)
+            )
             spec = index.spec()
         update_manifest(root, backend=spec)
         return {"stage": "all", "modalities": list(modalities)}
@@ -130,10 +130,15 @@ def adopt_index(
                 f"{path} indexes {index.ntotal} vectors but memory {root} has {len(store)} {modality} rows of dim "
                 f"{store.dim}: build the index over this memory's rows (e.g. from `reco memory export {root}`)"
             )
-        fresh = root / f".index_{modality}.new"
-        shutil.rmtree(fresh, ignore_errors=True)
-        index.save(fresh)
-        replace_directory(fresh, root / f"index_{modality}")
+        _swap_index(root, modality, index.save)
         spec = index.spec()
     update_manifest(root, backend=spec)
     return {"adopted": sorted(indexes), "backend": spec}
+
+
+def _swap_index(root: Path, modality: str, write: Callable[[Path], object]) -> None:
+    """``write(fresh)`` fills a new index directory beside the memory's, which then replaces it in whole."""
+    fresh = root / f".index_{modality}.new"
+    shutil.rmtree(fresh, ignore_errors=True)
+    write(fresh)
+    replace_directory(fresh, root / f"index_{modality}")

@@ -28,16 +28,15 @@ from typing import Any
 
 import numpy as np
 
-from reco_lightning.arrays import LayoutError, RowWriter, open_array, read_manifest, release_pages
+from reco_lightning.arrays import LayoutError, RowWriter, open_array, read_manifest
 from reco_lightning.atomic import atomic_write_text, replace_directory
 from reco_lightning.errors import RecoMemoryError
-from reco_lightning.memory.base import DEFAULT_TRAIN_SIZE, MemoryBackend, backend_from_spec
+from reco_lightning.memory.base import DEFAULT_TRAIN_SIZE, MemoryBackend, backend_from_spec, recorded_spec
 from reco_lightning.types import MODALITIES, Modality
 
 __all__ = ["MemoryStore"]
 
 FORMAT, VERSION = "reco-memory", 1
-_COPY_BLOCK = 65_536
 
 
 class MemoryStore:
@@ -193,15 +192,9 @@ class MemoryStore:
             }
             row = 0
             for store in stores:
-                sources = {
-                    "image_emb": store.image_embeddings,
-                    "text_emb": store.text_embeddings,
-                    "ids": store.ids,
-                }
-                for lo in range(0, len(store), _COPY_BLOCK):
-                    for name, rows in sources.items():
-                        writers[name].write(row + lo, np.asarray(rows[lo : lo + _COPY_BLOCK]))
-                        release_pages(rows)
+                writers["image_emb"].copy(row, store.image_embeddings)
+                writers["text_emb"].copy(row, store.text_embeddings)
+                writers["ids"].copy(row, store.ids)
                 row += len(store)
             for writer in writers.values():
                 writer.close()
@@ -396,8 +389,7 @@ def finish_memory(
             )
         target = directory / f"index_{modality}"
         if resume and (target / "backend.json").is_file():
-            spec = json.loads((target / "backend.json").read_text())
-            spec = {key: value for key, value in spec.items() if key not in ("dim", "ntotal")}
+            spec = recorded_spec(target)
             continue
         index = backend_from_spec(backend if not isinstance(backend, MemoryBackend) else backend.spec(), dim)
         index.build_saved(rows, target, train_size=train_size)

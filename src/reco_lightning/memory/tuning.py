@@ -22,6 +22,7 @@ import numpy as np
 from reco_lightning.arrays import release_pages
 from reco_lightning.atomic import atomic_write_text
 from reco_lightning.errors import RecoMemoryError
+from reco_lightning.memory.base import recorded_spec
 from reco_lightning.memory.exact import scan_topk
 from reco_lightning.memory.ivfpq import IVFPQBackend
 from reco_lightning.memory.store import MemoryStore, update_manifest
@@ -142,7 +143,7 @@ def tune_memory(
             meta["derived"] = derived
         meta["tuned"] = {key: value for key, value in result.items() if key != "measured"}
         atomic_write_text(path, json.dumps(meta, indent=2))
-        spec = {key: value for key, value in meta.items() if key not in ("dim", "ntotal")}
+        spec = recorded_spec(path.parent)
         done[modality] = result
     update_manifest(root, backend=spec)
     return done
