@@ -150,3 +150,29 @@ def test_calibration_reads_the_run_config_without_rewriting_it(tmp_path: Path):
     before = path.read_text()
     assert _demo_config(layout, protocol="strict")["model"]["memory"] == str(layout.memory_seen)
     assert path.read_text() == before and "mix_alpha: 0.3" in before
+
+
+def test_backbone_recipe_overrides():
+    from reco_lightning.apps.demo.recipe import BackboneRecipe
+
+    recipe = BackboneRecipe().replaced({"width": 128, "caption_templates": ["a {c}."]})
+    assert recipe.width == 128 and recipe.caption_templates == ("a {c}.",)
+    assert recipe.to_dict()["width"] == 128 and BackboneRecipe().width == 64
+    with pytest.raises(ValueError, match=r"unknown BackboneRecipe field\(s\) \['widht'\]"):
+        BackboneRecipe().replaced({"widht": 128})
+    with pytest.raises(ValueError, match=r"\['seed'\] are set by other options"):
+        BackboneRecipe().replaced({"seed": 3}, fixed=("seed",))
+
+
+def test_cli_refuses_a_bad_backbone_override_before_any_work(tmp_path: Path, capsys):
+    from reco_lightning.apps.main import main
+
+    out = tmp_path / "d"
+    with pytest.raises(SystemExit):
+        main(["demo", "--out", str(out), "--backbone", '{"widht": 128}'])
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("reco: error: unknown BackboneRecipe field(s) ['widht']") and "\n" not in err
+    assert not out.exists()
+    with pytest.raises(SystemExit):
+        main(["demo", "--out", str(out), "--backbone", '{"seed": 3}'])
+    assert "['seed'] are set by other options" in capsys.readouterr().err

@@ -137,6 +137,10 @@ def _ddp_worker(rank: int, world: int, store: str, v, t, cut: int, threshold, ou
         torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
+    # gloo's threads can still hold work objects (and their tensors) when the interpreter finalizes, which
+    # aborts the process about once in 20 runs here (SIGABRT, "terminate called without an active
+    # exception"; pytorch/pytorch#179291): the results are on disk, so leave without finalizing
+    os._exit(0)
 
 
 @pytest.mark.parametrize("threshold", [None, 0.99], ids=["plain", "duplicates"])

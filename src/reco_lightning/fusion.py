@@ -110,12 +110,8 @@ class FusionTransformer(nn.Module):
             if isinstance(self.proj_out, nn.Linear):
                 nn.init.zeros_(self.proj_out.bias)  # or its random bias would leak into the silent start
 
-    def forward(self, query: Tensor, retrieved: Tensor, retrieved_mask: Tensor | None = None) -> Tensor:
-        """Refine ``query`` [B, D] with ``retrieved`` [B, k, D].
-
-        ``retrieved_mask`` [B, k] is True for valid neighbours; invalid ones (fewer than k left after
-        excluding self and near-duplicates) are not attended to. The query always is.
-        """
+    def tokens(self, query: Tensor, retrieved: Tensor) -> Tensor:
+        """The input sequence [B, 1 + k, width]: [query, retrieved] projected, plus their type embeddings."""
         if query.ndim != 2 or retrieved.ndim != 3 or retrieved.shape[0] != query.shape[0]:
             raise ValueError(
                 f"expected query [B, D] and retrieved [B, k, D], got {tuple(query.shape)} and {tuple(retrieved.shape)}"
@@ -123,13 +119,25 @@ class FusionTransformer(nn.Module):
         tokens = self.proj_in(torch.cat([query.unsqueeze(1), retrieved.to(query.dtype)], dim=1))
         types = torch.full(tokens.shape[1:2], self.RETRIEVED, dtype=torch.long, device=tokens.device)
         types[0] = self.QUERY
-        tokens = tokens + self.type_embedding(types)
+        return tokens + self.type_embedding(types)
+
+    def branch(self, tokens: Tensor, retrieved_mask: Tensor | None = None) -> Tensor:
+        """The learned branch [B, D]: the encoder over ``tokens``, read at the query, normed and projected
+        out (before skips and normalisation; separate so variants can change the tokens or the skips)."""
         padding = None
         if retrieved_mask is not None:
             padding = F.pad(~retrieved_mask.bool(), (1, 0), value=False)  # True = ignore; query never ignored
         for layer in self.encoder.layers[:-1]:
             tokens = layer(tokens, src_key_padding_mask=padding)
-        out = self.proj_out(self.norm(_query_only(self.encoder.layers[-1], tokens, padding)))
+        return self.proj_out(self.norm(_query_only(self.encoder.layers[-1], tokens, padding)))
+
+    def forward(self, query: Tensor, retrieved: Tensor, retrieved_mask: Tensor | None = None) -> Tensor:
+        """Refine ``query`` [B, D] with ``retrieved`` [B, k, D].
+
+        ``retrieved_mask`` [B, k] is True for valid neighbours; invalid ones (fewer than k left after
+        excluding self and near-duplicates) are not attended to. The query always is.
+        """
+        out = self.branch(self.tokens(query, retrieved), retrieved_mask)
         if self.config.residual:
             out = out + query
         if self.config.retrieved_skip:

@@ -58,6 +58,13 @@ def demo_main(args: Sequence[str]) -> None:
         default=True,
         help="also train with 10%% of the memory and test with all of it (open protocol)",
     )
+    parser.add_argument(
+        "--backbone",
+        type=dict,
+        default={},
+        help='overrides of the stand-in CLIP\'s recipe (BackboneRecipe), e.g. {"width": 128}: another '
+        "backbone, so the memories are rebuilt; use another --out to keep the default demo's",
+    )
     cfg = parser.parse_args(list(args))
     try:
         seen = resolve_split(cfg.split)
@@ -71,6 +78,7 @@ def demo_main(args: Sequence[str]) -> None:
             calibrate=cfg.calibrate,
             protocol=cfg.protocol,
             memory_fraction=cfg.memory_fraction,
+            backbone=cfg.backbone,
         )
     except FashionMNISTError as err:
         raise SystemExit(f"reco demo: {err}") from None

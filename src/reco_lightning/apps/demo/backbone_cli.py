@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
-from dataclasses import fields
 from typing import Any
 
 import numpy as np
@@ -59,11 +58,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
 
     overrides = json.loads(args.recipe)
-    known = {f.name for f in fields(BackboneRecipe)}
-    if not isinstance(overrides, dict) or not set(overrides) <= known:
-        parser.error(f"--recipe must be a JSON object with keys among {sorted(known)}")
-    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
-    recipe = BackboneRecipe(**{"data_root": args.data_root, **overrides})
+    if not isinstance(overrides, dict):
+        parser.error('--recipe must be a JSON object such as {"steps": 600}')
+    try:
+        recipe = BackboneRecipe(data_root=args.data_root).replaced(overrides)
+    except ValueError as err:
+        parser.error(f"--recipe: {err}")
     previous_threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)

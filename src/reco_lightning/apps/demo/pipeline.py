@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,21 +121,33 @@ def prepare_demo(
     val_per_class: int = 200,
     limit: int | None = None,
     seen_classes: tuple[int, ...] = DEFAULT_SEEN_CLASSES,
+    backbone: Mapping[str, Any] | None = None,
 ) -> DemoLayout:
     """Data files, backbone and both memories, each built only if missing.
 
     ``seed`` selects the splits and the backbone (seed 0 is the default demo). ``limit`` shrinks every
-    split for a quick run (the CI test); the protocol stays the same.
+    split for a quick run (the CI test); the protocol stays the same. ``backbone``: BackboneRecipe
+    overrides (``{"width": 128}``); another recipe is another backbone, so the memories are rebuilt.
     """
     from reco_lightning.jobs.memory_build import build_memory
     from reco_lightning.memory.store import MemoryStore
 
-    layout = DemoLayout(Path(root))
-    images, labels = load_fashion_mnist(data_root, "train")
-    test_images, test_labels = load_fashion_mnist(data_root, "test")
     sizes = {"backbone_size": 15_000, "memory_size": 25_000}
     if limit is not None:
         sizes = {"backbone_size": min(limit, 15_000), "memory_size": min(limit, 25_000)}
+    steps = {"steps": 400} if limit is not None else {}  # a shorter pre-training for the small slice
+    recipe = BackboneRecipe(
+        data_root=data_root,
+        seen_classes=tuple(seen_classes),
+        split_seed=seed,
+        seed=seed,
+        backbone_size=sizes["backbone_size"],
+        **steps,
+    ).replaced(backbone or {}, fixed=("data_root", "seen_classes", "split_seed", "seed", "backbone_size"))
+    layout = DemoLayout(Path(root))
+    images, labels = load_fashion_mnist(data_root, "train")
+    test_images, test_labels = load_fashion_mnist(data_root, "test")
+    if limit is not None:
         keep = np.random.default_rng(seed).permutation(len(test_labels))[: max(limit // 4, 200)]
         test_images, test_labels = test_images[np.sort(keep)], test_labels[np.sort(keep)]
         val_per_class = min(val_per_class, 20)
@@ -155,15 +168,6 @@ def prepare_demo(
     write_pairs(images, labels, val_rows, layout.root / "pairs", "val", caption_seed=seed)
     write_image_folder(test_images, test_labels, layout.test, progress=False)
 
-    steps = {"steps": 400} if limit is not None else {}  # a shorter pre-training for the small slice
-    recipe = BackboneRecipe(
-        data_root=data_root,
-        seen_classes=tuple(seen_classes),
-        split_seed=seed,
-        seed=seed,
-        backbone_size=sizes["backbone_size"],
-        **steps,
-    )
     ensure_backbone(layout.backbone, recipe)
 
     protocol = {
@@ -470,18 +474,22 @@ def run_demo(
     calibrate: bool = True,
     protocol: str = DEFAULT_PROTOCOL,
     memory_fraction: bool = True,
+    backbone: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Prepare, calibrate, then train and test RECO (and the grid), the control and, with
     ``memory_fraction``, RECO trained with 10% of the memory; print and save the summary.
 
     ``calibrate``: set ``mix_alpha`` and each setting's ``fusion_config.retrieved_skip`` by the protocol's
-    validation rule (otherwise the config's values)."""
+    validation rule (otherwise the config's values). ``backbone``: BackboneRecipe overrides (see
+    :func:`prepare_demo`)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown demo protocol {protocol!r}: use one of {sorted(PROTOCOLS)}")
     start = time.time()
     chosen = PROTOCOLS[protocol]
     seen_classes = tuple(sorted(seen_classes))
-    layout = prepare_demo(root, data_root=data_root, seed=seed, limit=limit, seen_classes=seen_classes)
+    layout = prepare_demo(
+        root, data_root=data_root, seed=seed, limit=limit, seen_classes=seen_classes, backbone=backbone
+    )
     calibration: dict[str, Any] = {}
     mix_alpha = None
     if calibrate:

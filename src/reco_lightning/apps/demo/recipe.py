@@ -7,7 +7,8 @@ Apart from the build (:mod:`reco_lightning.apps.demo.backbone`) and the training
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from collections.abc import Collection, Mapping
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from reco_lightning.apps.demo.fashion_mnist import (
@@ -75,6 +76,18 @@ class BackboneRecipe:
             "patch_size": self.patch_size,
             "max_text_len": self.max_text_len,
         }
+
+    def replaced(self, overrides: Mapping[str, Any], fixed: Collection[str] = ()) -> BackboneRecipe:
+        """This recipe with ``overrides`` (JSON values: lists become tuples). Unknown fields, and ``fixed``
+        ones (set by the caller's own options), are refused in one line before anything is built."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown BackboneRecipe field(s) {unknown}: use names among {sorted(known)}")
+        refused = sorted(set(overrides) & set(fixed))
+        if refused:
+            raise ValueError(f"BackboneRecipe field(s) {refused} are set by other options, not overrides")
+        return replace(self, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready settings plus :data:`RECIPE_VERSION`; tuples become lists so a reload compares equal."""
