@@ -104,3 +104,26 @@ def test_leakage_guard_is_reported_per_set_and_can_be_turned_off(module, tiny_di
         classification=sets, settings=["reco"], leakage_threshold=-1.0
     ).evaluate(module)
     assert everything.rows[0].metrics["leak_images"] == len(ImageFolderClassification(tiny_dir / "zeroshot"))
+
+
+def test_retrieval_guards_images_and_captions_and_counts_each_once(module, tiny_dir):
+    """Retrieval rows report the guard of each side that reads neighbours, counted once however many
+    settings read the same search: images against themselves, captions against their own images."""
+    from reco_lightning.data.zeroshot import RetrievalPairs
+
+    owners = RetrievalPairs(str(tiny_dir / "val.csv")).text_to_image
+    sets = [RetrievalSet("captions", str(tiny_dir / "val.csv"))]
+    settings = ["clip", "reco", "lookup", "mix", "reco_image", "reco_text"]
+    everything, _ = ZeroShotEvaluation(retrieval=sets, settings=settings, leakage_threshold=-1.0).evaluate(
+        module
+    )
+    rows = {r.setting: r.metrics for r in everything.rows}
+    images, captions = int(owners.max()) + 1, len(owners)
+    assert not any(key.startswith("leak") for key in rows["clip"])
+    for setting in ("reco", "mix"):
+        assert rows[setting]["leak_images"] == images and rows[setting]["leak_captions"] == captions
+    assert "leak_captions" not in rows["lookup"] and rows["lookup"]["leak_images"] == images  # frozen text
+    assert "leak_captions" not in rows["reco_image"] and rows["reco_image"]["leak_images"] == images
+    assert "leak_images" not in rows["reco_text"] and rows["reco_text"]["leak_captions"] == captions
+    off, _ = ZeroShotEvaluation(retrieval=sets, settings=["reco"], leakage_threshold=None).evaluate(module)
+    assert not any(key.startswith("leak") for key in off.rows[0].metrics)

@@ -154,5 +154,25 @@ def test_leakage_guard_drops_copies_of_the_evaluated_image_and_counts_them():
     assert guarded.rows[2].tolist() == plain.rows[2].tolist()  # no copy: nothing changes
     at_one = retriever(queries[:1], "image", leak_threshold=1.0)  # cosine >= 1.0: the exact copy still is one
     assert at_one.excluded.tolist() == [1]
-    # text queries are not guarded (their evaluated item is a caption)
+    # text queries without images of their own (class prompts) are not guarded
     assert retriever(torch.tensor(texts[:1]), "text", leak_threshold=0.99).excluded is None
+
+
+def test_leakage_guard_of_captions_drops_pairs_holding_their_own_image():
+    """Evaluation, text queries: a memory pair whose image copies the caption's own image is not retrieved
+    (under cross-fusion it would hand the text side the answer), whatever its caption."""
+    rng = np.random.default_rng(1)
+    images = unit(rng.normal(size=(40, 8)))
+    texts = unit(rng.normal(size=(40, 8)))
+    memory = MemoryStore.from_arrays(images, texts, ids=np.arange(40))
+    retriever = Retriever(memory, k=5)
+    captions = torch.tensor(np.stack([texts[3], texts[9]]))
+    own = torch.tensor(np.stack([images[3], unit(rng.normal(size=8))]))  # caption 1's image: not in memory
+    plain = retriever(captions, "text")
+    assert plain.rows[0, 0] == 3 and plain.rows[1, 0] == 9
+    guarded = retriever(captions, "text", leak_threshold=0.99, leak_images=own)
+    assert 3 not in guarded.rows[0].tolist() and guarded.mask.all()
+    assert guarded.excluded.tolist() == [1, 0]
+    assert guarded.rows[1].tolist() == plain.rows[1].tolist()  # pair 9's image is not caption 1's
+    with pytest.raises(ValueError, match="leak_images"):
+        retriever(captions, "text", leak_threshold=0.99, leak_images=own[:1])

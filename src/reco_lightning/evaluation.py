@@ -260,7 +260,7 @@ class ZeroShotEvaluation(pl.Callback):
         for pixel_values, labels in _progress(self._loader(dataset, pl_module), f"zero-shot {spec.name}"):
             v = pl_module.backbone.encode_images(pixel_values.to(device))
             images: dict[tuple[Side, int | None], Tensor] = {("frozen", None): v}
-            image_sides = self._image_sides(pl_module, v, leaks)
+            image_sides = self._guarded_sides(pl_module, v, "image", leaks)
             for (setting, k), groups_acc in accumulators.items():
                 image_side, text_side = SETTINGS[setting]
                 image_key = _side_key(image_side, k)
@@ -314,39 +314,53 @@ class ZeroShotEvaluation(pl.Callback):
                 for i in range(0, len(captions), self.batch_size)
             ]
         )
+        # captions are guarded against their own images: a memory holding the evaluated pair would hand
+        # the text side (uni-search, cross-fusion) the very image it must find
+        pair_images = images[dataset.text_to_image.to(images.device)]
+        leaks = {"image": _LeakCount(), "text": _LeakCount("leak_captions", "leak_caption_items")}
         sides: dict[tuple[str, Side], Tensor] = {}
-        leaks = _LeakCount()
+        for modality, frozen, refs in (("image", images, None), ("text", texts, pair_images)):
+            needed = list(dict.fromkeys(SETTINGS[s][0 if modality == "image" else 1] for s in self.settings))
+            chunks: dict[Side, list[Tensor]] = {side: [] for side in needed}
+            for start in range(0, len(frozen), self.batch_size):
+                batch = slice(start, start + self.batch_size)
+                of = self._guarded_sides(
+                    pl_module, frozen[batch], modality, leaks[modality], None if refs is None else refs[batch]
+                )
+                for side in needed:  # one search per batch, whatever the sides
+                    chunks[side].append(of(side, None))
+            sides.update({(modality, side): torch.cat(parts) for side, parts in chunks.items()})
         for setting in self.settings:
-            for modality, side, frozen in zip(
-                ("image", "text"), SETTINGS[setting], (images, texts), strict=True
-            ):
-                if (modality, side) not in sides:
-                    if modality == "image":
-                        transform = lambda x, side=side: self._image_sides(pl_module, x, leaks)(side, None)  # noqa: E731
-                    else:
-                        transform = self._side(pl_module, lambda x: x, modality, side, None)
-                    sides[(modality, side)] = _batched(transform, frozen, self.batch_size)
             image_side, text_side = SETTINGS[setting]
             metrics = retrieval_metrics(
                 sides[("image", image_side)], sides[("text", text_side)], dataset.text_to_image
             )
-            report.add(spec.name, setting, {**metrics, **leaks.metrics(image_side)})
+            guard = {**leaks["image"].metrics(image_side), **leaks["text"].metrics(text_side)}
+            report.add(spec.name, setting, {**metrics, **guard})
 
-    def _image_sides(
-        self, pl_module: pl.LightningModule, v: Tensor, leaks: _LeakCount
+    def _guarded_sides(
+        self,
+        pl_module: pl.LightningModule,
+        x: Tensor,
+        modality: str,
+        leaks: _LeakCount,
+        pair_images: Tensor | None = None,
     ) -> Callable[[Side, int | None], Tensor]:
-        """What each side does to a batch of frozen image embeddings ``v``, every side reading the same
-        neighbours (one search per k), found with the leakage guard; counts what the guard excluded."""
+        """What each side does to a batch of frozen ``modality`` embeddings ``x``, every side reading the
+        same neighbours (one search per k), found with the leakage guard (images against themselves,
+        captions against ``pair_images``, their own images); counts what the guard excluded."""
         found: dict[int | None, Neighbours] = {}
 
         def side_of(side: Side, k: int | None) -> Tensor:
             if side == "frozen":
-                return v
+                return x
             if k not in found:
-                found[k] = pl_module.neighbours(v, "image", k=k, leak_threshold=self.leakage_threshold)
+                found[k] = pl_module.neighbours(
+                    x, modality, k=k, leak_threshold=self.leakage_threshold, leak_images=pair_images
+                )
                 if leaks.counts(k):
                     leaks.add(found[k].excluded)
-            return self._apply(pl_module, v, "image", side, found[k])
+            return self._apply(pl_module, x, modality, side, found[k])
 
         return side_of
 
@@ -383,9 +397,12 @@ class ZeroShotEvaluation(pl.Callback):
 
 
 class _LeakCount:
-    """What the leakage guard excluded over one evaluation set (counted once, at the first k searched)."""
+    """What the leakage guard excluded for one modality's queries over one evaluation set (counted once,
+    at the first k searched), reported as ``count_key`` (queries that had such a pair) and ``items_key``
+    (pairs excluded)."""
 
-    def __init__(self) -> None:
+    def __init__(self, count_key: str = "leak_images", items_key: str = "leak_items") -> None:
+        self.count_key, self.items_key = count_key, items_key
         self.images = self.items = 0
         self.k: object = _UNSET
         self.guarded = False  # searches ran with the guard on
@@ -403,11 +420,11 @@ class _LeakCount:
             self.images += int((excluded > 0).sum())
             self.items += int(excluded.sum())
 
-    def metrics(self, image_side: Side) -> dict[str, float]:
-        """The counts, for rows whose image side reads neighbours searched with the guard on."""
-        if image_side == "frozen" or not self.guarded:
+    def metrics(self, side: Side) -> dict[str, float]:
+        """The counts, for rows whose side of this modality reads neighbours searched with the guard on."""
+        if side == "frozen" or not self.guarded:
             return {}
-        return {"leak_images": self.images, "leak_items": self.items}
+        return {self.count_key: self.images, self.items_key: self.items}
 
 
 _UNSET = object()

@@ -219,9 +219,10 @@ class RecoModule(pl.LightningModule):
         k: int | None = None,
         pair_images: Tensor | None = None,
         leak_threshold: float | None = None,
+        leak_images: Tensor | None = None,
     ) -> Neighbours:
         """The retrieved items the fusion reads (also what the training-free baselines vote with);
-        ``leak_threshold``: the evaluation leakage guard (see Retriever)."""
+        ``leak_threshold`` / ``leak_images``: the evaluation leakage guard (see Retriever)."""
         return self.require_retriever()(
             embeddings,
             modality,
@@ -229,6 +230,7 @@ class RecoModule(pl.LightningModule):
             k=k,
             pair_images=pair_images,
             leak_threshold=leak_threshold,
+            leak_images=leak_images,
         )
 
     def forward(self, batch: dict[str, Tensor], exclude_self: bool = False) -> dict[str, Tensor]:

@@ -106,6 +106,7 @@ class Retriever:
         k: int | None = None,
         pair_images: Tensor | None = None,
         leak_threshold: float | None = None,
+        leak_images: Tensor | None = None,
     ) -> Neighbours:
         """Neighbours of ``query`` [B, D] (a ``modality`` embedding).
 
@@ -113,9 +114,11 @@ class Retriever:
         near-duplicates of the training pair (see ``near_duplicate_of``; text queries then need
         ``pair_images`` [B, D], the frozen image embeddings of their pairs).
 
-        ``leak_threshold`` (evaluation, image queries): drop memory pairs whose image has cosine >= this
-        with the query image, i.e. copies of the evaluated image that a web-scale memory may hold; how many
-        were dropped per query is ``Neighbours.excluded``.
+        ``leak_threshold`` (evaluation): drop memory pairs whose image has cosine >= this with the evaluated
+        image, i.e. copies of it that a web-scale memory may hold: for image queries the query itself, for
+        text queries ``leak_images`` [B, D], the frozen embeddings of each caption's own image (without
+        them text queries are not guarded: class prompts have no image of their own). How many were
+        dropped per query is ``Neighbours.excluded``.
         """
         k = k or self.k
         memory = self.memory
@@ -130,10 +133,15 @@ class Retriever:
             scores, rows, valid, _ = self._search_excluding(
                 index, q, ids, ref_modality, ref, k, self.near_duplicate_threshold
             )
-        elif leak_threshold is not None and modality == "image":
+        elif leak_threshold is not None and (modality == "image" or leak_images is not None):
+            ref = q if leak_images is None else leak_images.detach().to("cpu", torch.float32).numpy()
+            if ref.shape != q.shape:
+                raise ValueError(f"leak_images {ref.shape} must match the queries {q.shape}")
             # >= threshold is a leak: nudge the bound below it, since the check keeps cosine <= bound
             bound = np.nextafter(np.float32(leak_threshold), np.float32(-np.inf))
-            scores, rows, valid, dropped = self._search_excluding(index, q, None, "image", q, k, float(bound))
+            scores, rows, valid, dropped = self._search_excluding(
+                index, q, None, "image", ref, k, float(bound)
+            )
             excluded = torch.from_numpy(dropped)
         else:
             scores, rows = index.search(q, k)
