@@ -403,7 +403,7 @@ class _LeakCount:
 
     def __init__(self, count_key: str = "leak_images", items_key: str = "leak_items") -> None:
         self.count_key, self.items_key = count_key, items_key
-        self.images = self.items = 0
+        self.queries = self.items = 0
         self.k: object = _UNSET
         self.guarded = False  # searches ran with the guard on
 
@@ -417,14 +417,14 @@ class _LeakCount:
     def add(self, excluded: Tensor | None) -> None:
         if excluded is not None:
             self.guarded = True
-            self.images += int((excluded > 0).sum())
+            self.queries += int((excluded > 0).sum())
             self.items += int(excluded.sum())
 
     def metrics(self, side: Side) -> dict[str, float]:
         """The counts, for rows whose side of this modality reads neighbours searched with the guard on."""
         if side == "frozen" or not self.guarded:
             return {}
-        return {self.count_key: self.images, self.items_key: self.items}
+        return {self.count_key: self.queries, self.items_key: self.items}
 
 
 _UNSET = object()
@@ -433,10 +433,6 @@ _UNSET = object()
 def _side_key(side: Side, k: int | None) -> tuple[Side, int | None]:
     """Cache key of one side's embeddings: the frozen side does not depend on k."""
     return side, None if side == "frozen" else k
-
-
-def _batched(fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: int) -> Tensor:
-    return torch.cat([fn(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
 def _group_labels(spec: ClassificationSet, classnames: list[str]) -> dict[str, Tensor]:
