@@ -160,8 +160,8 @@ def test_backbone_recipe_overrides():
     assert recipe.to_dict()["width"] == 128 and BackboneRecipe().width == 64
     with pytest.raises(ValueError, match=r"unknown BackboneRecipe field\(s\) \['widht'\]"):
         BackboneRecipe().replaced({"widht": 128})
-    with pytest.raises(ValueError, match=r"\['seed'\] are set by other options"):
-        BackboneRecipe().replaced({"seed": 3}, fixed=("seed",))
+    with pytest.raises(ValueError, match=r"\['seed'\] are set by other options \(seed by --seed\)"):
+        BackboneRecipe().replaced({"seed": 3}, fixed={"seed": "--seed"})
 
 
 def test_cli_refuses_a_bad_backbone_override_before_any_work(tmp_path: Path, capsys):
@@ -175,4 +175,4 @@ def test_cli_refuses_a_bad_backbone_override_before_any_work(tmp_path: Path, cap
     assert not out.exists()
     with pytest.raises(SystemExit):
         main(["demo", "--out", str(out), "--backbone", '{"seed": 3}'])
-    assert "['seed'] are set by other options" in capsys.readouterr().err
+    assert "['seed'] are set by other options (seed by --seed), not overrides" in capsys.readouterr().err

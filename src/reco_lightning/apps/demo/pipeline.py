@@ -114,6 +114,16 @@ class DemoLayout:
         return self.root / "runs" / protocol / name
 
 
+#: BackboneRecipe fields that `reco demo` sets from its own options (not overridable by --backbone)
+DEMO_OPTIONS = {
+    "data_root": "--data_root",
+    "seen_classes": "--split",
+    "split_seed": "--seed",
+    "seed": "--seed",
+    "backbone_size": "--limit",
+}
+
+
 def prepare_demo(
     root: str | os.PathLike = "artifacts/demo",
     data_root: str = DEFAULT_ROOT,
@@ -143,7 +153,7 @@ def prepare_demo(
         seed=seed,
         backbone_size=sizes["backbone_size"],
         **steps,
-    ).replaced(backbone or {}, fixed=("data_root", "seen_classes", "split_seed", "seed", "backbone_size"))
+    ).replaced(backbone or {}, fixed=DEMO_OPTIONS)
     layout = DemoLayout(Path(root))
     images, labels = load_fashion_mnist(data_root, "train")
     test_images, test_labels = load_fashion_mnist(data_root, "test")

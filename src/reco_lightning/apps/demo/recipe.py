@@ -7,7 +7,7 @@ Apart from the build (:mod:`reco_lightning.apps.demo.backbone`) and the training
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -77,16 +77,21 @@ class BackboneRecipe:
             "max_text_len": self.max_text_len,
         }
 
-    def replaced(self, overrides: Mapping[str, Any], fixed: Collection[str] = ()) -> BackboneRecipe:
+    def replaced(
+        self, overrides: Mapping[str, Any], fixed: Mapping[str, str] | None = None
+    ) -> BackboneRecipe:
         """This recipe with ``overrides`` (JSON values: lists become tuples). Unknown fields, and ``fixed``
-        ones (set by the caller's own options), are refused in one line before anything is built."""
+        ones (field -> the caller's option that sets it), are refused in one line before anything is built."""
         known = {f.name for f in fields(self)}
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise ValueError(f"unknown BackboneRecipe field(s) {unknown}: use names among {sorted(known)}")
-        refused = sorted(set(overrides) & set(fixed))
+        refused = sorted(set(overrides) & set(fixed or {}))
         if refused:
-            raise ValueError(f"BackboneRecipe field(s) {refused} are set by other options, not overrides")
+            options = ", ".join(f"{name} by {(fixed or {})[name]}" for name in refused)
+            raise ValueError(
+                f"BackboneRecipe field(s) {refused} are set by other options ({options}), not overrides"
+            )
         return replace(self, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
 
     def to_dict(self) -> dict[str, Any]:
