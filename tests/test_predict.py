@@ -173,7 +173,8 @@ def test_predict_writes_row_aligned_clip_retrieval_parts(reference, expected):
     manifest = json.loads((reference / "manifest.json").read_text())
     plan = manifest["plan"]
     assert manifest["complete"] and manifest["rows"] == 64 and manifest["parts"] == 4
-    assert manifest["ranks"] == [{"rank": 0, "rows": 64, "rows_per_part": [20, 20, 20, 4]}]
+    assert manifest["ranks"] == [{"rank": 0, "rows": 64, "rows_per_part": [20, 20, 20, 4], "bad_samples": 0}]
+    assert manifest["bad_samples"] == 0
     assert plan["refined"] == {"image": True, "text": True} and plan["k"] == 4
     assert plan["world_size"] == 1 and plan["part_size"] == PART and plan["write_frozen"]
     assert plan["backbone"] == manifest["backbone_fingerprint"]["id"] and plan["memory"]
@@ -332,6 +333,11 @@ def test_resume_over_shards_with_bad_samples_skips_whole_shards_and_ends_as_an_u
     predict(tiny_dir, ckpt, reference, source=shards, batch_size=4, part_size=7)
     image, _, meta = read_as_clip_retrieval(reference)
     assert meta["id"].tolist() == good and len(image) == 29
+    # the 4 unreadable pairs are not lost silently: counted in the manifest, listed by key
+    manifest = json.loads((reference / "manifest.json").read_text())
+    assert manifest["bad_samples"] == 4 and manifest["ranks"][0]["bad_samples"] == 4
+    bad_keys = json.loads((reference / "progress" / "rank_0000.json").read_text())["bad_keys"]
+    assert len(bad_keys) == 4 and not set(bad_keys) & set(meta["key"].tolist())
     assert (
         meta["image_path"].tolist() == meta["key"].tolist()
     )  # clip-retrieval's image_path of a shard member
@@ -353,6 +359,9 @@ def test_resume_over_shards_with_bad_samples_skips_whole_shards_and_ends_as_an_u
     predict(tiny_dir, ckpt, out, counted, source=shards, batch_size=4, part_size=7)
     assert counted.rows == 29 - 14 and opened == ["00001.tar", "00002.tar"], "the first shard was all written"
     assert_same_export(out, reference)
+    # the bad samples before the resume point (not re-read) are still listed, none twice
+    assert json.loads((out / "manifest.json").read_text())["bad_samples"] == 4
+    assert json.loads((out / "progress" / "rank_0000.json").read_text())["bad_keys"] == bad_keys
 
 
 def test_a_side_not_refined_is_written_frozen_and_recorded(tiny_dir, ckpt, expected, tmp_path):

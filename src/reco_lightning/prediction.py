@@ -8,8 +8,10 @@ writes its own parts, with no gather, every ``part_size`` rows and at its end::
       text_emb/text_emb_RRRR_PPPPPP.npy         float16 [n, dim], unit rows (refined where it refines texts)
       metadata/metadata_RRRR_PPPPPP.parquet     one row per embedding row: image_path, caption, id, key, position
       frozen/{img_emb,text_emb,metadata}/...    with write_frozen: the frozen CLIP embeddings, same parts and rows
-      progress/rank_RRRR.json                   this rank's parts so far (after each part, and at its end)
-      manifest.json                             the run's settings; rows and parts once every rank has finished
+      progress/rank_RRRR.json                   this rank's parts so far (after each part, and at its end) and the
+                                                keys of its source pairs that could not be read (bad_keys)
+      manifest.json                             the run's settings; rows, parts and bad samples once every rank
+                                                has finished
 
 ``RRRR`` is the rank and ``PPPPPP`` the rank's part, zero-padded: clip-retrieval, autofaiss and
 embedding-reader read the parts of a folder in sorted file-name order, and the names sort alike in every
@@ -43,7 +45,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import BasePredictionWriter
-from pytorch_lightning.utilities.rank_zero import rank_zero_info
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from reco_lightning.atomic import atomic_write_bytes, atomic_write_text
 from reco_lightning.errors import RecoError
@@ -95,6 +97,8 @@ class EmbeddingWriter(BasePredictionWriter):
         self._buffer: list[dict[str, Any]] = []
         self._buffered = 0
         self._plan: dict[str, Any] | None = None  # set once the run's settings are checked (see _begin)
+        self._bad_keys: list[str] = []  # this rank's source pairs that could not be read (not exported)
+        self._datamodule: Any = None
 
     # --- where things go --------------------------------------------------------------------------------
     def _roots(self) -> list[Path]:
@@ -148,7 +152,7 @@ class EmbeddingWriter(BasePredictionWriter):
             for folder in _FOLDERS:
                 (root / folder).mkdir(parents=True, exist_ok=True)
         self._read_own_parts()
-        datamodule = trainer.datamodule
+        datamodule = self._datamodule = trainer.datamodule
         if hasattr(datamodule, "skip_predict"):
             datamodule.skip_predict(self._last_position)
         elif self._last_position is not None:
@@ -157,6 +161,9 @@ class EmbeddingWriter(BasePredictionWriter):
                 "cannot skip them (it has no skip_predict, as ImageTextDataModule has): give another output_dir"
             )
         if self._part_rows:
+            previous = self._progress_path(self.rank)  # bad samples before the resume point are not re-read
+            if previous.is_file():
+                self._bad_keys = list(json.loads(previous.read_text()).get("bad_keys", []))
             rank_zero_info(
                 f"{self.output_dir}: resuming; rank {self.rank} has {sum(self._part_rows)} rows in "
                 f"{len(self._part_rows)} parts (through source position {self._last_position})"
@@ -373,6 +380,12 @@ class EmbeddingWriter(BasePredictionWriter):
         self._write_progress(complete=False)
 
     def _write_progress(self, complete: bool) -> None:
+        # the bad samples the data module set aside so far: all in batches read before this point, so a
+        # killed run's resume re-reads only those after it (and a key read twice is listed once)
+        if hasattr(self._datamodule, "pop_bad_samples"):
+            self._bad_keys = list(
+                dict.fromkeys([*self._bad_keys, *self._datamodule.pop_bad_samples("predict")])
+            )
         progress = {
             "rank": self.rank,
             "world_size": self.world_size,
@@ -380,6 +393,8 @@ class EmbeddingWriter(BasePredictionWriter):
             "rows": sum(self._part_rows),
             "rows_per_part": self._part_rows,
             "last_position": self._last_position,
+            "bad_samples": len(self._bad_keys),
+            "bad_keys": self._bad_keys,
         }
         path = self._progress_path(self.rank)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -414,16 +429,29 @@ class EmbeddingWriter(BasePredictionWriter):
                 raise EmbeddingExportError(
                     f"{self.output_dir}: rank {rank} ended without finishing its parts"
                 )
-            ranks.append({"rank": rank, "rows": progress["rows"], "rows_per_part": progress["rows_per_part"]})
+            ranks.append(
+                {
+                    "rank": rank,
+                    "rows": progress["rows"],
+                    "rows_per_part": progress["rows_per_part"],
+                    "bad_samples": progress.get("bad_samples", 0),
+                }
+            )
         manifest = self._read_manifest() or {}
         manifest.update(
             complete=True,
             rows=sum(r["rows"] for r in ranks),
             parts=sum(len(r["rows_per_part"]) for r in ranks),
+            bad_samples=sum(r["bad_samples"] for r in ranks),
             ranks=ranks,
         )
         atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2) + "\n")
         rank_zero_info(f"{self.output_dir}: {manifest['rows']} rows in {manifest['parts']} parts per folder")
+        if manifest["bad_samples"]:
+            rank_zero_warn(
+                f"{self.output_dir}: {manifest['bad_samples']} source pairs could not be read and are not "
+                "exported; their keys are in progress/rank_*.json (bad_keys)"
+            )
 
 
 def _unit_fp16(embeddings: torch.Tensor) -> np.ndarray:
