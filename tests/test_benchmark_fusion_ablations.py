@@ -3,25 +3,22 @@ references are what they claim, the score-reading variants start as the demo's f
 
 from __future__ import annotations
 
-import importlib
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers_benchmarks import load_benchmark
 from reco_lightning.fusion import FusionConfig, FusionTransformer
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SEEN = (0, 2, 4, 6, 8)
 
 
 @pytest.fixture
-def bench(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    return importlib.import_module("fusion_ablations")
+def bench():
+    return load_benchmark("fusion_ablations")
 
 
 def synthetic(seed: int = 0, n: int = 1000, dim: int = 16, classes: int = 10) -> dict:

@@ -31,6 +31,13 @@ def _pad(array: np.ndarray, width: int, fill) -> np.ndarray:
     return np.pad(array, ((0, 0), (0, width - array.shape[1])), constant_values=fill)
 
 
+def _images_of(name: str, images: Tensor, q: np.ndarray) -> np.ndarray:
+    """``images`` [B, D], one per query of ``q``, as the float32 array the exclusion compares with."""
+    if tuple(images.shape) != q.shape:
+        raise ValueError(f"{name} {tuple(images.shape)} must match the queries {q.shape}")
+    return images.detach().to("cpu", torch.float32).numpy()
+
+
 def other_modality(modality: Modality) -> Modality:
     return "text" if modality == "image" else "image"
 
@@ -134,9 +141,7 @@ class Retriever:
                 index, q, ids, ref_modality, ref, k, self.near_duplicate_threshold
             )
         elif leak_threshold is not None and (modality == "image" or leak_images is not None):
-            ref = q if leak_images is None else leak_images.detach().to("cpu", torch.float32).numpy()
-            if ref.shape != q.shape:
-                raise ValueError(f"leak_images {ref.shape} must match the queries {q.shape}")
+            ref = q if leak_images is None else _images_of("leak_images", leak_images, q)
             # >= threshold is a leak: nudge the bound below it, since the check keeps cosine <= bound
             bound = np.nextafter(np.float32(leak_threshold), np.float32(-np.inf))
             scores, rows, valid, dropped = self._search_excluding(
@@ -170,9 +175,7 @@ class Retriever:
                 "near_duplicate_of='image' needs the pair images of text queries: pass pair_images, or set "
                 "near_duplicate_of='query'"
             )
-        if pair_images.shape != q.shape:
-            raise ValueError(f"pair_images {tuple(pair_images.shape)} must match the queries {q.shape}")
-        return "image", pair_images.detach().to("cpu", torch.float32).numpy()
+        return "image", _images_of("pair_images", pair_images, q)
 
     def _search_excluding(
         self,

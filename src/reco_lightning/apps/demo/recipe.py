@@ -82,13 +82,14 @@ class BackboneRecipe:
     ) -> BackboneRecipe:
         """This recipe with ``overrides`` (JSON values: lists become tuples). Unknown fields, and ``fixed``
         ones (field -> the caller's option that sets it), are refused in one line before anything is built."""
+        fixed = fixed or {}
         known = {f.name for f in fields(self)}
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise ValueError(f"unknown BackboneRecipe field(s) {unknown}: use names among {sorted(known)}")
-        refused = sorted(set(overrides) & set(fixed or {}))
+        refused = sorted(set(overrides) & set(fixed))
         if refused:
-            options = ", ".join(f"{name} by {(fixed or {})[name]}" for name in refused)
+            options = ", ".join(f"{name} by {fixed[name]}" for name in refused)
             raise ValueError(
                 f"BackboneRecipe field(s) {refused} are set by other options ({options}), not overrides"
             )
