@@ -13,7 +13,7 @@ Writes DIR/demo_accuracy.json:
 ``{"default": {"protocol", "split"}, "seeds", "seconds", "protocols": {P: {"splits": {S: {ROW: {"seen":
 {"mean", "std"}, "unseen": ..., "all": ..., "seen_to_unseen": ...}}}, "calibration": {S: per-seed
 weights}, "per_seed": {S: [rows of each seed]}}}}`` (top-1 in percent, population std over seeds), the
-markdown table, a bar plot, and rewrites the README's results table between its markers.
+markdown table, a bar plot, and rewrites the results table of docs/results.md between its markers.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from reco_lightning.apps.demo.fashion_mnist import DEFAULT_SPLIT, DEMO_SPLITS, r
 from reco_lightning.apps.demo.pipeline import DEFAULT_PROTOCOL, PROTOCOLS, class_groups, run_demo
 from reco_lightning.atomic import atomic_write_text
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 START, END = "<!-- demo-results:start -->", "<!-- demo-results:end -->"
 METRICS = ("seen", "unseen", "all", "seen_to_unseen")
 
@@ -93,13 +93,13 @@ def plot(result: dict, path: Path) -> None:
 
 
 def update_readme(text: str) -> None:
-    readme = README.read_text()
-    if START not in readme or END not in readme:
-        print(f"README has no {START} ... {END} markers; not updated")
+    page = RESULTS.read_text()
+    if START not in page or END not in page:
+        print(f"{RESULTS} has no {START} ... {END} markers; not updated")
         return
-    head, rest = readme.split(START, 1)
+    head, rest = page.split(START, 1)
     _, tail = rest.split(END, 1)
-    atomic_write_text(README, f"{head}{START}\n{text}{END}{tail}")
+    atomic_write_text(RESULTS, f"{head}{START}\n{text}{END}{tail}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -114,7 +114,9 @@ def main(argv: list[str] | None = None) -> dict:
         help="split S, seed N lives in ARTIFACTS/demo[_S][_seedN] (no suffix: default split, seed 0)",
     )
     parser.add_argument("--limit", type=int, default=None, help="shrink every split (smoke runs)")
-    parser.add_argument("--no-readme", action="store_true", help="do not rewrite the README table")
+    parser.add_argument(
+        "--no-readme", action="store_true", help="do not rewrite the table in docs/results.md"
+    )
     parser.add_argument(
         "--splits",
         nargs="+",
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=list(PROTOCOLS))
     parser.add_argument("--extra", nargs="*", default=[], help="extra `reco fit` arguments for every run")
     parser.add_argument(
-        "--from-json", default=None, help="only re-render the table, plot and README from a JSON"
+        "--from-json", default=None, help="only re-render the table, plot and docs/results.md from a JSON"
     )
     parser.add_argument(
         "--collect",

@@ -201,11 +201,14 @@ def stage_import_data(a: argparse.Namespace) -> dict[str, Any]:
     shutil.rmtree(src, ignore_errors=True)
     for folder in ("img_emb", "text_emb", "metadata"):
         (src / folder).mkdir(parents=True)
-    bounds = np.linspace(0, a.import_rows, a.import_parts + 1).astype(int)
+    bounds = [int(b) for b in np.linspace(0, a.import_rows, a.import_parts + 1)]
     for part, (lo, hi) in enumerate(itertools.pairwise(bounds)):
         for folder, stream in (("img_emb", 1), ("text_emb", 2)):
             rows = np.lib.format.open_memmap(
-                src / folder / f"{folder}_{part}.npy", mode="w+", dtype=np.float16, shape=(hi - lo, a.dim)
+                src / folder / f"{folder}_{part}.npy",
+                mode="w+",
+                dtype=np.float16,
+                shape=(int(hi - lo), a.dim),
             )
             clustered_unit_vectors(hi - lo, a.dim, seed=1000 * stream + part, out=rows)
             rows.flush()

@@ -1,7 +1,7 @@
 """The package's shape, checked: layers import only downward, no cycles, the apps apart from the library.
 
 Every import counts, function-level and TYPE_CHECKING ones too (they are dependencies all the same).
-The layers are the README's "Architecture" section; a new module must be placed in one here.
+The layers are docs/architecture.md's; a new module must be placed in one here.
 """
 
 from __future__ import annotations
@@ -16,18 +16,31 @@ PACKAGE = "reco_lightning"
 
 # bottom-up; a module may import modules of its own layer or below (prefix match, longest wins)
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "types", "atomic", "arrays", "optim", "hashing"),  # foundation: no torch models, no Lightning
+    (
+        "errors",
+        "types",
+        "atomic",
+        "arrays",
+        "optim",
+        "hashing",
+        "console",
+    ),  # foundation: no torch models, no Lightning
     ("encoders", "fusion", "losses", "metrics", "tiny_clip", "memory"),  # components
     ("retrieval", "baselines"),  # memory + embeddings -> neighbours
     ("data",),  # sources -> shards/records -> stream -> collate -> datamodule; feature cache reader
     ("jobs",),  # resumable multi-device predict jobs that write to disk (memory build, feature cache)
-    ("model",),  # RecoModule
+    (
+        "model_card",
+        "pretrained",
+        "export",
+    ),  # RecoModel: the trained RECO at inference, its export; no Lightning
+    ("model",),  # RecoModule (trains the RecoModel's fusions)
     ("evaluation", "calibration", "prediction"),  # callbacks (evaluation, embedding export), sweeps
     ("cli",),  # the library's commands
     ("apps",),  # the demo, the tiny setup, the `reco` script: on top, imported by nothing below
 ]
-NO_LIGHTNING = ("errors", "types", "atomic", "arrays", "optim", "hashing", "encoders", "fusion", "losses", "metrics",
-                "memory", "retrieval", "baselines")  # fmt: skip
+NO_LIGHTNING = ("errors", "console", "types", "atomic", "arrays", "optim", "hashing", "encoders", "fusion", "losses", "metrics",
+                "memory", "retrieval", "baselines", "model_card", "pretrained", "export")  # fmt: skip
 
 
 def _modules() -> dict[str, Path]:

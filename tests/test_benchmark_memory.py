@@ -23,6 +23,7 @@ def bench(monkeypatch):
     return importlib.import_module("memory_backends")
 
 
+@pytest.mark.autofaiss
 def test_all_backends_in_process(bench, tmp_path) -> None:
     pytest.importorskip("autofaiss")
     report = bench.main([*TINY, "--out", str(tmp_path), "--in-process"])

@@ -1,5 +1,6 @@
 """Chunked multi-rank prediction: no row lost or repeated when ranks finish at different times."""
 
+import io
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from reco_lightning.errors import ChunkedJobError
-from reco_lightning.jobs.chunked import _merge_ranks
+from reco_lightning.jobs.chunked import _merge_ranks, load_chunk, save_chunk
 from reco_lightning.memory import MemoryStore
 
 
@@ -27,23 +28,23 @@ def share(positions, bad=0):
 
 
 def test_merge_needs_every_rank_of_this_run_and_every_row_once(tmp_path):
-    rank_dir, final = tmp_path / "000000.ranks", tmp_path / "000000.pt"
+    rank_dir, final = tmp_path / "000000.ranks", tmp_path / "000000.safetensors"
     rank_dir.mkdir()
-    torch.save(share([0, 2, 4]), rank_dir / "rank0.pt")
+    save_chunk(share([0, 2, 4]), rank_dir / "rank0.safetensors")
     with pytest.raises(
         ChunkedJobError, match=r"merged 3 rows .* from 1 of 2 rank files, but the plan needs 6"
     ):
         _merge_ranks(rank_dir, final, world_size=2, window=(0, 6))
     assert not final.exists() and rank_dir.is_dir()
 
-    torch.save(share([2, 5]), rank_dir / "rank1.pt")  # a repeated row, and row 3 missing
+    save_chunk(share([2, 5]), rank_dir / "rank1.safetensors")  # a repeated row, and row 3 missing
     with pytest.raises(ChunkedJobError, match=r"merged 5 rows \(4 distinct\)"):
         _merge_ranks(rank_dir, final, world_size=2, window=(0, 6))
 
-    torch.save(share([1, 5], bad=1), rank_dir / "rank1.pt")  # row 3 was a bad sample
-    torch.save(share([1, 3]), rank_dir / "rank2.pt")  # left by a killed run with 3 ranks: not ours
+    save_chunk(share([1, 5], bad=1), rank_dir / "rank1.safetensors")  # row 3 was a bad sample
+    save_chunk(share([1, 3]), rank_dir / "rank2.safetensors")  # left by a killed run with 3 ranks: not ours
     _merge_ranks(rank_dir, final, world_size=2, window=(0, 6))
-    merged = torch.load(final, weights_only=False)
+    merged = load_chunk(final)
     assert merged["position"].tolist() == [0, 1, 2, 4, 5]
     assert merged["value"].tolist() == [0, 10, 20, 40, 50] and merged["key"] == ["0", "1", "2", "4", "5"]
     assert merged["bad"] == 1 and not rank_dir.exists()
@@ -89,12 +90,12 @@ def test_two_ranks_with_a_slow_one_killed_and_resumed_equal_the_one_process_buil
         start_new_session=True,
     )
     deadline = time.time() + 180
-    while not (chunks / "000001.pt").is_file() and time.time() < deadline and killed.poll() is None:
+    while not (chunks / "000001.safetensors").is_file() and time.time() < deadline and killed.poll() is None:
         time.sleep(0.05)
     os.killpg(killed.pid, signal.SIGKILL)  # both ranks, mid-chunk, no cleanup
     _, err = killed.communicate()
-    done = sorted(p.name for p in chunks.glob("*.pt"))
-    assert done == ["000000.pt", "000001.pt"], (done, err.decode()[-3000:])
+    done = sorted(p.name for p in chunks.glob("*.safetensors"))
+    assert done == ["000000.safetensors", "000001.safetensors"], (done, err.decode()[-3000:])
 
     resumed = subprocess.Popen(
         command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
@@ -121,3 +122,41 @@ def test_two_ranks_with_a_slow_one_killed_and_resumed_equal_the_one_process_buil
         )
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-3)
     assert not (tmp_path / ".mem.partial").exists()
+
+
+class _Payload:
+    """Unpickling this runs code: it leaves a marker file. Nothing of the package may ever unpickle it."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_tampered_pickle_in_a_chunk_folder_is_refused_never_unpickled(tmp_path):
+    marker = tmp_path / "ran"
+    rank_dir, final = tmp_path / "000000.ranks", tmp_path / "000000.safetensors"
+    rank_dir.mkdir()
+    save_chunk(share([0, 1]), rank_dir / "rank0.safetensors")
+    torch.save(
+        {"position": _Payload(str(marker))}, rank_dir / "rank1.safetensors"
+    )  # a pickle, named as a share
+    with pytest.raises(ChunkedJobError, match=r"rank1.safetensors is not a chunk file"):
+        _merge_ranks(rank_dir, final, world_size=2, window=(0, 4))
+    torch.save({"position": _Payload(str(marker))}, final)
+    with pytest.raises(ChunkedJobError, match="is not a chunk file"):
+        load_chunk(final)
+    assert not marker.exists()
+    # the payload does run when unpickled (the test would catch a loader that unpickles)
+    torch.load(io.BytesIO(final.read_bytes()), weights_only=False)
+    assert marker.exists()
+
+
+def test_chunks_keep_the_kind_of_every_value(tmp_path):
+    chunk = {**share([3, 1]), "bad_keys": ("a", "b"), "image": torch.ones(2, 4, dtype=torch.float16)}
+    save_chunk(chunk, tmp_path / "c.safetensors")
+    loaded = load_chunk(tmp_path / "c.safetensors")
+    assert loaded["key"] == ["3", "1"] and loaded["bad_keys"] == ("a", "b") and loaded["bad"] == 0
+    assert torch.equal(loaded["image"], chunk["image"]) and loaded["image"].dtype == torch.float16
+    assert not list(tmp_path.glob("*.tmp"))

@@ -48,7 +48,9 @@ def test_validate_and_test_and_predict_from_checkpoint(tiny_dir, tmp_path, in_pr
     main(["fit", *tiny_args(tiny_dir, tmp_path), "--trainer.max_steps=2", "--trainer.val_check_interval=2"])
     ckpt = next(tmp_path.rglob("last.ckpt"))
     for command in ("validate", "test", "predict"):
-        main([command, *tiny_args(tiny_dir, tmp_path / command), f"--ckpt_path={ckpt}"])
+        output = [f"--output_dir={tmp_path / 'embeddings'}"] if command == "predict" else []
+        main([command, *tiny_args(tiny_dir, tmp_path / command), f"--ckpt_path={ckpt}", *output])
+    assert json.loads((tmp_path / "embeddings" / "manifest.json").read_text())["rows"] > 0
     report = json.loads(
         (tmp_path / "test" / "lightning_logs" / "version_0" / "zeroshot_report.json").read_text()
     )

@@ -324,7 +324,7 @@ def test_saved_backbone_loads_and_evaluates(tiny_backbone, train_data):
     clip = FrozenCLIP(tiny_backbone)
     assert clip.dim == TINY_RECIPE.embed_dim
     assert clip.max_text_length == TINY_RECIPE.max_text_len
-    assert clip.preprocess_images([Image.fromarray(images[0])]).shape == (1, 3, 28, 28)
+    assert clip.preprocess_images([Image.fromarray(images[0])])["pixel_values"].shape == (1, 3, 28, 28)
 
     subset = np.arange(0, 60_000, 600)  # 100 images, all classes
     result = zero_shot_accuracy(tiny_backbone, images[subset], labels[subset])

@@ -40,7 +40,8 @@ def test_fingerprint_identifies_weights_not_location(clip, tiny_backbone, other_
     assert FrozenCLIP(moved).fingerprint["id"] == clip.fingerprint["id"]
     other = FrozenCLIP(other_backbone).fingerprint
     assert other["id"] != clip.fingerprint["id"] and other["config_sha"] == clip.fingerprint["config_sha"]
-    assert set(clip.fingerprint) == {"name_or_path", "config_sha", "weights_sha", "dim", "id"}
+    assert set(clip.fingerprint) == {"name_or_path", "family", "config_sha", "weights_sha", "dim", "id"}
+    assert clip.fingerprint["family"] == "clip"
 
 
 def test_projected_output_handles_transformers_4_and_5():
@@ -55,5 +56,5 @@ def test_missing_backbone_gives_one_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         FrozenCLIP(tmp_path / "nope")
     (tmp_path / "empty").mkdir()  # a directory, but not a saved CLIP
-    with pytest.raises(FileNotFoundError, match="cannot load CLIP backbone"):
+    with pytest.raises(FileNotFoundError, match="cannot load backbone"):
         FrozenCLIP(tmp_path / "empty")

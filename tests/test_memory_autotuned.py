@@ -19,6 +19,7 @@ from reco_lightning.memory.autotuned import AutofaissBackend
 from reco_lightning.memory.base import MemoryBackend, backend_class
 
 pytest.importorskip("autofaiss")
+pytestmark = pytest.mark.autofaiss  # runs in the autofaiss environment (make test: .venv-autofaiss)
 
 DIM, N = 32, 2000
 

@@ -80,15 +80,15 @@ def test_killed_build_resumes_without_duplicate_or_missing_rows(tmp_path, tiny_d
         start_new_session=True,
     )
     deadline = time.time() + 120
-    while not list(chunks.glob("000001.pt")) and time.time() < deadline and proc.poll() is None:
+    while not list(chunks.glob("000001.safetensors")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the real thing: no cleanup handlers run
     proc.wait()
-    done = sorted(p.name for p in chunks.glob("*.pt"))
-    assert "000000.pt" in done and "000003.pt" not in done, done
+    done = sorted(p.name for p in chunks.glob("*.safetensors"))
+    assert "000000.safetensors" in done and "000003.safetensors" not in done, done
     with pytest.raises(RecoMemoryError, match="interrupted build"):
         MemoryStore.open(out)
-    first_mtime = (chunks / "000000.pt").stat().st_mtime_ns
+    first_mtime = (chunks / "000000.safetensors").stat().st_mtime_ns
 
     seen_chunks = []
     from reco_lightning.jobs import chunked as build_module
@@ -99,13 +99,13 @@ def test_killed_build_resumes_without_duplicate_or_missing_rows(tmp_path, tiny_d
         original(rank_dir, final, *args),
     )
     try:
-        assert (chunks / "000000.pt").stat().st_mtime_ns == first_mtime
+        assert (chunks / "000000.safetensors").stat().st_mtime_ns == first_mtime
         build_memory(
             tiny_dir / "train.csv", out, tiny_backbone, batch_size=16, chunk_size=48, trainer_kwargs=TRAINER
         )
     finally:
         build_module._merge_ranks = original
-    assert "000000.pt" not in seen_chunks, "finished chunks are not re-encoded"
+    assert "000000.safetensors" not in seen_chunks, "finished chunks are not re-encoded"
     resumed, reference = MemoryStore.open(out), MemoryStore.open(tiny_dir / "memory")
     assert resumed.ids.tolist() == reference.ids.tolist()
     assert np.allclose(resumed.image_embeddings, reference.image_embeddings, atol=2e-3)

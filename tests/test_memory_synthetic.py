@@ -71,3 +71,27 @@ def test_energy_shares_shape_the_statistics() -> None:
         clustered_unit_vectors(10, 8, mean_share=-1.0)
     with pytest.raises(ValueError, match="dim"):
         clustered_queries(10, 0)
+
+
+def test_autofaiss_without_its_environment_is_refused_before_any_work(tmp_path, tiny_dir):
+    """The core environment (numpy 2, faiss 1.15) cannot build autofaiss indexes: one line naming the
+    extra, before a single pair is encoded (in the autofaiss environment this builds, see test_memory_autotuned)."""
+    import importlib.util
+
+    import faiss
+
+    from reco_lightning.errors import RecoMemoryError
+    from reco_lightning.jobs.memory_build import build_memory
+    from reco_lightning.memory.base import check_buildable
+
+    version = tuple(int(p) for p in faiss.__version__.split(".")[:2])
+    if importlib.util.find_spec("autofaiss") is not None and version < (1, 14):
+        pytest.skip("autofaiss can build here (its own environment)")
+    with pytest.raises(RecoMemoryError, match=r"reco-lightning\[autofaiss\]"):
+        check_buildable("autofaiss")
+    with pytest.raises(RecoMemoryError, match=r"reco-lightning\[autofaiss\]"):
+        build_memory(
+            tiny_dir / "val.csv", tmp_path / "mem", backbone=str(tiny_dir / "clip"), backend="autofaiss"
+        )
+    assert not (tmp_path / ".mem.partial").exists()
+    check_buildable({"class_path": "ivfpq", "init_args": {}})  # other backends are not affected

@@ -274,14 +274,14 @@ def _probe_inputs(fusion):
 def test_every_documented_option_reaches_its_component(tiny_dir, config_cls, probes, attribute):
     """Every option of FusionConfig / LossConfig, set through RecoModule (as YAML does, by name), acts
     in the component that uses it (duplicate_threshold was once accepted, saved in hparams and never handed
-    to the loss). A new option fails here until it is probed, documented in its class and in the README."""
+    to the loss). A new option fails here until it is probed, documented in its class and in docs/configuration.md."""
     options = [field.name for field in dataclasses.fields(config_cls)]
     assert sorted(probes) == sorted(options)
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
     for name in options:
         assert f"{name}:" in config_cls.__doc__, f"{config_cls.__name__}.{name} is not documented"
         assert f"`{name}`" in readme, (
-            f"{config_cls.__name__}.{name} is missing from the README config reference"
+            f"{config_cls.__name__}.{name} is missing from the config reference (docs/configuration.md)"
         )
     key = "fusion_config" if config_cls is FusionConfig else "loss_config"
     for name, (value, acts) in probes.items():

@@ -86,9 +86,9 @@ def test_shuffle_is_seeded_and_changes_with_epoch(tmp_path):
 
 def test_bad_samples_are_dropped_and_reported_by_key(tmp_path, tiny_backbone):
     write_shards(tmp_path, [6], bad={1, 4})
-    from transformers import CLIPProcessor
+    from reco_lightning.encoders import Preprocessor
 
-    collator = PairCollator(CLIPProcessor.from_pretrained(tiny_backbone), 16)
+    collator = PairCollator(Preprocessor.from_pretrained(tiny_backbone, max_text_length=16))
     (batch,) = [collator(b) for b in PairStream(open_source(tmp_path, id_column="id"), batch_size=6)]
     assert batch["id"].tolist() == [1000, 1002, 1003, 1005]
     assert batch["pixel_values"].shape[0] == 4 and len(batch["bad_keys"]) == 2

@@ -180,6 +180,7 @@ def test_predict_writes_row_aligned_clip_retrieval_parts(reference, expected):
     assert plan["backbone"] == manifest["backbone_fingerprint"]["id"] and plan["memory"]
 
 
+@pytest.mark.autofaiss
 def test_embedding_reader_and_autofaiss_read_the_export_as_it_is(reference, tmp_path):
     embedding_reader = pytest.importorskip("embedding_reader")
     autofaiss = pytest.importorskip("autofaiss")

@@ -96,7 +96,7 @@ class RowWriter:
                 header = {
                     "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
                     "fortran_order": False,
-                    "shape": shape,
+                    "shape": tuple(int(n) for n in shape),  # numpy 2 reprs np.int64 as a call
                 }
                 np.lib.format.write_array_header_1_0(fh, header)
         with open(path, "rb") as fh:

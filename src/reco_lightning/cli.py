@@ -1,6 +1,8 @@
 """The `reco` command: LightningCLI for fit/validate/test/predict, plus memory and setup commands.
 
 reco fit --config configs/tiny.yaml
+reco predict --config run.yaml --ckpt_path best.ckpt --data.init_args.predict pairs.csv --output_dir emb/
+reco export --ckpt_path best.ckpt --out export/
 reco memory build --source pairs.csv --out mem --backbone DIR [--backend ivfpq ...]
 reco memory concat A B --out C
 reco memory info DIR
@@ -10,6 +12,8 @@ reco demo [--protocol open|strict] [--split tops|shoes|look-alikes]
 
 Errors of ours (a RecoError, or a ValueError/RuntimeError raised by this package's code, or a missing
 file) print one line, ``reco: error: ...``, and exit with status 1; ``RECO_DEBUG=1`` shows the traceback.
+From a shell, the known-harmless noise of Lightning and transformers is filtered (reco_lightning.console);
+``RECO_DEBUG=1`` or ``--verbose`` shows everything.
 """
 
 from __future__ import annotations
@@ -22,15 +26,22 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
+from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only
 
+from reco_lightning.console import quiet_console
 from reco_lightning.data.datamodule import ImageTextDataModule
 from reco_lightning.errors import MissingInputError, RecoError, RecoMemoryError
+from reco_lightning.export import read_checkpoint
 from reco_lightning.model import RecoModule
+from reco_lightning.prediction import DEFAULT_PART_SIZE, EmbeddingWriter
 
-__all__ = ["RecoCLI", "main"]
+__all__ = ["NoPredictionWriterError", "RecoCLI", "main"]
+
+
+class NoPredictionWriterError(RecoError, ValueError):
+    """``reco predict`` with nothing to write its predictions: they would be computed and thrown away."""
 
 
 # Settings that belong to the run, not to the trained weights: with --ckpt_path, LightningCLI would take
@@ -53,8 +64,51 @@ class RecoCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.backbone", "data.init_args.backbone")
 
+    def _prepare_subcommand_parser(
+        self, klass: type, subcommand: str, **kwargs: Any
+    ) -> LightningArgumentParser:
+        """Checkpoints load with ``weights_only=True`` (no pickle runs); ``reco predict`` takes its output folder."""
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if "weights_only" in self._subcommand_method_arguments[subcommand]:
+            parser.set_defaults(weights_only=True)
+        if subcommand == "predict":
+            parser.add_argument(
+                "--output_dir",
+                type=str | None,
+                default=None,
+                help="write the embeddings here, in clip-retrieval's layout (adds an EmbeddingWriter)",
+            )
+            parser.add_argument("--part_size", type=int, default=DEFAULT_PART_SIZE, help="rows per part file")
+            parser.add_argument(
+                "--write_frozen",
+                type=bool,
+                default=False,
+                help="also write the frozen embeddings (output_dir/frozen)",
+            )
+        return parser
+
+    def before_predict(self) -> None:
+        """Add the writer ``--output_dir`` asks for; refuse a run whose predictions nothing would write."""
+        config = self.config_init["predict"]
+        if config.get("output_dir"):
+            self.trainer.callbacks.append(
+                EmbeddingWriter(
+                    config["output_dir"], part_size=config["part_size"], write_frozen=config["write_frozen"]
+                )
+            )
+        if not any(isinstance(c, BasePredictionWriter) for c in self.trainer.callbacks):
+            raise NoPredictionWriterError(
+                "reco predict has nowhere to write its embeddings: add --output_dir DIR (clip-retrieval's layout), "
+                "or a BasePredictionWriter under trainer.callbacks in the config"
+            )
+
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            read_checkpoint(
+                ckpt_path
+            )  # one clear line for a pickle, a foreign or a broken file; never unpickled
         model = self.config[subcommand].get("model") if subcommand else None
         requested = {key: model.get(key) for key in INFERENCE_SETTINGS} if model is not None else {}
         super()._parse_ckpt_path()
@@ -78,7 +132,7 @@ class RecoCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and Path(ckpt_path).is_file() and isinstance(self.model, RecoModule):
-            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            checkpoint = read_checkpoint(ckpt_path)
             # The module's own check (and message): the same one Lightning runs when it restores the weights.
             self.model.on_load_checkpoint(
                 {"reco_backbone": checkpoint.get("reco_backbone"), "state_dict": {}}
@@ -347,6 +401,44 @@ def _plain(value: Any) -> Any:
     return value.as_dict() if hasattr(value, "as_dict") else value
 
 
+def export_main(args: Sequence[str]) -> None:
+    """`reco export`: a checkpoint -> model.safetensors + config.json + README.md model card."""
+    from jsonargparse import ArgumentParser
+
+    from reco_lightning.export import export_checkpoint
+
+    parser = ArgumentParser(
+        prog="reco export",
+        description="Write a trained RECO as a shareable export (safetensors + JSON + model card) that "
+        "RecoModel.from_pretrained loads without Lightning or pickle.",
+    )
+    parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by `reco fit`")
+    parser.add_argument("--out", required=True, help="the export directory (replaced atomically)")
+    parser.add_argument(
+        "--backbone",
+        type=str | None,
+        default=None,
+        help="where the backbone is now, if it moved since training",
+    )
+    parser.add_argument(
+        "--report",
+        type=str | None,
+        default=None,
+        help="zeroshot_report.json for the model card (default: the run's, beside the checkpoint)",
+    )
+    parser.add_argument(
+        "--calibration",
+        type=list[str],
+        default=[],
+        help="outputs of `reco calibrate` to record in config.json",
+    )
+    cfg = parser.parse_args(list(args))
+    out = export_checkpoint(
+        cfg.ckpt_path, cfg.out, backbone=cfg.backbone, report=cfg.report, calibrations=cfg.calibration
+    )
+    print(f"export written to {out}: RecoModel.from_pretrained({str(out)!r}, memory=...) loads it")
+
+
 def cache_main(args: Sequence[str]) -> None:
     """Build the feature caches a config's ``data.feature_cache`` points at (train and val), if not current."""
     from pathlib import Path
@@ -426,7 +518,9 @@ def calibrate_main(args: Sequence[str]) -> None:
     if cfg.memory:
         model_args["memory"] = cfg.memory
     if cfg.ckpt_path:
-        model = RecoModule.load_from_checkpoint(cfg.ckpt_path, map_location="cpu", **model_args)
+        model = RecoModule.load_from_checkpoint(
+            cfg.ckpt_path, map_location="cpu", weights_only=True, **model_args
+        )
     else:
         model = RecoModule(**model_args)
     model.setup("validate")
@@ -462,6 +556,11 @@ def main(
     imports them. ``makers``: path prefix -> the command that creates what lies under it; a missing input
     under such a prefix names that command.
     """
+    if args is None:  # the console script: a person reads this (library calls and tests see every message)
+        if "--verbose" in sys.argv[1:]:
+            sys.argv.remove("--verbose")
+            os.environ["RECO_VERBOSE"] = "1"  # the DDP ranks Lightning starts from sys.argv inherit it
+        quiet_console()
     try:
         _dispatch(args, {**COMMANDS, **(commands or {})})
     except Exception as err:
@@ -514,6 +613,7 @@ def _dispatch(args: Sequence[str] | None, commands: Mapping[str, Callable[[Seque
 #: subcommands beside LightningCLI's fit/validate/test/predict: name -> function of the remaining argv
 COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
     "memory": memory_main,
+    "export": export_main,
     "calibrate": calibrate_main,
     "cache": cache_main,
 }

@@ -201,7 +201,7 @@ class ZeroShotEvaluation(pl.Callback):
     def _loader(self, dataset: Dataset, pl_module: pl.LightningModule) -> DataLoader:
         backbone = pl_module.backbone
 
-        def collate(samples: list[tuple[Any, int]]) -> tuple[Tensor, Tensor]:
+        def collate(samples: list[tuple[Any, int]]) -> tuple[dict[str, Tensor], Tensor]:
             images, labels = zip(*samples, strict=True)
             return backbone.preprocess_images(images), torch.tensor(labels, dtype=torch.long)
 
@@ -257,8 +257,8 @@ class ZeroShotEvaluation(pl.Callback):
             accumulators[("reco", k)] = _group_accumulators(len(classnames), groups, device)
 
         leaks = _LeakCount()
-        for pixel_values, labels in _progress(self._loader(dataset, pl_module), f"zero-shot {spec.name}"):
-            v = pl_module.backbone.encode_images(pixel_values.to(device))
+        for image_inputs, labels in _progress(self._loader(dataset, pl_module), f"zero-shot {spec.name}"):
+            v = pl_module.backbone.encode_images(image_inputs)
             images: dict[tuple[Side, int | None], Tensor] = {("frozen", None): v}
             image_sides = self._guarded_sides(pl_module, v, "image", leaks)
             for (setting, k), groups_acc in accumulators.items():
@@ -303,9 +303,8 @@ class ZeroShotEvaluation(pl.Callback):
         dataset = RetrievalPairs(
             spec.annotations, image_column=spec.image_column, caption_column=spec.caption_column
         )
-        device = pl_module.device
         images = torch.cat(
-            [pl_module.backbone.encode_images(px.to(device)) for px, _ in self._loader(dataset, pl_module)]
+            [pl_module.backbone.encode_images(inputs) for inputs, _ in self._loader(dataset, pl_module)]
         )
         captions = dataset.captions
         texts = torch.cat(

@@ -1,8 +1,11 @@
-"""RecoModule: frozen CLIP + two fusion transformers + the RECO loss, as a LightningModule.
+"""RecoModule: a frozen dual encoder + two fusion transformers + the RECO loss, as a LightningModule.
 
 Only the fusion modules and the temperature train. Checkpoints therefore hold those weights plus the
-backbone's fingerprint, never the frozen CLIP weights: a checkpoint is a few MB whatever the backbone,
-and loading it beside a different backbone fails loudly instead of producing silently wrong embeddings.
+backbone's fingerprint, never the frozen backbone's weights: a checkpoint is a few MB whatever the
+backbone, and loading it beside a different backbone fails loudly instead of producing silently wrong
+embeddings. What a user keeps afterwards is :meth:`RecoModule.to_pretrained`'s
+:class:`~reco_lightning.pretrained.RecoModel` (``reco export`` writes it): refinement and memory attachment
+are that module's functions, so training, ``reco predict`` and the inference model compute alike.
 """
 
 from __future__ import annotations
@@ -17,73 +20,74 @@ import torch
 from torch import Tensor
 
 from reco_lightning.data.hooks import DataEpochHooks
-from reco_lightning.encoders import FrozenCLIP
-from reco_lightning.errors import RecoError
+from reco_lightning.encoders import FrozenEncoder
 from reco_lightning.fusion import FusionConfig, FusionTransformer
 from reco_lightning.losses import LossConfig, RecoContrastiveLoss
-from reco_lightning.memory.store import MemoryStore, check_fingerprint
+from reco_lightning.memory.store import MemoryStore
 from reco_lightning.optim import warmup_cosine
+from reco_lightning.pretrained import (
+    DEFAULT_CONFIG,
+    BackboneMismatchError,
+    RecoConfig,
+    RecoModel,
+    open_retriever,
+    refine_embeddings,
+)
 from reco_lightning.retrieval import Choice, NearDuplicateOf, Neighbours, Retriever
 from reco_lightning.types import Modality
 
 __all__ = ["BackboneMismatchError", "RecoModule"]
 
 BACKBONE_PREFIX = "backbone."
-DEFAULT_FUSION, DEFAULT_LOSS = FusionConfig(), LossConfig()  # frozen: safe as shared defaults
-
-
-class BackboneMismatchError(RecoError, RuntimeError):
-    """A checkpoint's fusion was trained on another backbone's embedding space."""
+DEFAULT_LOSS = LossConfig()  # frozen: safe as a shared default
+D = DEFAULT_CONFIG  # the inference settings' defaults are RecoConfig's (defined once)
 
 
 class RecoModule(pl.LightningModule):
     """Retrieval-enhanced CLIP.
 
     Args:
-        backbone: hub name or local directory of a transformers CLIP checkpoint (frozen).
+        backbone: hub name or local directory of a transformers dual encoder (CLIP, SigLIP, SigLIP 2), frozen.
         memory: directory of a memory built with this backbone (`reco memory build`); swap it freely
             after training. ``None`` means it is attached in code with :meth:`set_memory`.
-        memory_search_params: search-time backend overrides, e.g. ``{"nprobe": 64, "rerank": 100}``.
-        memory_device: "auto" puts the indexes on this rank's GPU when faiss has GPUs, "cpu" keeps them.
-        k: neighbours retrieved per query.
-        search: "uni" (same-modality search, the paper's best) or "cross".
-        fusion: "cross" (fuse the other modality, the paper's best) or "uni".
+        memory_search_params, memory_device, k, search, fusion, fusion_config, refine_image, refine_text,
+            mask_retrieved: the inference settings, documented once in
+            :class:`~reco_lightning.pretrained.RecoConfig` (their defaults are its).
         near_duplicate_threshold: training excludes memory items at least this similar to the pair.
         near_duplicate_of: "image" (compare candidates' images with the pair's image, for both sides) or
             "query" (compare with the query in its own modality); see Retriever.
         exclusion_margin: extra candidates searched during training so k survive exclusion.
-        fusion_config: the FusionTransformer of each side (options: FusionConfig in fusion.py).
         loss_config: the contrastive loss (options: LossConfig in losses.py).
         lr / weight_decay / warmup_steps / min_lr_ratio / betas: AdamW with linear warmup then cosine decay
             to ``min_lr_ratio * lr`` over the run's total steps.
-        refine_image / refine_text: which sides are refined at evaluation and prediction time.
-        mask_retrieved: the paper's "training without retrieval" control: every retrieved token is
-            masked, in training and at inference, so the same fusion and recipe learn from the pairs alone.
-            A gain of RECO counts only where it beats this control.
+
+    ``mask_retrieved`` is the paper's "training without retrieval" control: every retrieved token is
+    masked, in training and at inference, so the same fusion and recipe learn from the pairs alone. A
+    gain of RECO counts only where it beats this control.
     """
 
     def __init__(
         self,
         backbone: str,
         memory: str | None = None,
-        memory_search_params: dict[str, Any] | None = None,
-        memory_device: str = "auto",
-        k: int = 10,
-        search: Choice = "uni",
-        fusion: Choice = "cross",
+        memory_search_params: dict[str, Any] | None = D.memory_search_params,
+        memory_device: str = D.memory_device,
+        k: int = D.k,
+        search: Choice = D.search,
+        fusion: Choice = D.fusion,
         near_duplicate_threshold: float = 0.95,
         near_duplicate_of: NearDuplicateOf = "image",
         exclusion_margin: int = 16,
-        fusion_config: FusionConfig = DEFAULT_FUSION,
+        fusion_config: FusionConfig = D.fusion_config,
         loss_config: LossConfig = DEFAULT_LOSS,
         lr: float = 1e-4,
         weight_decay: float = 0.05,
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.98),
-        refine_image: bool = True,
-        refine_text: bool = True,
-        mask_retrieved: bool = False,
+        refine_image: bool = D.refine_image,
+        refine_text: bool = D.refine_text,
+        mask_retrieved: bool = D.mask_retrieved,
     ) -> None:
         super().__init__()
         fusion_config, loss_config = FusionConfig.coerce(fusion_config), LossConfig.coerce(loss_config)
@@ -93,7 +97,7 @@ class RecoModule(pl.LightningModule):
             asdict(fusion_config),
             asdict(loss_config),
         )
-        self.backbone = FrozenCLIP(backbone)
+        self.backbone = FrozenEncoder(backbone)
         self.image_fusion = FusionTransformer(self.backbone.dim, fusion_config)
         self.text_fusion = FusionTransformer(self.backbone.dim, fusion_config)
         self.criterion = RecoContrastiveLoss(loss_config)
@@ -102,32 +106,38 @@ class RecoModule(pl.LightningModule):
     # --- memory ---------------------------------------------------------------------------------------
     def set_memory(self, memory: MemoryStore | str | Path) -> None:
         """Attach (or swap) the memory; it must come from this module's backbone."""
-        if not isinstance(memory, MemoryStore):
-            memory = MemoryStore.open(
-                memory,
-                expected_fingerprint=self.backbone.fingerprint,
-                search_params=self.hparams.memory_search_params,
-            )
-        elif memory.fingerprint is not None:
-            check_fingerprint(
-                memory.fingerprint, self.backbone.fingerprint, f"memory {memory.path or '(in RAM)'}"
-            )
-        if memory.dim != self.backbone.dim:
-            raise ValueError(
-                f"memory dim {memory.dim} != backbone dim {self.backbone.dim}: use a memory built with this backbone"
-            )
-        if self.hparams.memory_device == "auto" and self.device.type == "cuda":
-            memory.to_device(self.device.index or 0)
         hp = self.hparams
-        self.retriever = Retriever(
+        # Lightning calls setup() before it moves the module to the rank's device: place the memory by
+        # where the trainer will run, not by where the module is now
+        device = self._trainer.strategy.root_device if self._trainer is not None else self.device
+        self.retriever = open_retriever(
+            self.backbone,
             memory,
-            k=hp.k,
-            search=hp.search,
-            fusion=hp.fusion,
+            self.inference_config(),
+            device,
             near_duplicate_threshold=hp.near_duplicate_threshold,
             near_duplicate_of=hp.get("near_duplicate_of", "image"),
             exclusion_margin=hp.exclusion_margin,
         )
+
+    def inference_config(self) -> RecoConfig:
+        """The settings this module refines with, as the inference model holds them."""
+        return RecoConfig.from_mapping(self.hparams)
+
+    def to_pretrained(self, info: dict[str, Any] | None = None) -> RecoModel:
+        """The trained RECO as a plain :class:`RecoModel` (what ``reco export`` saves): it shares this
+        module's backbone, copies the fusions and the temperature, and keeps the attached memory."""
+        model = RecoModel(
+            self.backbone,
+            self.inference_config(),
+            logit_scale=float(self.criterion.logit_scale.detach()),
+            info=info,
+        )
+        model.image_fusion.load_state_dict(self.image_fusion.state_dict())
+        model.text_fusion.load_state_dict(self.text_fusion.state_dict())
+        model.to(self.device)
+        model.retriever = self.retriever
+        return model
 
     def setup(self, stage: str) -> None:
         if self.retriever is None and self.hparams.memory:
@@ -196,20 +206,17 @@ class RecoModule(pl.LightningModule):
         frozen images of text queries' pairs, for near-duplicate exclusion in training.
         """
         fusion = self.image_fusion if modality == "image" else self.text_fusion
-        if embeddings.shape[0] == 0 or self.hparams.get("mask_retrieved", False):
-            # mask_retrieved: one masked token stands for the k retrieved ones (the fusion reads nothing).
-            # No rows on this rank: still run the fusion once so every parameter joins the backward pass
-            # (DDP waits for all of them), and return its 0-row slice.
-            count = max(1, embeddings.shape[0])
-            query = embeddings if embeddings.shape[0] else embeddings.new_zeros(1, embeddings.shape[1])
-            blank = embeddings.new_zeros(count, 1, embeddings.shape[1])
-            mask = torch.zeros(count, 1, dtype=torch.bool, device=embeddings.device)
-            return fusion(query, blank, mask)[: embeddings.shape[0]]
-        if rows is not None:
-            neighbours = self.require_retriever().gather(rows, modality, embeddings.device)
-        else:
-            neighbours = self.neighbours(embeddings, modality, exclude_ids, k, pair_images)
-        return fusion(embeddings, neighbours.embeddings, neighbours.mask)
+        return refine_embeddings(
+            fusion,
+            self.retriever,
+            embeddings,
+            modality,
+            mask_retrieved=self.hparams.get("mask_retrieved", False),
+            exclude_ids=exclude_ids,
+            k=k,
+            rows=rows,
+            pair_images=pair_images,
+        )
 
     def neighbours(
         self,

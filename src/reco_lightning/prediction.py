@@ -1,6 +1,6 @@
 """`reco predict`'s output: :class:`EmbeddingWriter` writes the refined embeddings in clip-retrieval's layout.
 
-Add it to the Trainer's callbacks (``trainer.callbacks`` in a config) and run ``reco predict``. Each rank
+``reco predict --output_dir DIR`` adds it (or list it under ``trainer.callbacks`` in a config). Each rank
 writes its own parts, with no gather, every ``part_size`` rows and at its end::
 
     output_dir/
@@ -50,9 +50,10 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from reco_lightning.atomic import atomic_write_bytes, atomic_write_text
 from reco_lightning.errors import RecoError
 
-__all__ = ["COLUMNS", "FORMAT", "EmbeddingExportError", "EmbeddingWriter"]
+__all__ = ["COLUMNS", "DEFAULT_PART_SIZE", "FORMAT", "EmbeddingExportError", "EmbeddingWriter"]
 
 FORMAT = "reco-embeddings/1"
+DEFAULT_PART_SIZE = 100_000  # rows per part file
 #: the metadata columns, from the collated batch (clip-retrieval's ``image_path`` and ``caption`` first)
 COLUMNS = ("image_path", "caption", "id", "key", "position")
 _STRINGS = ("image_path", "caption", "key")
@@ -79,7 +80,7 @@ class EmbeddingWriter(BasePredictionWriter):
     def __init__(
         self,
         output_dir: str,
-        part_size: int = 100_000,
+        part_size: int = DEFAULT_PART_SIZE,
         write_frozen: bool = False,
         keep_predictions: bool = False,
     ) -> None:

@@ -68,7 +68,7 @@ class Retriever:
             image leaks the answer. "query": the candidate's item of the query's own modality against the
             query; for text queries this also drops every other pair with the same caption, which in
             templated or class-name captions removes all the knowledge the text side needs (measured in
-            the README: it cost the demo's open protocol 10 points of unseen-class top-1).
+            docs/results.md: it cost the demo's open protocol 10 points of unseen-class top-1).
         exclusion_margin: extra candidates fetched when excluding, so k usually survive.
         max_candidates: cap on the widened search for queries whose candidates were all excluded.
     """

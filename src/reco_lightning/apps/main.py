@@ -95,8 +95,11 @@ def prepare_tiny_main(args: Sequence[str]) -> None:
     parser.add_argument("--out", default="artifacts/tiny")
     parser.add_argument("--n_train", type=int, default=256)
     parser.add_argument("--n_val", type=int, default=64)
+    parser.add_argument(
+        "--family", default="clip", choices=["clip", "siglip", "siglip2"], help="the tiny backbone's family"
+    )
     cfg = parser.parse_args(list(args))
-    print(f"tiny setup ready in {prepare_tiny(cfg.out, cfg.n_train, cfg.n_val)}")
+    print(f"tiny setup ready in {prepare_tiny(cfg.out, cfg.n_train, cfg.n_val, family=cfg.family)}")
 
 
 #: subcommands of the apps, added to the library's (reco_lightning.cli.COMMANDS)

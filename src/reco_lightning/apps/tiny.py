@@ -15,7 +15,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from reco_lightning.atomic import replace_directory
-from reco_lightning.tiny_clip import save_tiny_clip
+from reco_lightning.tiny_clip import TINY_FAMILIES, save_tiny_backbone
 
 __all__ = ["COLOURS", "SHAPES", "make_shape_classes", "make_shape_pairs", "prepare_tiny"]
 
@@ -81,11 +81,18 @@ def make_shape_classes(directory: str | os.PathLike, per_class: int, seed: int =
     return directory
 
 
-def prepare_tiny(directory: str | os.PathLike, n_train: int = 256, n_val: int = 64, seed: int = 0) -> Path:
-    """Create ``clip/``, ``train.csv``, ``val.csv``, ``zeroshot/`` and ``memory/`` under ``directory`` unless present."""
+def prepare_tiny(
+    directory: str | os.PathLike, n_train: int = 256, n_val: int = 64, seed: int = 0, family: str = "clip"
+) -> Path:
+    """Create ``train.csv``, ``val.csv``, ``zeroshot/``, the backbone and its memory under ``directory``
+    unless present. The backbone (a random tiny one of ``family``: clip, siglip or siglip2) goes to
+    ``<family>/`` and its memory to ``memory/`` (clip) or ``memory_<family>/``."""
     from reco_lightning.jobs.memory_build import build_memory
 
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"unknown tiny backbone family {family!r}: use one of {', '.join(TINY_FAMILIES)}")
     directory = Path(directory)
+    backbone, memory = directory / family, directory / ("memory" if family == "clip" else f"memory_{family}")
     train_csv = directory / "train.csv"
     if not train_csv.is_file():
         make_shape_pairs(directory, n_train, seed=seed, name="train.csv")
@@ -93,14 +100,14 @@ def prepare_tiny(directory: str | os.PathLike, n_train: int = 256, n_val: int = 
         make_shape_pairs(directory, n_val, seed=seed + 1, name="val.csv")
     if not (directory / "zeroshot").is_dir():
         make_shape_classes(directory / "zeroshot", per_class=4, seed=seed + 2)
-    if not (directory / "clip" / "config.json").is_file():
+    if not (backbone / "config.json").is_file():
         captions = [t.format(c=c, s=s) for t in TEMPLATES for c in COLOURS for s in SHAPES]
-        save_tiny_clip(directory / "clip", captions, seed=seed)
-    if not (directory / "memory" / "manifest.json").is_file():
+        save_tiny_backbone(backbone, captions, family=family, seed=seed)
+    if not (memory / "manifest.json").is_file():
         build_memory(
             train_csv,
-            directory / "memory",
-            backbone=str(directory / "clip"),
+            memory,
+            backbone=str(backbone),
             batch_size=64,
             chunk_size=128,
             trainer_kwargs={"accelerator": "cpu", "devices": 1, "enable_progress_bar": False},

@@ -1,8 +1,8 @@
 """The collate stage: a list of decoded samples -> the backbone's input tensors, bad samples set aside.
 
 Runs in the DataLoader workers, after the stream has decoded the images. It applies the backbone's own
-image processor and tokenizer (:func:`reco_lightning.encoders.tokenize_captions`, the same call the
-backbone uses for prompts), so training sees exactly CLIP's inputs. Apart from the stream because it is
+image processor and tokenizer (:class:`reco_lightning.encoders.Preprocessor`, the same calls the
+backbone uses for prompts), so training sees exactly the backbone family's inputs. Apart from the stream because it is
 the only stage that needs the backbone's processor: a memory build, a feature cache and training each
 build one from their backbone.
 """
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from reco_lightning.data.records import PairRecord
-from reco_lightning.encoders import tokenize_captions
+from reco_lightning.encoders import Preprocessor
 
 __all__ = ["PairCollator"]
 
@@ -23,8 +23,8 @@ __all__ = ["PairCollator"]
 class PairCollator:
     """A list of samples -> backbone inputs. Bad samples are dropped and their keys passed on."""
 
-    def __init__(self, processor: Any, max_text_length: int) -> None:
-        self.processor, self.max_text_length = processor, max_text_length
+    def __init__(self, preprocessor: Preprocessor) -> None:
+        self.preprocessor = preprocessor
 
     def __call__(self, samples: Sequence[tuple[int, PairRecord, dict[str, Any] | None]]) -> dict[str, Any]:
         good = [(p, s) for p, _, s in samples if s is not None]
@@ -40,8 +40,6 @@ class PairCollator:
             not good
         ):  # every sample bad: an empty batch that the module still steps through (DDP stays in sync)
             return batch
-        text = tokenize_captions(self.processor.tokenizer, batch["caption"], self.max_text_length)
-        images = [s["image"] for _, s in good]
-        batch["pixel_values"] = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
-        batch["input_ids"], batch["attention_mask"] = text["input_ids"], text["attention_mask"]
+        batch.update(self.preprocessor.images([s["image"] for _, s in good]))
+        batch.update(self.preprocessor.tokenize(batch["caption"]))
         return batch

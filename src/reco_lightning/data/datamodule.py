@@ -103,11 +103,9 @@ class ImageTextDataModule(pl.LightningDataModule):
     @property
     def collator(self) -> PairCollator:
         if self._collator is None:
-            from transformers import CLIPProcessor, CLIPTextConfig
+            from reco_lightning.encoders import Preprocessor
 
-            processor = CLIPProcessor.from_pretrained(self.hparams.backbone)
-            max_len = CLIPTextConfig.from_pretrained(self.hparams.backbone).max_position_embeddings
-            self._collator = PairCollator(processor, max_len)
+            self._collator = PairCollator(Preprocessor.from_pretrained(self.hparams.backbone))
         return self._collator
 
     def expect(

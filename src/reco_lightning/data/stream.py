@@ -32,7 +32,14 @@ from torch.utils.data import IterableDataset, get_worker_info
 from reco_lightning.data.ranks import share
 from reco_lightning.data.records import PairRecord, PairSource
 
-__all__ = ["PairStream", "decode"]
+__all__ = ["PairStream", "decode", "load_rgb"]
+
+
+def load_rgb(data: str | bytes | Any) -> Image.Image:
+    """An image file (a path, its bytes or a file object) as a PIL RGB image: how every pair is decoded,
+    and how :meth:`reco_lightning.pretrained.RecoModel.encode_image` reads paths, so both see one image."""
+    with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
+        return img.convert("RGB")
 
 
 def decode(record: PairRecord) -> dict[str, Any] | None:
@@ -41,8 +48,7 @@ def decode(record: PairRecord) -> dict[str, Any] | None:
         return None
     try:
         data = record.load()
-        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
-            image = img.convert("RGB")
+        image = load_rgb(data)
     except (OSError, ValueError, EOFError, tarfile.TarError, Image.DecompressionBombError):
         return None
     # image_path: the file for file sources, the member key for shards (what clip-retrieval records)

@@ -3,7 +3,9 @@
 Both a memory build (frozen embeddings) and a feature cache (embeddings + neighbour rows) encode a whole
 source through ``Trainer.predict``. This module does the shared part: the source is cut into fixed
 windows of rows; each window is split over the Trainer's ranks, every rank writes its share, and rank 0
-merges the shares in source order into one chunk file, written atomically. A re-run with the same plan
+merges the shares in source order into one chunk file, written atomically. Shares and chunks are
+safetensors files (tensors, with the per-row lists and per-chunk values as JSON metadata): reading them
+back never unpickles anything, so a tampered file in a work folder is refused, not run. A re-run with the same plan
 skips finished chunks, so an interrupted build loses at most one chunk of work.
 
 Lightning's predict loop ends without a barrier, so ranks leave ``trainer.predict`` at different times:
@@ -17,6 +19,7 @@ of the plan or of the ranks' shares raise :class:`~reco_lightning.errors.Chunked
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -35,7 +38,56 @@ from reco_lightning.data.records import PairSource
 from reco_lightning.data.stream import PairStream
 from reco_lightning.errors import ChunkedJobError
 
-__all__ = ["assemble", "clear_work", "concat_parts", "iter_chunks", "predict_in_chunks"]
+__all__ = [
+    "assemble",
+    "clear_work",
+    "concat_parts",
+    "iter_chunks",
+    "load_chunk",
+    "predict_in_chunks",
+    "save_chunk",
+]
+
+CHUNK_SUFFIX = ".safetensors"
+_EXTRAS = "reco_chunk_extras"  # the metadata key of a chunk's non-tensor values
+
+
+def save_chunk(chunk: dict[str, Any], path: Path) -> None:
+    """Write a chunk (or one rank's share) atomically: tensors as safetensors, the rest as JSON metadata.
+
+    Lists (per row), tuples (per chunk) and numbers keep their kind, so :func:`concat_parts` joins a
+    loaded chunk exactly as it joined the one in memory.
+    """
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in chunk.items() if isinstance(v, torch.Tensor)}
+    extras = {
+        k: [type(v).__name__, list(v) if isinstance(v, list | tuple) else v]
+        for k, v in chunk.items()
+        if not isinstance(v, torch.Tensor)
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={_EXTRAS: json.dumps(extras)})
+    os.replace(tmp, path)
+
+
+def load_chunk(path: Path) -> dict[str, Any]:
+    """A chunk written by :func:`save_chunk`; anything else is a :class:`ChunkedJobError` naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            chunk: dict[str, Any] = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118
+            extras = json.loads((fh.metadata() or {})[_EXTRAS])
+    except (SafetensorError, OSError, KeyError, ValueError) as err:
+        raise ChunkedJobError(
+            f"{path} is not a chunk file of this job ({type(err).__name__}): delete it (or its work folder) and "
+            "re-run the same command"
+        ) from None
+    kinds = {"list": list, "tuple": tuple}
+    for key, (kind, value) in extras.items():
+        chunk[key] = kinds[kind](value) if kind in kinds else value
+    return chunk
 
 
 def concat_parts(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -98,7 +150,7 @@ class _ChunkData(pl.LightningDataModule):
 
 
 class _RankWriter(BasePredictionWriter):
-    """Each rank writes its share of a chunk to ``rank<R>.pt`` when its prediction epoch ends."""
+    """Each rank writes its share of a chunk to ``rank<R>.safetensors`` when its prediction epoch ends."""
 
     def __init__(self, directory: Path) -> None:
         super().__init__(write_interval="epoch")
@@ -111,14 +163,11 @@ class _RankWriter(BasePredictionWriter):
         predictions: list[Any],
         batch_indices: Any,
     ) -> None:
-        path = self.directory / f"rank{trainer.global_rank}.pt"
-        tmp = path.with_suffix(".tmp")
-        torch.save(concat_parts(predictions), tmp)
-        os.replace(tmp, path)
+        save_chunk(concat_parts(predictions), _rank_file(self.directory, trainer.global_rank))
 
 
 def _rank_file(rank_dir: Path, rank: int) -> Path:
-    return rank_dir / f"rank{rank}.pt"
+    return rank_dir / f"rank{rank}{CHUNK_SUFFIX}"
 
 
 def _merge_ranks(rank_dir: Path, final: Path, world_size: int, window: tuple[int, int]) -> None:
@@ -128,7 +177,7 @@ def _merge_ranks(rank_dir: Path, final: Path, world_size: int, window: tuple[int
     position of ``window`` must appear once, either as a row or among the ``bad`` samples counted.
     """
     files = [_rank_file(rank_dir, rank) for rank in range(world_size)]
-    parts = [torch.load(p, weights_only=False) for p in files if p.is_file()]
+    parts = [load_chunk(p) for p in files if p.is_file()]
     merged = concat_parts([p for p in parts if p])
     rows = len(merged.get("position", ()))
     bad = int(merged.get("bad", 0))
@@ -144,9 +193,7 @@ def _merge_ranks(rank_dir: Path, final: Path, world_size: int, window: tuple[int
         )
     if merged:
         merged = _take(merged, torch.argsort(merged["position"]).tolist())  # source order, any world size
-    tmp = final.with_suffix(".tmp")
-    torch.save(merged, tmp)
-    os.replace(tmp, final)
+    save_chunk(merged, final)
     shutil.rmtree(rank_dir)
 
 
@@ -161,7 +208,7 @@ def predict_in_chunks(
     num_workers: int = 0,
     trainer_kwargs: dict[str, Any] | None = None,
 ) -> tuple[list[Path], pl.Trainer]:
-    """Predict every pair of ``pairs`` with ``module`` into ``work/chunks/*.pt``; resume a matching plan.
+    """Predict every pair of ``pairs`` with ``module`` into ``work/chunks/*.safetensors``; resume a matching plan.
 
     ``module.predict_step`` must return a dict with a ``position`` tensor (from the batch), the number of
     ``bad`` samples it skipped, and any other tensors/lists (per row), tuples (per chunk) or counts; the
@@ -189,7 +236,7 @@ def predict_in_chunks(
     )
     total = len(pairs)
     n_chunks = (total + chunk_size - 1) // chunk_size
-    files = [chunks_dir / f"{chunk:06d}.pt" for chunk in range(n_chunks)]
+    files = [chunks_dir / f"{chunk:06d}{CHUNK_SUFFIX}" for chunk in range(n_chunks)]
     for chunk, final in enumerate(files):
         if final.is_file():  # written by rank 0 between two barriers: every rank sees the same files here
             continue
@@ -216,7 +263,7 @@ def predict_in_chunks(
 def iter_chunks(files: list[Path]) -> Iterator[dict[str, Any]]:
     """Load finished chunk files one at a time (a whole source never has to fit in RAM)."""
     for path in files:
-        chunk = torch.load(path, weights_only=False)
+        chunk = load_chunk(path)
         if chunk:
             yield chunk
 

@@ -91,7 +91,7 @@ def build_feature_cache(
     if problem:
         warnings.warn(problem, stacklevel=2)
     work = out.parent / f".{out.name}.partial"
-    collator = PairCollator(model.backbone.processor, model.backbone.max_text_length)
+    collator = PairCollator(model.backbone.preprocessor)
     files, trainer = predict_in_chunks(
         _CacheEncoder(model),
         pairs,

@@ -22,10 +22,10 @@ import torch
 from reco_lightning.atomic import replace_directory
 from reco_lightning.data.collate import PairCollator
 from reco_lightning.data.sources import open_source
-from reco_lightning.encoders import FrozenCLIP
+from reco_lightning.encoders import FrozenEncoder
 from reco_lightning.errors import ChunkedJobError, RecoMemoryError
 from reco_lightning.jobs.chunked import assemble, clear_work, predict_in_chunks
-from reco_lightning.memory.base import DEFAULT_TRAIN_SIZE
+from reco_lightning.memory.base import DEFAULT_TRAIN_SIZE, check_buildable
 from reco_lightning.memory.store import finish_memory, write_metadata
 
 __all__ = ["BAD_KEYS_KEPT", "MAX_DEFAULT_WORKERS", "EncoderModule", "build_memory", "default_num_workers"]
@@ -42,7 +42,7 @@ def default_num_workers(accelerator: Any = "auto", devices: Any = "auto", cpus: 
     """DataLoader workers per device process of an encoding pass, for the Trainer's ``accelerator``/``devices``.
 
     On CPU (``accelerator="cpu"``, or ``"auto"`` without a GPU): 0. The CLIP forward is then the bottleneck
-    by far (95% of an on-the-fly ViT-B/32 step, README benchmarks) and already uses every core; workers
+    by far (95% of an on-the-fly ViT-B/32 step, docs/benchmarks.md) and already uses every core; workers
     would only take cores from it. On GPUs (or another
     accelerator): ``min(8, cpus // devices)``, the node's CPUs (those this process may run on) shared by its
     device processes; ``devices`` as the Trainer takes it (a count, a list or "0,1" of ids, "auto" or -1 for
@@ -83,7 +83,7 @@ class EncoderModule(pl.LightningModule):
 
     def __init__(self, backbone: str) -> None:
         super().__init__()
-        self.backbone = FrozenCLIP(backbone)
+        self.backbone = FrozenEncoder(backbone)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         image, text = self.backbone.encode_batch(batch)  # [0, dim] each when every sample was bad
@@ -127,6 +127,7 @@ def build_memory(
     out = Path(out)
     if out.exists() and not overwrite:
         raise RecoMemoryError(f"memory {out} already exists: choose another --out or pass --overwrite")
+    check_buildable(backend)  # before minutes of encoding
     pairs = open_source(source, image_column, caption_column, id_column)
     total = len(pairs)
     if total == 0:
@@ -150,7 +151,7 @@ def build_memory(
         "id_scheme": pairs.id_scheme,  # chunks hold ids: a resume must not mix two schemes
         "precision": str(trainer_kwargs.get("precision", "32-true")),  # nor two encodings' numerics
     }
-    collator = PairCollator(module.backbone.processor, module.backbone.max_text_length)
+    collator = PairCollator(module.backbone.preprocessor)
     try:
         files, trainer = predict_in_chunks(
             module, pairs, work, plan, collator, chunk_size, batch_size, num_workers, trainer_kwargs

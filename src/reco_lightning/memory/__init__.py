@@ -6,6 +6,7 @@ from reco_lightning.memory.exact import ExactBackend, MappedExactBackend
 from reco_lightning.memory.ivfpq import IVFPQBackend
 from reco_lightning.memory.ondisk import OnDiskIVFPQBackend
 from reco_lightning.memory.store import MemoryStore
+from reco_lightning.memory.torch_exact import TorchExactBackend
 
 __all__ = [
     "BACKENDS",
@@ -16,6 +17,7 @@ __all__ = [
     "MemoryBackend",
     "MemoryStore",
     "OnDiskIVFPQBackend",
+    "TorchExactBackend",
     "backend_class",
     "register_backend",
 ]

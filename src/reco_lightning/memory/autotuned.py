@@ -26,7 +26,27 @@ from reco_lightning.memory.gpu import index_to_cpu, index_to_gpu
 
 __all__ = ["AutofaissBackend"]
 
-_INSTALL_HINT = "autofaiss is not installed: pip install 'reco-lightning[autofaiss]'"
+_EXTRA = (
+    "autofaiss 2.18 needs numpy<2 and faiss-cpu<1.14, so it lives in its own environment: "
+    "pip install 'reco-lightning[autofaiss]' there (here: make install-autofaiss), or use --backend ivfpq"
+)
+_INSTALL_HINT = f"the autofaiss backend cannot build here: autofaiss is not installed ({_EXTRA})"
+
+
+def require_autofaiss(index_key: str | None) -> None:
+    """Refuse, in one line naming the extra, a build that cannot work in this environment: autofaiss
+    missing, or faiss >= 1.14 where autofaiss may choose an OPQ index (``OPQMatrix(M=...)`` fails there)."""
+    try:
+        import autofaiss  # noqa: F401
+    except ImportError as err:
+        raise RecoMemoryError(_INSTALL_HINT) from err
+    version = tuple(int(part) for part in faiss.__version__.split(".")[:2] if part.isdigit())
+    if version >= (1, 14) and (index_key is None or "OPQ" in index_key):
+        raise RecoMemoryError(
+            f"the autofaiss backend cannot build here: faiss {faiss.__version__} breaks autofaiss's OPQ indexes "
+            f"({'it may choose one' if index_key is None else index_key}); {_EXTRA}, or give an index_key "
+            "without OPQ"
+        )
 
 
 @register_backend("autofaiss")
@@ -72,6 +92,10 @@ class AutofaissBackend(MemoryBackend):
         self._pending: list[np.ndarray] = []
 
     # --- building -------------------------------------------------------------------------------------
+    @classmethod
+    def check_buildable(cls, index_key: str | None = None, **init_args: Any) -> None:
+        require_autofaiss(index_key)
+
     def train(self, vectors: np.ndarray) -> None:
         """No-op: autofaiss draws its own training sample from all added vectors when it builds."""
         self._check(vectors, "training vectors")
@@ -108,10 +132,9 @@ class AutofaissBackend(MemoryBackend):
         return self.index
 
     def _build_from(self, vectors: np.ndarray) -> None:
-        try:
-            import autofaiss
-        except ImportError as err:
-            raise RecoMemoryError(_INSTALL_HINT) from err
+        require_autofaiss(self.index_key)
+        import autofaiss
+
         n = len(vectors)
         with _quiet_autofaiss() as messages:
             try:

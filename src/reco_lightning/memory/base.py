@@ -31,6 +31,7 @@ __all__ = [
     "MemoryBackend",
     "backend_class",
     "backend_from_spec",
+    "check_buildable",
     "recorded_spec",
     "register_backend",
     "training_sample",
@@ -77,6 +78,17 @@ def backend_class(name_or_path: str) -> type[MemoryBackend]:
     if not (isinstance(cls, type) and issubclass(cls, MemoryBackend)):
         raise RecoMemoryError(f"{name_or_path!r} is not a MemoryBackend subclass")
     return cls
+
+
+def check_buildable(spec: str | dict[str, Any] | MemoryBackend) -> None:
+    """Refuse, before any encoding, a backend spec this environment cannot build (see
+    :meth:`MemoryBackend.check_buildable`); an instance is already built or buildable."""
+    if isinstance(spec, MemoryBackend):
+        return
+    if isinstance(spec, str):
+        backend_class(spec).check_buildable()
+    elif "class_path" in spec:
+        backend_class(spec["class_path"]).check_buildable(**dict(spec.get("init_args") or {}))
 
 
 def backend_from_spec(spec: str | dict[str, Any] | MemoryBackend, dim: int) -> MemoryBackend:
@@ -129,6 +141,12 @@ class MemoryBackend(ABC):
     #: Constructor arguments that only change how a built index is searched, so ``load`` (and a model's
     #: ``memory_search_params``) may override them. ``None``: every keyword argument of ``__init__``.
     search_args: ClassVar[frozenset[str] | None] = None
+
+    @classmethod
+    def check_buildable(cls, **init_args: Any) -> None:
+        """Raise :class:`RecoMemoryError` (one line, naming the fix) if this environment cannot build such
+        an index; called before a build starts encoding. Opening a built index never calls it."""
+        return None
 
     def __init__(self, dim: int) -> None:
         if dim <= 0:

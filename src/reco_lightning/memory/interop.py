@@ -39,7 +39,7 @@ from reco_lightning.arrays import RowWriter
 from reco_lightning.atomic import atomic_write, atomic_write_text, claim_plan, replace_directory
 from reco_lightning.errors import RecoMemoryError
 from reco_lightning.hashing import derived_ids
-from reco_lightning.memory.base import DEFAULT_TRAIN_SIZE
+from reco_lightning.memory.base import DEFAULT_TRAIN_SIZE, check_buildable
 from reco_lightning.memory.store import MemoryStore, finish_memory
 
 __all__ = ["NORM_TOLERANCE", "VERIFY_COSINE", "export_memory", "import_embeddings", "verify_backbone"]
@@ -248,6 +248,7 @@ def import_embeddings(
     src, out = Path(src), Path(out)
     if out.exists() and not overwrite:
         raise RecoMemoryError(f"memory {out} already exists: choose another --out or pass --overwrite")
+    check_buildable(backend)
     parts, dim, key_source = _scan(src, id_column, caption_column, key_column)
     total = sum(p["rows"] for p in parts)
     id_scheme = f"column:{id_column}" if id_column is not None else f"import:{key_source}"
@@ -383,13 +384,13 @@ def verify_backbone(
     """
     import pyarrow.parquet as pq
 
-    from reco_lightning.encoders import FrozenCLIP
+    from reco_lightning.encoders import FrozenEncoder
 
     declared = {"name_or_path": backbone, "dim": dim, "declared": True}
     if verify is False or (verify is None and not Path(backbone).is_dir()):
         return declared
     try:
-        model = FrozenCLIP(backbone)
+        model = FrozenEncoder(backbone)
     except Exception as err:  # unreachable hub name, not a CLIP directory
         if verify:
             raise RecoMemoryError(f"cannot verify the backbone {backbone!r}: {err}") from err

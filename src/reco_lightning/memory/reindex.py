@@ -17,7 +17,7 @@ from typing import Any
 
 from reco_lightning.atomic import replace_directory
 from reco_lightning.errors import RecoMemoryError
-from reco_lightning.memory.base import DEFAULT_TRAIN_SIZE, backend_from_spec
+from reco_lightning.memory.base import DEFAULT_TRAIN_SIZE, backend_from_spec, check_buildable
 from reco_lightning.memory.ondisk import OnDiskIVFPQBackend, ShardedIndexBuild
 from reco_lightning.memory.store import MemoryStore, update_manifest
 
@@ -50,6 +50,7 @@ def index_memory(
     store = MemoryStore.open(memory_dir, load_indexes=False)
     root = Path(memory_dir)
     dim = store.dim
+    check_buildable(backend)
     probe = backend_from_spec(backend, dim)
     if not isinstance(probe, OnDiskIVFPQBackend):
         if stage != "all" or shard is not None:

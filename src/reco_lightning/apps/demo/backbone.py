@@ -4,7 +4,7 @@ No pretrained CLIP can be installed offline, so the demo makes its own frozen ba
 knowledge gap: it never sees an image or a caption of the unseen classes. RECO should then recover those
 classes from a memory that has them. The result is saved in hub layout by
 :func:`reco_lightning.tiny_clip.save_clip`, so the rest of the package loads it like any CLIP through
-:class:`reco_lightning.encoders.FrozenCLIP`.
+:class:`reco_lightning.encoders.FrozenEncoder`.
 
 The stages live beside it, each importing only those before it:
 :mod:`~reco_lightning.apps.demo.recipe` (every setting that affects the weights) ->

@@ -24,7 +24,7 @@ from reco_lightning.apps.demo.fashion_mnist import (
 )
 from reco_lightning.apps.demo.probes import image_knn_accuracy, text_retrieval_precision, zero_shot_accuracy
 from reco_lightning.apps.demo.recipe import TRAINING_LOG_FILENAME, BackboneRecipe
-from reco_lightning.encoders import FrozenCLIP
+from reco_lightning.encoders import FrozenEncoder
 
 __all__ = ["main"]
 
@@ -79,7 +79,7 @@ def _knowledge_gap_report(args: argparse.Namespace, recipe: BackboneRecipe) -> d
     from reco_lightning.data.zeroshot import load_templates
 
     directory = ensure_backbone(args.out, recipe, num_threads=None)
-    clip = FrozenCLIP(directory)
+    clip = FrozenEncoder(directory)
     templates = load_templates(args.templates)
     train_images, train_labels = load_fashion_mnist(args.data_root, "train")
     test_images, test_labels = load_fashion_mnist(args.data_root, "test")

@@ -64,7 +64,7 @@ FASHION_MNIST_CLASSES: tuple[str, ...] = tuple(load_classnames("fashion_mnist"))
 #: dress, coat, sneaker, bag; unseen: trouser, pullover, sandal, shirt, ankle boot). Here the frozen
 #: model's seen-class score is flattered by the gap itself: it never predicts an unseen class, so a coat
 #: is never mistaken for a pullover. Once RECO makes the unseen classes real competitors, seen images that
-#: resemble their unseen look-alike start going to it, and seen accuracy drops (measured in the README).
+#: resemble their unseen look-alike start going to it, and seen accuracy drops (measured in docs/results.md).
 DEMO_SPLITS: dict[str, tuple[int, ...]] = {
     "tops": (0, 2, 4, 6, 8),
     "shoes": (1, 3, 5, 7, 9),

@@ -1,7 +1,7 @@
 """Probes of the stand-in CLIP's knowledge gap: zero-shot accuracy, image k-NN, text-to-text retrieval.
 
 Apart from the training (:mod:`reco_lightning.apps.demo.backbone_train`) because they only read a finished
-backbone, any backbone: each takes a directory or a loaded :class:`reco_lightning.encoders.FrozenCLIP`.
+backbone, any backbone: each takes a directory or a loaded :class:`reco_lightning.encoders.FrozenEncoder`.
 Results are percentages over seen-class, unseen-class and all queries, so one report shows what the
 backbone knows and what RECO has to recover. The zero-shot classifier is the library's
 (:func:`reco_lightning.metrics.build_class_embeddings`), the same one RECO is scored with.
@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from reco_lightning.apps.demo.backbone_train import to_pil_images
 from reco_lightning.apps.demo.fashion_mnist import DEFAULT_SEEN_CLASSES, FASHION_MNIST_CLASSES
-from reco_lightning.encoders import FrozenCLIP
+from reco_lightning.encoders import FrozenEncoder
 from reco_lightning.metrics import build_class_embeddings, build_prompts
 
 __all__ = [
@@ -32,11 +32,11 @@ __all__ = [
 ]
 
 #: A backbone directory, or the backbone already loaded.
-Backbone = str | os.PathLike | FrozenCLIP
+Backbone = str | os.PathLike | FrozenEncoder
 
 
-def _clip(backbone: Backbone) -> FrozenCLIP:
-    return backbone if isinstance(backbone, FrozenCLIP) else FrozenCLIP(backbone)
+def _clip(backbone: Backbone) -> FrozenEncoder:
+    return backbone if isinstance(backbone, FrozenEncoder) else FrozenEncoder(backbone)
 
 
 def encode_uint8_images(backbone: Backbone, images: np.ndarray, batch_size: int = 1024) -> Tensor:
@@ -54,7 +54,7 @@ def encode_uint8_images(backbone: Backbone, images: np.ndarray, batch_size: int 
     return torch.cat(out) if out else torch.empty(0, clip.dim)
 
 
-def _encode_texts(clip: FrozenCLIP, texts: Sequence[str], batch_size: int = 1024) -> Tensor:
+def _encode_texts(clip: FrozenEncoder, texts: Sequence[str], batch_size: int = 1024) -> Tensor:
     return torch.cat(
         [clip.encode_captions(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
     )

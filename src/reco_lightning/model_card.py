@@ -1,0 +1,143 @@
+"""The README.md model card of an export: what the fusion is, how to load it, what it was trained with, how it scored.
+
+Generated from the export's own ``config.json`` (and the run's ``zeroshot_report.json`` when there is
+one), so the card never says more than the files hold. The front matter follows the Hugging Face Hub's
+model card metadata, so an export pushed to the Hub is indexed as a zero-shot image classifier.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["model_card", "report_table"]
+
+#: the report columns the card shows, in this order, when the report has them
+CARD_METRICS = ("top1", "top5", "mean_per_class_recall", "top1_seen", "top1_unseen", "i2t_r@1", "t2i_r@1")
+
+
+def report_table(report: Mapping[str, Any], max_rows: int = 40) -> str:
+    """A markdown table of a ``zeroshot_report.json`` (``{"metrics": [...], "rows": [...]}``)."""
+    rows = list(report.get("rows", []))[:max_rows]
+    names = [m for m in CARD_METRICS if any(m in r.get("metrics", {}) for r in rows)]
+    names = names or [m for m in report.get("metrics", []) if not m.startswith("leak")][:6]
+    lines = [
+        "| dataset | setting | " + " | ".join(names) + " |",
+        "|---|---|" + "---:|" * len(names),
+    ]
+    for row in rows:
+        metrics = row.get("metrics", {})
+        cells = ["-" if metrics.get(name) is None else f"{float(metrics[name]):.2f}" for name in names]
+        lines.append(f"| {row.get('dataset')} | {row.get('setting')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def model_card(config: Mapping[str, Any], report: Mapping[str, Any] | None = None) -> str:
+    """The card of an export whose ``config.json`` is ``config``."""
+    backbone = config.get("backbone", {})
+    name = str(backbone.get("name_or_path", "?"))
+    family = backbone.get("family", "clip")
+    hub_name = not name.startswith((".", "/", "~")) and name.count("/") <= 1
+    fusion = config.get("fusion_config", {})
+    memory = config.get("memory") or {}
+    front = [
+        "---",
+        "library_name: reco-lightning",
+        "pipeline_tag: zero-shot-image-classification",
+        "tags: [reco, retrieval-augmented, zero-shot-image-classification, " + f"{family}]",
+        *([f"base_model: {name}"] if hub_name else []),
+        "---",
+    ]
+    width = fusion.get("width") or backbone.get("dim")
+    settings = [
+        ("backbone", f"`{name}` ({family}, dim {backbone.get('dim')}, fingerprint `{backbone.get('id')}`)"),
+        (
+            "retrieval",
+            f"k = {config.get('k')}, {config.get('search')}-modal search, {config.get('fusion')}-modal fusion",
+        ),
+        ("refined sides", ", ".join(s for s in ("image", "text") if config.get(f"refine_{s}")) or "none"),
+        (
+            "fusion",
+            f"{fusion.get('num_layers')} layer(s), width {width}, {fusion.get('num_heads')} heads, "
+            f"residual {fusion.get('residual')}, retrieved skip {fusion.get('retrieved_skip')}",
+        ),
+        ("temperature", f"{1.0 / float(config.get('logit_scale', 1.0)):.4f}"),
+        (
+            "control (no retrieval)",
+            "yes: retrieved tokens are masked" if config.get("mask_retrieved") else "no",
+        ),
+    ]
+    if memory:
+        settings.append(
+            (
+                "memory it was trained with",
+                f"`{memory.get('path')}` ({memory.get('count', '?')} pairs, identity `{memory.get('identity')}`)",
+            )
+        )
+    calibration = config.get("calibration") or {}
+    if calibration:
+        settings.append(("calibrated", ", ".join(f"{k} = {v}" for k, v in sorted(calibration.items()))))
+    if config.get("checkpoint"):
+        settings.append(("exported from", f"`{config['checkpoint']}`"))
+    lines = [
+        *front,
+        "",
+        f"# RECO fusion for {name}",
+        "",
+        "A retrieval-enhanced dual encoder (RECO, Iscen et al., ICLR 2024) trained with "
+        "reco-lightning (the `reco_lightning` package): the frozen backbone's image and "
+        "text embeddings are refined by a one-layer fusion transformer that reads the k nearest pairs "
+        "retrieved from a memory of image-text pairs. This export holds only the two fusions and the "
+        "temperature (`model.safetensors`); the backbone is loaded from where it lives and checked against "
+        "the fingerprint in `config.json`.",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from reco_lightning import RecoModel",
+        "",
+        'model = RecoModel.from_pretrained("THIS_DIRECTORY", memory="MEMORY_DIRECTORY")',
+        'image_emb = model.encode_image(["photo.jpg"])',
+        'text_emb = model.encode_text(["a photo of a cat"])',
+        'print(model.classifier(["cat", "dog"]).predict(["photo.jpg"]))',
+        "```",
+        "",
+        "The memory must be built with the same backbone (`reco memory build --backbone ...`); any such "
+        "memory works, a bigger one usually better.",
+        "",
+        "## Settings",
+        "",
+        "| | |",
+        "|---|---|",
+        *[f"| {key} | {value} |" for key, value in settings],
+        "",
+        "## Evaluation",
+        "",
+    ]
+    if report and report.get("rows"):
+        lines += [
+            "Zero-shot results of the training run (its `zeroshot_report.json`; `clip` is the frozen "
+            "backbone, `reco` this fusion, `lookup` / `mix` training-free retrieval over the same memory):",
+            "",
+            report_table(report),
+        ]
+    else:
+        lines += ["No evaluation report was found beside the checkpoint; none is claimed.", ""]
+    lines += [
+        "## Files",
+        "",
+        "- `model.safetensors`: `image_fusion.*`, `text_fusion.*`, `logit_scale`",
+        "- `config.json`: backbone fingerprint, settings, memory, calibration (format "
+        f"`{config.get('format')}`)",
+        "",
+        "<details><summary>config.json</summary>",
+        "",
+        "```json",
+        json.dumps(dict(config), indent=2, sort_keys=True),
+        "```",
+        "",
+        "</details>",
+        "",
+    ]
+    return "\n".join(lines)
