@@ -85,7 +85,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/fusion_ablations.py --root artifacts/demo --out bench_out
 	$(BIN)/python benchmarks/loss_memory.py --out bench_out
 
-# The GPU check (docs/gpu-check.md): one table + JSON. On a GPU machine with its own torch, bring the
+# The GPU check (docs/install.md): one table + JSON. On a GPU machine with its own torch, bring the
 # other wheels first: `bash benchmarks/gpu_wheels.sh download` (here) and `... install` (there).
 gpu-check: $(STAMP)
 	$(BIN)/python benchmarks/gpu_check.py --out bench_out/gpu_check
