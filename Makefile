@@ -21,13 +21,13 @@ AUTOFAISS_STAMP := $(AUTOFAISS_VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/python -m pip install --quiet --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip uninstall --quiet -y faiss-gpu-cu12 2>/dev/null || true
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --quiet -e ".[dev]"
 	if [ "$(GPU)" = "1" ]; then \
 		$(BIN)/python -m pip uninstall --quiet -y faiss-cpu && \
-		$(BIN)/python -m pip install --quiet "$(FAISS_GPU_SPEC)"; fi
+		$(BIN)/python -m pip install --quiet --quiet "$(FAISS_GPU_SPEC)"; fi
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
@@ -36,9 +36,9 @@ install: $(STAMP)
 # The autofaiss extra's own environment (numpy<2, faiss-cpu<1.14), for its backend's tests.
 $(AUTOFAISS_STAMP): pyproject.toml
 	test -x $(ABIN)/python || $(PYTHON) -m venv $(AUTOFAISS_VENV)
-	$(ABIN)/python -m pip install --quiet --upgrade pip
-	$(ABIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(ABIN)/python -m pip install --quiet -e ".[autofaiss,dev]" "embedding-reader>=1.7"
+	$(ABIN)/python -m pip install --quiet --quiet --upgrade pip
+	$(ABIN)/python -m pip install --quiet --quiet "$(TORCH_SPEC)"
+	$(ABIN)/python -m pip install --quiet --quiet -e ".[autofaiss,dev]" "embedding-reader>=1.7"
 	touch $(AUTOFAISS_STAMP)
 
 install-autofaiss: $(AUTOFAISS_STAMP)

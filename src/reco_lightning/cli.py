@@ -30,7 +30,7 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only
 
-from reco_lightning.console import quiet_console
+from reco_lightning.console import quiet_console, verbose
 from reco_lightning.data.datamodule import ImageTextDataModule
 from reco_lightning.errors import MissingInputError, RecoError, RecoMemoryError
 from reco_lightning.export import read_checkpoint
@@ -71,6 +71,10 @@ class RecoCLI(LightningCLI):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         if "weights_only" in self._subcommand_method_arguments[subcommand]:
             parser.set_defaults(weights_only=True)
+        if "verbose" in self._subcommand_method_arguments[subcommand] and not verbose():
+            # Lightning's metrics table truncates the zero-shot metric names: the evaluation's own report
+            # (and after_test's line) say it readably; `--verbose true` brings the table back
+            parser.set_defaults(verbose=False)
         if subcommand == "predict":
             parser.add_argument(
                 "--output_dir",
@@ -86,6 +90,24 @@ class RecoCLI(LightningCLI):
                 help="also write the frozen embeddings (output_dir/frozen)",
             )
         return parser
+
+    def after_validate(self) -> None:
+        self._print_metrics("validate")
+
+    def after_test(self) -> None:
+        self._print_metrics("test")
+
+    def _print_metrics(self, stage: str) -> None:
+        """One line of the run's own metrics (loss and such; the zero-shot ones are in its report)."""
+        if self.config_init[stage].get("verbose") or not self.trainer.is_global_zero:
+            return
+        metrics = {
+            k: float(v) for k, v in self.trainer.callback_metrics.items() if not k.startswith("zeroshot/")
+        }
+        if metrics:
+            shown = ", ".join(f"{key} {value:.4g}" for key, value in sorted(metrics.items()))
+            where = f" (logs: {self.trainer.log_dir})" if self.trainer.log_dir else ""
+            print(f"{stage}: {shown}{where}")
 
     def before_predict(self) -> None:
         """Add the writer ``--output_dir`` asks for; refuse a run whose predictions nothing would write."""
@@ -557,9 +579,7 @@ def main(
     under such a prefix names that command.
     """
     if args is None:  # the console script: a person reads this (library calls and tests see every message)
-        if "--verbose" in sys.argv[1:]:
-            sys.argv.remove("--verbose")
-            os.environ["RECO_VERBOSE"] = "1"  # the DDP ranks Lightning starts from sys.argv inherit it
+        _take_verbose_flag(sys.argv)
         quiet_console()
     try:
         _dispatch(args, {**COMMANDS, **(commands or {})})
@@ -572,6 +592,18 @@ def main(
             message += f"; it is made by `{maker}`: run that first" if maker else ""
         sys.stderr.write(f"reco: error: {message} (RECO_DEBUG=1 shows the traceback)\n")
         raise SystemExit(1) from None
+
+
+def _take_verbose_flag(argv: list[str]) -> None:
+    """A bare ``--verbose`` is ours (show every message): removed from ``argv`` and passed on as RECO_VERBOSE,
+    which the DDP ranks Lightning starts from ``sys.argv`` inherit. ``--verbose true|false`` is Lightning's
+    own option of ``reco test`` / ``reco validate`` (its metrics table) and is left alone."""
+    for i, token in enumerate(argv[1:], 1):
+        following = argv[i + 1].lower() if i + 1 < len(argv) else ""
+        if token == "--verbose" and following not in ("true", "false", "1", "0", "yes", "no"):
+            del argv[i]
+            os.environ["RECO_VERBOSE"] = "1"
+            return
 
 
 def _under(path: str, prefix: str) -> bool:

@@ -32,6 +32,7 @@ NOISY_WARNINGS: tuple[str, ...] = (
     r"Checkpoint directory .* exists and is not empty",  # a re-run of the same command
     r".*Precision 16-mixed is not supported by the model summary",
     r".*requires torchvision \(not installed\); falling back to",  # PIL image processors are what we use
+    r"The dirpath has changed from .* therefore `best_model_score`",  # testing a checkpoint of another run
 )
 
 #: log records (message regex) of Lightning and transformers that only announce or advertise
@@ -47,6 +48,7 @@ NOISY_LOGS: tuple[str, ...] = (
     r".*requires torchvision \(not installed\); falling back to",
     r"Model config: (bos|eos|pad)_token_id must be `None` or an integer within the vocabulary",
     r"Initializing distributed: GLOBAL_RANK",
+    r"Loading `train_dataloader` to estimate number of stepping batches",
 )
 _RANK_PREFIX = re.compile(r"^\[rank: \d+\] ")  # what Lightning puts before a record of a rank > 0
 

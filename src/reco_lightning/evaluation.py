@@ -110,6 +110,8 @@ class ZeroShotEvaluation(pl.Callback):
         during_fit: evaluate at every validation epoch end of `fit` (logged as zeroshot/...).
         report_dir: where reports go; default: the trainer's log dir.
         limit_images: evaluate at most this many images per set (quick checks).
+        print_report: print each report's table on the console (the report files are written either way);
+            off where a caller prints its own summary (``reco demo``).
         leakage_threshold: the leakage guard: memory pairs whose image has cosine >= this with the
             evaluated image are not retrieved for it (a web-scale memory can hold the evaluation images
             themselves). Each row that reads neighbours of images reports ``leak_images`` (evaluated images
@@ -132,6 +134,7 @@ class ZeroShotEvaluation(pl.Callback):
         report_dir: str | None = None,
         limit_images: int | None = None,
         leakage_threshold: float | None = DEFAULT_LEAKAGE_THRESHOLD,
+        print_report: bool = True,
     ) -> None:
         unknown = [s for s in settings if s not in SETTINGS]
         if unknown:
@@ -143,7 +146,7 @@ class ZeroShotEvaluation(pl.Callback):
         self.mix_alpha, self.lookup_temperature = float(mix_alpha), lookup_temperature
         self.batch_size, self.num_workers = batch_size, num_workers
         self.during_fit, self.report_dir, self.limit_images = during_fit, report_dir, limit_images
-        self.leakage_threshold = leakage_threshold
+        self.leakage_threshold, self.print_report = leakage_threshold, bool(print_report)
         self.last_report: EvaluationReport | None = None
 
     # --- Lightning hooks -------------------------------------------------------------------------------
@@ -172,7 +175,8 @@ class ZeroShotEvaluation(pl.Callback):
                     plot_k_sweep(
                         series, "top1", directory / f"k_sweep_{name}.png", title=f"{name}: top-1 vs k"
                     )
-            rank_zero_info(f"zero-shot report ({directory / 'zeroshot_report.md'}):\n{report}")
+            if self.print_report:
+                rank_zero_info(f"zero-shot report ({directory / 'zeroshot_report.md'}):\n{report}")
 
     # --- evaluation without a trainer too ------------------------------------------------------------
     @torch.no_grad()
