@@ -38,7 +38,7 @@ def test_all_backends_in_process(bench, tmp_path) -> None:
         assert isinstance(on_disk[key], kind), key
     assert on_disk["n"] == 3000 and on_disk["dim"] == 32 and on_disk["matmul_gflops"] > 0
     backends = on_disk["backends"]
-    assert set(backends) == {"exact", "ivfpq", "ivfpq_norerank", "autofaiss"}
+    assert set(backends) == {"exact", "exact_mmap", "ivfpq", "ivfpq_norerank", "autofaiss"}
     for name, r in backends.items():
         assert "error" not in r, (name, r)
         for key in ("build_s", "bytes_per_vector", "recall@1", "recall@10", "qps_batch1", "qps_batch1024"):
@@ -86,6 +86,19 @@ def test_all_backends_in_process(bench, tmp_path) -> None:
     assert "derived from N: nlist, nprobe, rerank" in markdown and "x exact's q/s" in markdown
     assert (tmp_path / "memory_backends.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "_work").exists()
+
+
+def test_scans_without_autofaiss_report_their_fraction_of_matmul(bench, tmp_path) -> None:
+    """The core environment (no autofaiss): exact and exact_mmap scans, each as a fraction of the GEMM rate."""
+    report = bench.main([*TINY, "--out", str(tmp_path), "--in-process", "--backends", "exact,exact_mmap"])
+    backends = report["backends"]
+    for name in ("exact", "exact_mmap"):
+        assert backends[name]["recall@10"] == 1.0 and backends[name]["kernel_fraction_interleaved"] > 0
+    assert backends["exact_mmap"]["bytes_per_vector"] == 0  # it scans the store's rows, holds none
+    flops = 2 * 3000 * 32 * backends["exact_mmap"]["qps_batch1024"] / 1e9
+    assert report["exact_mmap_fraction_of_matmul"] == pytest.approx(flops / report["matmul_gflops"])
+    markdown = (tmp_path / "memory_backends.md").read_text()
+    assert "exact batched search at" in markdown and "exact_mmap batched search at" in markdown
 
 
 def test_spawned_backend_is_measured_in_its_own_process(bench, tmp_path) -> None:

@@ -41,3 +41,19 @@ def test_small_batches_and_reloaded_indexes_agree(tmp_path):
     one_by_one = [loaded.search(q[None], 7) for q in queries]  # below the threshold: faiss
     np.testing.assert_array_equal(blocked[1], np.concatenate([ids for _, ids in one_by_one]))
     np.testing.assert_allclose(blocked[0], np.concatenate([s for s, _ in one_by_one]), atol=1e-5)
+
+
+@pytest.mark.parametrize(("n", "k"), [(16384, 10), (16384, 1), (4096 + 7, 10), (64, 3), (5, 10)])
+def test_two_level_block_topk_equals_topk(n, k):
+    import torch
+
+    from reco_lightning.memory.exact import block_topk
+
+    scores = torch.randn(37, n, generator=torch.Generator().manual_seed(n + k))
+    best, columns = block_topk(scores, k)
+    ref_best, ref_columns = scores.topk(min(k, n), dim=1)
+    assert torch.equal(best, ref_best) and torch.equal(columns, ref_columns)
+    # the top scores packed into one group, the rest of that group's neighbours low: still found
+    if n >= 64 + k:
+        scores[:, 64 : 64 + k] = 10 + torch.arange(k, dtype=scores.dtype)
+        assert set(block_topk(scores, k)[1][0].tolist()) == set(range(64, 64 + k))

@@ -15,7 +15,7 @@ from reco_lightning.errors import RecoMemoryError
 from reco_lightning.memory.base import MemoryBackend, register_backend
 from reco_lightning.memory.gpu import index_to_cpu, index_to_gpu
 
-__all__ = ["ExactBackend", "MappedExactBackend", "scan_topk"]
+__all__ = ["ExactBackend", "MappedExactBackend", "block_topk", "scan_topk"]
 
 #: Batches at least this large are searched by blocked torch GEMM + top-k on CPU (see ``_blocked_search``).
 BLOCKED_MIN_BATCH = 64
@@ -23,6 +23,8 @@ BLOCKED_MIN_BATCH = 64
 BLOCK_ROWS = 16_384
 #: Queries per GEMM block (bounds the score block for huge query batches).
 BLOCK_QUERIES = 4096
+#: Scores per group of the two-level top-k of a block (see :func:`block_topk`).
+TOPK_GROUP = 32
 
 
 @register_backend("exact")
@@ -128,30 +130,58 @@ class MappedExactBackend(MemoryBackend):
         self._count = int(json.loads(path.read_text())["ntotal"])
 
 
+def block_topk(scores: torch.Tensor, k: int, group: int = TOPK_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scores.topk(k, dim=1)`` of a [B, n] score block, by two levels: the max of each group of
+    ``group`` columns (one vectorised pass), the top-k groups by their max, then the top-k of those groups'
+    ``k * group`` scores.
+
+    Exact (up to the order of tied scores, which topk leaves open too): a column of the top k lies in a
+    group whose max is at least the k-th score, and at most k groups can have that. Why: torch's top-k
+    reads a whole [1024, 16384] block with a partial sort per row, about a fifth of a block's GEMM time on
+    2 cores; a max reduction is a fraction of that (measured in docs/benchmarks.md, exact search).
+    """
+    rows, n = scores.shape
+    if n % group or n // group < k:
+        return scores.topk(min(k, n), dim=1)
+    groups = scores.view(rows, n // group, group).amax(dim=2).topk(k, dim=1).indices  # [B, k]
+    columns = (groups.unsqueeze(2) * group + torch.arange(group)).reshape(rows, k * group)
+    best, picked = scores.gather(1, columns).topk(k, dim=1)
+    return best, columns.gather(1, picked)
+
+
 def scan_topk(queries: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k inner products of float32 ``queries`` [B, d] against ``rows`` [N, d] (fp32 or fp16).
 
-    Torch GEMM over ``BLOCK_ROWS`` rows at a time with a running top-k; queries go ``BLOCK_QUERIES`` at a
-    time, so the score block never exceeds ``BLOCK_QUERIES x BLOCK_ROWS`` floats (256 MiB). fp16 rows (a
-    memmap) are widened per block, and a memmap's pages are released per block
+    Torch GEMM over ``BLOCK_ROWS`` rows at a time with a running top-k (:func:`block_topk`); queries go
+    ``BLOCK_QUERIES`` at a time, so the score block never exceeds ``BLOCK_QUERIES x BLOCK_ROWS`` floats
+    (256 MiB). The score block and, for fp16 rows (a memmap), the widened block are buffers reused from
+    block to block: a fresh 64 MiB tensor per block is fresh pages for the kernel to fault in, which cost
+    a quarter of the scan (docs/benchmarks.md, exact search). A memmap's pages are released per block
     (:func:`~reco_lightning.arrays.release_pages`): a scan of a 10 GB memory keeps a small RSS.
     """
-    count = len(rows)
+    count, dim = rows.shape
     all_scores, all_ids = [], []
     for q in torch.from_numpy(queries).split(BLOCK_QUERIES):
         best_scores = torch.full((len(q), k), -float("inf"))
         best_ids = torch.zeros((len(q), k), dtype=torch.long)
+        score_buffer = torch.empty(len(q), min(BLOCK_ROWS, count))
+        widen_buffer = torch.empty(min(BLOCK_ROWS, count), dim) if rows.dtype != np.float32 else None
         for start in range(0, count, BLOCK_ROWS):
             with warnings.catch_warnings():  # a read-only memmap: the block is only read
                 warnings.simplefilter("ignore", UserWarning)
-                block = torch.from_numpy(np.asarray(rows[start : start + BLOCK_ROWS])).float()
+                block = torch.from_numpy(np.asarray(rows[start : start + BLOCK_ROWS]))
             if start // BLOCK_ROWS % 16 == 15:
                 release_pages(rows)
-            block_scores, block_ids = (q @ block.T).topk(min(k, len(block)), dim=1)
-            scores = torch.cat([best_scores, block_scores], dim=1)
-            ids = torch.cat([best_ids, block_ids + start], dim=1)
-            best_scores, order = scores.topk(k, dim=1)
-            best_ids = ids.gather(1, order)
+            n = len(block)
+            if widen_buffer is not None:
+                block = widen_buffer[:n].copy_(block)  # fp16 -> fp32 into the same pages every block
+            scores = score_buffer if n == score_buffer.shape[1] else torch.empty(len(q), n)
+            torch.matmul(q, block.T, out=scores)
+            block_scores, block_ids = block_topk(scores, k)
+            merged_scores = torch.cat([best_scores, block_scores], dim=1)
+            merged_ids = torch.cat([best_ids, block_ids + start], dim=1)
+            best_scores, order = merged_scores.topk(k, dim=1)
+            best_ids = merged_ids.gather(1, order)
         all_scores.append(best_scores)
         all_ids.append(best_ids)
     release_pages(rows)
