@@ -62,6 +62,45 @@ def open_array(path: Path, shape: tuple[int, ...], dtype: Any = None) -> np.ndar
     return array
 
 
+#: file-backed RSS above which random reads of a memmap give its pages back (:func:`release_pages_over`)
+MAPPED_BUDGET = 1 << 30
+
+
+def _mapped_rss() -> int | None:
+    """This process's file-backed resident bytes (Linux ``RssFile``), or None where /proc cannot say."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("RssFile:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+_mapped_floor: int | None = None  # file-backed RSS right after the last release (libraries and the like)
+
+
+def release_pages_over(array: np.ndarray, budget: int = MAPPED_BUDGET) -> bool:
+    """:func:`release_pages` once this process maps ``budget`` bytes of files more than it did right after
+    its last release (its libraries count too; always where the amount is unknown); whether pages were
+    released.
+
+    Why a budget rather than a count of rows read: every release makes the next reads fault their pages
+    in again, and releasing every 4096 re-ranked rows cost re-ranking 4/5 of its speed (5.2k q/s against
+    25k at 1M rows, 100 candidates). A memory whose rows fit the budget is never released; a 10 GB one
+    keeps its RSS within the budget.
+    """
+    global _mapped_floor
+    mapped = _mapped_rss()
+    if mapped is not None and _mapped_floor is not None and mapped <= _mapped_floor + budget:
+        return False
+    released = release_pages(array)
+    if released:
+        _mapped_floor = _mapped_rss()
+    return released
+
+
 def release_pages(array: np.ndarray) -> bool:
     """Unmap the pages a file-backed memmap has touched from this process; whether ``array`` is one.
 

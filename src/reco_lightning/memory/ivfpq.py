@@ -16,15 +16,16 @@ The resolved values are what ``init_args`` (and so ``backend.json`` and the mani
 
 from __future__ import annotations
 
-import functools
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
+import torch
 
-from reco_lightning.arrays import release_pages
+from reco_lightning.arrays import release_pages_over
 from reco_lightning.errors import RecoMemoryError
 from reco_lightning.memory.base import DEFAULT_TRAIN_SIZE, MemoryBackend, register_backend
 from reco_lightning.memory.gpu import index_to_cpu, index_to_gpu
@@ -77,11 +78,11 @@ def default_rerank(ntotal: int) -> int:
     return int(max(MIN_RERANK, round(math.sqrt(max(0, ntotal) / 10))))
 
 
-# Elements of float32 scratch per re-ranking block ([queries, candidates, dim]): 2M floats = 8 MB keeps
+# Elements of float32 scratch per re-ranking block ([queries, candidates, dim]): 8M floats = 32 MB keeps
 # memory flat whatever the batch size.
-_RERANK_BLOCK_ELEMS = 1 << 21
-# Rows gathered from a memmap between two releases of its pages (``arrays.release_pages``): each random row
-# maps up to 64 KB (the kernel maps cached neighbours too), so 4096 rows keep RSS within ~256 MB.
+_RERANK_BLOCK_ELEMS = 1 << 23
+# Rows gathered from a memmap between two looks at how much of it is mapped (``arrays.release_pages_over``):
+# each random row maps up to ~110 KB (the kernel maps cached neighbours too), ~450 MB per 4096 rows.
 _RELEASE_ROWS = 4096
 
 
@@ -295,46 +296,49 @@ def rerank_exact(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Re-score candidate ids [B, C] by exact inner product with ``rows`` and keep the best ``k``.
 
-    Vectorised per block of queries: gather [b, C, dim] rows (works on a memmap), widen fp16 to fp32 and run
-    one batched mat-vec. Widening dominates the cost; a 65536-entry lookup table does it exactly and ~1.5x
-    faster than numpy's scalar ``astype``, single-threaded, so it does not degrade when cores are busy
-    (multi-threaded torch did, by up to 4x on a shared 2-core machine). Blocks keep scratch memory bounded.
-    Ids of -1 (fewer candidates than asked) score -inf, sort last and come back as -1. Pages of a memmapped
-    ``rows`` are released as it goes (:func:`~reco_lightning.arrays.release_pages`), so RSS stays bounded
-    however large the memory: the rows stay in the page cache, shared by the node's processes.
+    Per block of queries: gather the [b * C, dim] candidate rows (``index_select``, works on a memmap),
+    widen them into a float32 buffer reused from block to block, one batched mat-vec, a top-k. Torch does
+    the gather and the fp16 widening with vector instructions: 10x the numpy lookup-table widening it
+    replaces at 2 threads and 6x at 1 thread (benchmarks in docs/memory.md, "IVF-PQ defaults"), which is
+    what made re-ranking, not the PQ scan, the cost of a search. Ids of -1 (fewer candidates than asked)
+    score -inf, sort last and come back as -1. Pages of a memmapped ``rows`` are released as it goes
+    (:func:`~reco_lightning.arrays.release_pages`), so RSS stays bounded however large the memory: the rows
+    stay in the page cache, shared by the node's processes.
     """
     n_queries, n_cand = candidates.shape
     out_scores = np.empty((n_queries, k), dtype=np.float32)
     out_ids = np.empty((n_queries, k), dtype=np.int64)
-    block = max(1, _RERANK_BLOCK_ELEMS // max(1, n_cand * rows.shape[1]))
-    rows = np.asarray(rows)  # a plain view of a memmap: np.memmap results are slower to compute with
-    fp16 = rows.dtype == np.float16
-    source = rows.view(np.uint16) if fp16 else rows
+    if n_queries == 0:
+        return out_scores, out_ids
+    dim = rows.shape[1]
+    block = max(1, _RERANK_BLOCK_ELEMS // max(1, n_cand * dim))
+    with warnings.catch_warnings():  # a read-only memmap: only read
+        warnings.simplefilter("ignore", UserWarning)
+        source = torch.from_numpy(np.asarray(rows))
+    all_queries, all_ids = torch.from_numpy(queries), torch.from_numpy(candidates)
+    widened = torch.empty(min(block, n_queries) * n_cand, dim) if source.dtype != torch.float32 else None
     gathered_since_release = 0
     for start in range(0, n_queries, block):
         stop = min(start + block, n_queries)
-        ids = candidates[start:stop]
-        valid = ids >= 0
-        gathered = source[np.where(valid, ids, 0)]  # [b, C, dim]
-        gathered_since_release += ids.size
-        if gathered_since_release >= _RELEASE_ROWS and release_pages(rows):
+        ids = all_ids[start:stop]
+        gathered = source.index_select(0, ids.clamp(min=0).reshape(-1))  # [b * C, dim]
+        if widened is not None:
+            gathered = widened[: gathered.shape[0]].copy_(gathered)
+        gathered_since_release += ids.numel()
+        if gathered_since_release >= _RELEASE_ROWS:
+            release_pages_over(rows)
             gathered_since_release = 0
-        vecs = np.take(_fp16_to_fp32(), gathered) if fp16 else gathered.astype(np.float32, copy=False)
-        scores = np.matmul(vecs, queries[start:stop, :, None])[..., 0]  # [b, C] exact fp32 dot products
-        scores[~valid] = -np.inf
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        top_scores = np.take_along_axis(scores, order, axis=1)
-        top_ids = np.take_along_axis(ids, order, axis=1)
-        top_ids[np.isneginf(top_scores)] = -1
-        out_scores[start:stop] = top_scores
-        out_ids[start:stop] = top_ids
+        scores = torch.bmm(gathered.view(stop - start, n_cand, dim), all_queries[start:stop].unsqueeze(2))
+        scores = scores.squeeze(2)  # [b, C] exact fp32 dot products
+        scores[ids < 0] = -float("inf")
+        top_scores, order = scores.topk(min(k, n_cand), dim=1)
+        top_ids = ids.gather(1, order)
+        top_ids[torch.isneginf(top_scores)] = -1
+        out_scores[start:stop, : top_scores.shape[1]] = top_scores.numpy()
+        out_ids[start:stop, : top_ids.shape[1]] = top_ids.numpy()
+    if n_cand < k:  # fewer candidates than k: the rest is empty
+        out_scores[:, n_cand:], out_ids[:, n_cand:] = -np.inf, -1
     return out_scores, out_ids
-
-
-@functools.cache
-def _fp16_to_fp32() -> np.ndarray:
-    """float32 value of every fp16 bit pattern (256 KB, stays in cache)."""
-    return np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
 
 def _validate(
