@@ -128,8 +128,8 @@ def measure(args: argparse.Namespace, n: int, storage: str) -> dict[str, Any]:
     truth = np.load(work / "truth.npy")
     backend, index = _index(work, rows, storage)
     grid = []
-    for nprobe in [p for p in NPROBES if p <= backend.nlist]:
-        for rerank in RERANKS:
+    for nprobe in [p for p in args.nprobes if p <= backend.nlist]:
+        for rerank in args.reranks:
             backend.set_search(nprobe=nprobe, rerank=rerank)
             _, ids = backend.search(queries, K)
             hits = (ids[:, :K, None] == truth[:, None, :K]).any(axis=2).sum(axis=1)
@@ -181,34 +181,40 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
+    """Recall@10 against speed (x exact) per N (rows) and storage (columns); one colour per rerank."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4.2), squeeze=False)
-    for ax, r in zip(axes[0], results, strict=True):
+    sizes = sorted({r["n"] for r in results})
+    storages = sorted({r["storage"] for r in results})
+    reranks = sorted({p["rerank"] for r in results for p in r["grid"]})
+    colours = {rerank: plt.cm.viridis(i / max(1, len(reranks) - 1)) for i, rerank in enumerate(reranks)}
+    fig, axes = plt.subplots(
+        len(sizes), len(storages), figsize=(5.5 * len(storages), 3.6 * len(sizes)), squeeze=False
+    )
+    for r in results:
+        ax = axes[sizes.index(r["n"])][storages.index(r["storage"])]
         ref = r["reference_qps"]
-        for rerank in RERANKS:
+        for rerank in reranks:
             pts = sorted((p for p in r["grid"] if p["rerank"] == rerank), key=lambda p: p["nprobe"])
-            ax.plot(
-                [p["qps"] / ref for p in pts],
-                [p["recall@10"] for p in pts],
-                marker=".",
-                label=f"rerank {rerank}",
-            )
-        ax.scatter([r["rule"]["qps"] / ref], [r["rule"]["recall@10"]], marker="s", color="k", label="rule")
+            if pts:
+                ax.plot([p["qps"] / ref for p in pts], [p["recall@10"] for p in pts], marker=".",
+                        color=colours[rerank], label=f"rerank {rerank}")  # fmt: skip
+        ax.scatter([r["rule"]["qps"] / ref], [r["rule"]["recall@10"]], marker="s", color="k",
+                   label=f"rule at run time ({r['rule']['nprobe']}, {r['rule']['rerank']})")  # fmt: skip
         ax.axvline(20, linestyle="--", color="k", linewidth=0.8)
         ax.axhline(0.95, linestyle=":", color="k", linewidth=0.8)
         ax.set_xscale("log")
         ax.set_ylim(0.4, 1.01)
-        ax.set_xlabel("x exact q/s (batch 1024; points along a line: nprobe 1..64)")
+        ax.set_xlabel("x exact q/s at batch 1024 (along a line: nprobe, fewer to the right)")
         ax.set_ylabel("recall@10")
-        ax.set_title(f"N = {r['n']:,}, {r['storage']}")
+        ax.set_title(f"N = {r['n']:,}, {r['storage']} (nlist {r['nlist']})")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="lower left")
+        ax.legend(fontsize=6, loc="lower left")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -221,12 +227,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--seconds", type=float, default=2.0, help="time each setting's batches this long")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nprobes", type=int, nargs="+", default=list(NPROBES), help="the grid's nprobe values")
+    p.add_argument("--reranks", type=int, nargs="+", default=list(RERANKS), help="the grid's rerank values")
     p.add_argument("--out", type=Path, default=Path("bench_out/ivfpq_curves"))
     p.add_argument("--keep-data", action="store_true", help="keep OUT/_work (rows, indexes) for reruns")
+    p.add_argument("--replot", action="store_true", help="only redraw the table and plot from OUT's JSON")
     args = p.parse_args(argv)
     args.work = args.out / "_work"
     path = args.out / "ivfpq_curves.json"
     previous = json.loads(path.read_text()) if path.is_file() else []
+    if args.replot:
+        (args.out / "ivfpq_curves.md").write_text(table(previous))
+        plot(previous, args.out / "ivfpq_curves.png")
+        return previous
     results = [
         r for r in previous if (r["n"], r["storage"]) not in {(n, s) for n in args.n for s in args.storage}
     ]

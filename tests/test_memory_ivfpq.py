@@ -252,16 +252,16 @@ def test_default_rules_keep_enough_training_points_and_scale() -> None:
             assert nlist == 1 or n_train // nlist >= 39  # faiss's minimum of training points per centroid
             assert nlist <= 2 * 4 * math.sqrt(ntotal)
             nprobe = ivfpq_module.default_nprobe(nlist)
-            assert 1 <= nprobe <= nlist and nprobe >= min(nlist, 32) and nprobe >= nlist // 64
+            assert 1 <= nprobe <= nlist and nprobe >= min(nlist, 16) and nprobe >= nlist // 256
     assert [ivfpq_module.default_nprobe(n) for n in (8, 512, 1024, 2048, 4096, 16384)] == [
         8,
-        32,
-        32,
-        32,
+        16,
+        16,
+        16,
+        16,
         64,
-        256,
     ]
-    assert [ivfpq_module.default_rerank(n) for n in (1000, 100_000, 10**6, 10**7)] == [100, 100, 316, 1000]
+    assert [ivfpq_module.default_rerank(n) for n in (1000, 100_000, 10**6, 10**7)] == [200, 200, 200, 200]
 
 
 def test_defaults_resolve_when_trained_and_are_recorded(data, tmp_path) -> None:
@@ -270,12 +270,12 @@ def test_defaults_resolve_when_trained_and_are_recorded(data, tmp_path) -> None:
     assert (backend.nlist, backend.nprobe, backend.rerank, backend.ntotal) == (None, None, None, 0)
     assert backend.min_train_size() == 256  # a derived nlist never needs more than the PQ's 2**nbits
     backend.build(x)
-    assert (backend.nlist, backend.nprobe, backend.rerank) == (64, 32, 100)  # N = 4000: see above
-    assert backend.index.nlist == 64 and backend.index.nprobe == 32 and backend.min_train_size() == 256
+    assert (backend.nlist, backend.nprobe, backend.rerank) == (64, 16, 200)  # N = 4000: see above
+    assert backend.index.nlist == 64 and backend.index.nprobe == 16 and backend.min_train_size() == 256
     backend.attach(x.astype(np.float16))
     backend.save(tmp_path / "mem")
     meta = json.loads((tmp_path / "mem" / "backend.json").read_text())
-    assert meta["init_args"] == {"nlist": 64, "m": 8, "nbits": 8, "nprobe": 32, "rerank": 100}
+    assert meta["init_args"] == {"nlist": 64, "m": 8, "nbits": 8, "nprobe": 16, "rerank": 200}
     loaded = MemoryBackend.load(tmp_path / "mem")
     assert loaded.init_args() == backend.init_args()
     loaded.attach(x.astype(np.float16))
@@ -285,7 +285,7 @@ def test_defaults_resolve_when_trained_and_are_recorded(data, tmp_path) -> None:
     assert narrow.index.nprobe == 1 and narrow.init_args()["rerank"] == 0
     assert not np.array_equal(narrow.search(q, 10)[1], backend.search(q, 10)[1])  # no rows needed at rerank 0
     again = MemoryBackend.load(tmp_path / "mem", nprobe=None, rerank=None)
-    assert (again.nprobe, again.rerank, again.index.nprobe) == (32, 100, 32)
+    assert (again.nprobe, again.rerank, again.index.nprobe) == (16, 200, 16)
 
 
 def test_derived_nlist_uses_the_training_sample_and_the_planned_total(data) -> None:
@@ -295,10 +295,10 @@ def test_derived_nlist_uses_the_training_sample_and_the_planned_total(data) -> N
     assert sampled.nlist == 16 and sampled.nprobe == 16 and sampled.ntotal == N
     chunked = IVFPQBackend(DIM, m=8)  # train on a sample, add in chunks (how the benchmark fills one)
     chunked.train(x[:3000], ntotal=1_000_000)  # 1M would want 4096 lists: the 3000-row sample allows 64
-    assert chunked.nlist == 64 and chunked.rerank == 316
+    assert chunked.nlist == 64 and chunked.rerank == 200
     alone = IVFPQBackend(DIM, m=8)
     alone.train(x[:300])  # without ntotal the sample is everything: N = 300
-    assert (alone.nlist, alone.nprobe, alone.rerank) == (4, 4, 100)
+    assert (alone.nlist, alone.nprobe, alone.rerank) == (4, 4, 200)
     with pytest.raises(RecoMemoryError, match=r"at least 256 vectors \(nlist=derived"):
         IVFPQBackend(DIM, m=8).train(x[:200])
 
@@ -309,9 +309,9 @@ def test_explicit_values_are_kept(data, tmp_path) -> None:
     assert backend.init_args() == {"nlist": 32, "m": 8, "nbits": 8, "nprobe": 4, "rerank": 7}
     assert backend.index.nlist == 32 and backend.index.nprobe == 4
     partial = IVFPQBackend(DIM, nlist=32, m=8)  # explicit nlist: nprobe follows it at once, rerank N
-    assert (partial.nprobe, partial.rerank) == (32, None)
+    assert (partial.nprobe, partial.rerank) == (16, None)
     partial.build(data[0])
-    assert partial.init_args() == {"nlist": 32, "m": 8, "nbits": 8, "nprobe": 32, "rerank": 100}
+    assert partial.init_args() == {"nlist": 32, "m": 8, "nbits": 8, "nprobe": 16, "rerank": 200}
 
 
 def test_store_manifest_records_the_resolved_defaults(data, tmp_path) -> None:
@@ -322,7 +322,7 @@ def test_store_manifest_records_the_resolved_defaults(data, tmp_path) -> None:
         tmp_path / "mem", x, x[::-1].copy(), backend={"class_path": "ivfpq", "init_args": {"m": 8}}
     )
     store = MemoryStore.open(path)
-    expected = {"nlist": 64, "m": 8, "nbits": 8, "nprobe": 32, "rerank": 100}
+    expected = {"nlist": 64, "m": 8, "nbits": 8, "nprobe": 16, "rerank": 200}
     assert store.manifest["backend"]["init_args"] == expected
     for modality in ("image", "text"):
         assert store.index(modality).init_args() == expected
@@ -336,7 +336,7 @@ def test_recall_at_defaults_on_clip_like_data() -> None:
     backend = IVFPQBackend(dim, m=16)  # m=16: 4 dims per code byte, as m=64 is at d=256 (d=512: 8)
     backend.build(x)
     backend.attach(x.astype(np.float16))
-    assert (backend.nlist, backend.nprobe, backend.rerank) == (512, 32, 100)
+    assert (backend.nlist, backend.nprobe, backend.rerank) == (512, 16, 200)
     recall = _recall(backend.search(q, 10)[1], _exact_top(x, q, 10))
     assert recall >= 0.95, recall
     backend.rerank = 0  # the PQ codes alone: what the old default (rerank=0) gave
@@ -357,7 +357,7 @@ def test_reindexed_subset_derives_its_own_defaults(data, tmp_path) -> None:
         "m": 8,
         "nbits": 8,
         "nprobe": 16,
-        "rerank": 100,
+        "rerank": 200,
     }
     pinned = {"class_path": "ivfpq", "init_args": {"nlist": 8, "m": 8, "nprobe": 2, "rerank": 5}}
     fixed = MemoryStore.open(MemoryStore.write(tmp_path / "fixed", x, x, backend=pinned))

@@ -8,7 +8,8 @@ full-precision rows the store already keeps on disk, which restores near-exact t
 Defaults follow the number of vectors N, known when the index is trained (``build``, or ``train(sample,
 ntotal=N)``): ``nlist`` ~ 4*sqrt(N) lists (faiss's guideline) rounded to a power of two and capped so every
 list has at least 39 training points (below that faiss warns and k-means centroids are noisy), ``nprobe``
-= nlist / 64 (at least 32, at most nlist), and exact re-ranking of sqrt(N / 10) candidates (at least 100).
+= nlist / 256 (at least 16, at most nlist), and exact re-ranking of 200 candidates, whatever N: the
+rules read off the tuning curves of ``benchmarks/ivfpq_curves.py`` at 100k, 1M and 10M rows (docs/memory.md).
 The resolved values are what ``init_args`` (and so ``backend.json`` and the manifest) record, and the spec's
 ``derived`` lists which came from the rule, so a memory re-indexed for other rows (``MemoryStore.select``,
 ``concat``) derives them again; ``None`` given to ``load`` as a search-time override means the rule again.
@@ -35,9 +36,9 @@ __all__ = ["IVFPQBackend", "default_nlist", "default_nprobe", "default_rerank", 
 #: faiss warns below 39 training points per k-means centroid; a derived nlist never goes below it.
 MIN_POINTS_PER_LIST = 39
 #: Default nprobe = nlist // NPROBE_DIVISOR, at least MIN_NPROBE.
-NPROBE_DIVISOR, MIN_NPROBE = 64, 32
-#: Fewest candidates re-scored exactly by default.
-MIN_RERANK = 100
+NPROBE_DIVISOR, MIN_NPROBE = 256, 16
+#: Candidates re-scored exactly by default.
+DEFAULT_RERANK = 200
 
 
 def default_nlist(ntotal: int, n_train: int | None = None) -> int:
@@ -55,27 +56,28 @@ def default_nlist(ntotal: int, n_train: int | None = None) -> int:
 
 
 def default_nprobe(nlist: int) -> int:
-    """Lists probed by default: 1/64 of them, at least 32 (all of them below 32 lists).
+    """Lists probed by default: 1/256 of them, at least 16 (all of them below 16 lists).
 
-    The recall lost to probing depends on how many lists a query's true neighbours fall into, which grows
-    more slowly than nlist: on benchmarks/synthetic.py data (d = 512) probing 1/64 lost 0.005 of recall@10
-    at 100k (1024 lists) and 0.002 at 200k and 500k (2048 lists), while 1/128 lost 0.028, 0.014 and 0.013.
-    Small and low-dimensional indexes need more than the fraction: at d = 64, 512 lists, 16 probes reached
-    only 0.95 and 32 probes 0.97, hence the floor. 1M (4096 lists): 64 probes; 16384 lists: 256.
+    Measured on benchmarks/synthetic.py data (d = 512, ``benchmarks/ivfpq_curves.py``, docs/memory.md): with
+    4096 lists (1M rows, and 10M from the default 200k training sample), 16 probes reach recall@10 0.964
+    with 200 re-ranked candidates and 32 or 64 probes no more than 0.979 / 0.983 at 1M and the same 0.964 at
+    10M, at half or a quarter of the speed; with 1024 lists (100k) 16 probes reach 0.992. The lists a
+    query's true neighbours fall into grow far more slowly than nlist, hence a floor rather than a
+    fraction until 4096 lists; 16384 lists (10M trained on 640k+ rows, lists a quarter as long): 64.
     """
     return int(min(nlist, max(MIN_NPROBE, nlist // NPROBE_DIVISOR)))
 
 
 def default_rerank(ntotal: int) -> int:
-    """Candidates re-scored exactly by default: sqrt(N / 10), at least 100 (100 at 100k, 316 at 1M, 1000 at 10M).
+    """Candidates re-scored exactly by default: 200, whatever N (``ntotal`` is kept for the rule's callers).
 
-    PQ codes alone put only ~0.6 of the true top-10 in their own top-10 on CLIP-like data, and the number of
-    rows whose PQ score passes a true neighbour's grows with N: with 100 candidates recall@10 fell from
-    0.99 (100k) to 0.96 (500k) on benchmarks/synthetic.py data (d = 512), with 200 it was 0.985 at 500k.
-    Growing the candidates as sqrt(N), like nlist, gave recall@10 0.99 at 100k and 200k with every default
-    (benchmarks/memory_backends.py); at 500k 200 candidates (the rule: 224) already gave 0.985.
+    PQ codes alone put about half of the true top-10 in their own top-10 on CLIP-like data; re-scoring the
+    PQ's best 200 from the store's fp16 rows gave recall@10 0.992 (100k), 0.964 (1M) and 0.964 (10M) at 16
+    probes (benchmarks/ivfpq_curves.py): the share of true neighbours the PQ ranks below 200 did not grow
+    from 1M to 10M, so the rule of sqrt(N / 10) candidates (set at <= 1M) only over-provisioned at 10M.
     """
-    return int(max(MIN_RERANK, round(math.sqrt(max(0, ntotal) / 10))))
+    del ntotal
+    return DEFAULT_RERANK
 
 
 # Elements of float32 scratch per re-ranking block ([queries, candidates, dim]): 8M floats = 32 MB keeps

@@ -1,8 +1,8 @@
 """Choose an IVF-PQ index's search-time settings for a recall target, measured on the memory itself.
 
-The default rules (``ivfpq.default_nprobe``, ``default_rerank``) were set on 100k-1M rows to reach recall@10
-~0.99; at 10M they over-provision (benchmarks/memory_ondisk.py: recall@10 0.998 where 0.98 costs a third of
-the time). ``reco memory tune`` measures instead: ``n_queries`` rows of the memory stand in for queries (each
+The default rules (``ivfpq.default_nprobe``, ``default_rerank``) were read off tuning curves at 100k, 1M
+and 10M rows of synthetic CLIP-like data (recall@10 ~0.96 at 20x exact's speed or more); a memory of
+other data, or a recall target of its own, is better served by measuring. ``reco memory tune`` does: ``n_queries`` rows of the memory stand in for queries (each
 row's own id is dropped from its results), their exact top-k comes from a scan of the rows, and a grid of
 (nprobe, rerank) is searched from cheap to costly; the fastest setting that reaches the target is written to
 the index's ``backend.json`` and the manifest, with what was measured. Search-time only: nothing is rebuilt,
