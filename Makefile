@@ -77,7 +77,8 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix src tests benchmarks
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/memory_backends.py --out bench_out
+	$(BIN)/python benchmarks/memory_backends.py --large --out bench_out
+	$(BIN)/python benchmarks/ivfpq_curves.py --out bench_out/ivfpq_curves
 	$(BIN)/python benchmarks/train_throughput.py --out bench_out
 	$(BIN)/python benchmarks/streaming_ram.py --out bench_out
 	$(BIN)/python benchmarks/memory_ondisk.py --out bench_out/ondisk

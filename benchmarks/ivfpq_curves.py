@@ -173,7 +173,7 @@ def table(results: list[dict[str, Any]]) -> str:
                 f"| {p['nprobe']} | {p['rerank']} | {p['recall@10']:.3f} | {p['qps']:,.0f} | {p['qps'] / ref:.1f} |"
                 for p in frontier(r["grid"])
             ],
-            f"| rule today: {r['rule']['nprobe']} | {r['rule']['rerank']} | {r['rule']['recall@10']:.3f} | "
+            f"| rule at run time: {r['rule']['nprobe']} | {r['rule']['rerank']} | {r['rule']['recall@10']:.3f} | "
             f"{r['rule']['qps']:,.0f} | {r['rule']['qps'] / ref:.1f} |",
             "",
         ]

@@ -415,3 +415,19 @@ def test_reco_memory_tune_writes_the_fastest_setting_reaching_the_target(tmp_pat
     result = tuning.tune_search(store.index("text"), store.text_embeddings, target=0.99, n_queries=200)
     assert not result["reached"] and result["rerank"] == 0
     assert result["recall"] == max(m["recall"] for m in result["measured"])
+
+
+def test_a_memmap_read_at_random_is_released_by_mapped_bytes_not_rows_read(tmp_path, monkeypatch):
+    """Small memmaps stay mapped (re-faulting pages cost re-ranking 4/5 of its speed); a large one gives its
+    pages back once the process maps ``step`` bytes more than after its last release."""
+    from reco_lightning import arrays
+
+    monkeypatch.setattr(arrays, "_mapped_floor", None)
+    path = tmp_path / "rows.npy"
+    np.save(path, np.ones((4096, 1024), dtype=np.float32))  # 16 MiB
+    rows = np.load(path, mmap_mode="r")
+    assert arrays.release_pages_over(rows, budget=64 << 20, step=1 << 20) is False  # fits the budget
+    assert arrays.release_pages_over(rows, budget=1 << 20, step=8 << 20) is True  # first look: no floor yet
+    assert arrays.release_pages_over(rows, budget=1 << 20, step=8 << 20) is False  # nothing mapped since
+    float(np.asarray(rows[:3072]).sum())  # maps 12 MiB
+    assert arrays.release_pages_over(rows, budget=1 << 20, step=8 << 20) is True

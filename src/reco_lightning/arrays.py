@@ -62,8 +62,9 @@ def open_array(path: Path, shape: tuple[int, ...], dtype: Any = None) -> np.ndar
     return array
 
 
-#: file-backed RSS above which random reads of a memmap give its pages back (:func:`release_pages_over`)
-MAPPED_BUDGET = 1 << 30
+#: a memmap at most this large stays mapped while read at random; a larger one is released every
+#: RELEASE_STEP bytes of mappings (:func:`release_pages_over`)
+MAPPED_BUDGET, RELEASE_STEP = 1 << 30, 1 << 29
 
 
 def _mapped_rss() -> int | None:
@@ -81,19 +82,21 @@ def _mapped_rss() -> int | None:
 _mapped_floor: int | None = None  # file-backed RSS right after the last release (libraries and the like)
 
 
-def release_pages_over(array: np.ndarray, budget: int = MAPPED_BUDGET) -> bool:
-    """:func:`release_pages` once this process maps ``budget`` bytes of files more than it did right after
-    its last release (its libraries count too; always where the amount is unknown); whether pages were
-    released.
+def release_pages_over(array: np.ndarray, budget: int = MAPPED_BUDGET, step: int = RELEASE_STEP) -> bool:
+    """:func:`release_pages` for a memmap larger than ``budget`` once this process maps ``step`` bytes of
+    files more than right after its last release (always where /proc cannot say); whether pages were
+    released. One of at most ``budget`` bytes is never released: it cannot map more than itself.
 
-    Why a budget rather than a count of rows read: every release makes the next reads fault their pages
-    in again, and releasing every 4096 re-ranked rows cost re-ranking 4/5 of its speed (5.2k q/s against
-    25k at 1M rows, 100 candidates). A memory whose rows fit the budget is never released; a 10 GB one
-    keeps its RSS within the budget.
+    Why not a count of rows read: every release makes the next reads fault their pages in again, and
+    releasing every 4096 re-ranked rows cost re-ranking 4/5 of its speed (5.2k q/s against 25k at 1M rows
+    of 1 GB, 100 candidates). A 10 GB memory keeps its mapped rows within ``step`` (docs/memory.md: peak
+    RSS while searching 10M rows).
     """
     global _mapped_floor
+    if array.nbytes <= budget:
+        return False
     mapped = _mapped_rss()
-    if mapped is not None and _mapped_floor is not None and mapped <= _mapped_floor + budget:
+    if mapped is not None and _mapped_floor is not None and mapped <= _mapped_floor + step:
         return False
     released = release_pages(array)
     if released:
