@@ -117,8 +117,9 @@ def test_spawned_backend_is_measured_in_its_own_process(bench, tmp_path) -> None
     report = bench.main([*args, "--backends", "exact", "--out", str(tmp_path)])
     exact = report["backends"]["exact"]
     assert exact["isolated_process"] is True and exact["recall@10"] == 1.0
-    # per-process peak: the child's own high-water mark, at least what its imports already hold
-    assert exact["rss_after_imports_mb"] <= exact["peak_rss_mb"] < exact["rss_after_imports_mb"] + 500
+    # per-process peak: the child's own high-water mark, at least what its imports already hold (the slack:
+    # a CUDA build of torch maps ~0.5 GB more of its libraries on first use, even on a CPU)
+    assert exact["rss_after_imports_mb"] <= exact["peak_rss_mb"] < exact["rss_after_imports_mb"] + 1500
 
 
 def test_real_memory_uses_held_out_rows_as_queries(bench, tmp_path) -> None:

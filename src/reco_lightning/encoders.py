@@ -70,6 +70,19 @@ class BackboneFamily:
 
 _CLIP_HEADS = ("visual_projection.weight", "text_projection.weight", "logit_scale")
 
+
+def _siglip_like(name: str) -> BackboneFamily:
+    """SigLIP and SigLIP 2: no projection layer; each tower's ``head`` maps to the vision width, which both
+    share; the text tower reads max-length padding without a mask."""
+    return BackboneFamily(
+        name,
+        (name,),
+        dim=lambda config: int(config.vision_config.hidden_size),
+        fingerprint_parameters=lambda param: ".head." in param or param in ("logit_scale", "logit_bias"),
+        text_attention_mask=False,
+    )
+
+
 FAMILIES: dict[str, BackboneFamily] = {
     family.name: family
     for family in (
@@ -80,21 +93,8 @@ FAMILIES: dict[str, BackboneFamily] = {
             dim=lambda config: int(config.projection_dim),
             fingerprint_parameters=lambda name: name in _CLIP_HEADS,
         ),
-        # SigLIP: no projection layer; each tower's `head` maps to the vision width, which both share
-        BackboneFamily(
-            "siglip",
-            ("siglip",),
-            dim=lambda config: int(config.vision_config.hidden_size),
-            fingerprint_parameters=lambda name: ".head." in name or name in ("logit_scale", "logit_bias"),
-            text_attention_mask=False,
-        ),
-        BackboneFamily(
-            "siglip2",
-            ("siglip2",),
-            dim=lambda config: int(config.vision_config.hidden_size),
-            fingerprint_parameters=lambda name: ".head." in name or name in ("logit_scale", "logit_bias"),
-            text_attention_mask=False,
-        ),
+        _siglip_like("siglip"),
+        _siglip_like("siglip2"),
     )
 }
 
