@@ -7,11 +7,12 @@ Each (split, seed) draws its own index sets and pre-trains its own stand-in back
 both protocols); each protocol then calibrates its weights on the validation split and trains RECO, the
 control and (default protocol) the other three search/fusion settings and RECO trained with 10% of the
 memory. Rows: ``clip`` (frozen), ``lookup`` and ``mix`` (training-free, same neighbours), ``control``
-(same fusion and recipe, retrieval masked), ``reco`` (uni-search + cross-fusion) and the others.
+(same fusion and recipe, retrieval masked), ``reco`` (uni-search + cross-fusion) and the others, and (since
+session 7) the two label-reading references, ceilings rather than peers (apps.demo.probes).
 
 Writes DIR/demo_accuracy.json:
 ``{"default": {"protocol", "split"}, "seeds", "seconds", "protocols": {P: {"splits": {S: {ROW: {"seen":
-{"mean", "std"}, "unseen": ..., "all": ..., "seen_to_unseen": ...}}}, "calibration": {S: per-seed
+{"mean", "std"}, "seen_only": ..., "unseen": ..., "all": ..., "seen_to_unseen": ...}}}, "calibration": {S: per-seed
 weights}, "per_seed": {S: [rows of each seed]}}}}`` (top-1 in percent, population std over seeds), the
 markdown table, a bar plot, and rewrites the results table of docs/results.md between its markers.
 """
@@ -30,7 +31,8 @@ from reco_lightning.atomic import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 START, END = "<!-- demo-results:start -->", "<!-- demo-results:end -->"
-METRICS = ("seen", "unseen", "all", "seen_to_unseen")
+#: per row; ``seen_only`` (seen images among the seen classes only) since session 7: older JSON lacks it
+METRICS = ("seen", "seen_only", "unseen", "all", "seen_to_unseen")
 
 
 def aggregate(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
@@ -39,7 +41,9 @@ def aggregate(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, dict[str
     for row in per_seed[0]:
         out[row] = {}
         for metric in METRICS:
-            values = [run[row][metric] for run in per_seed if row in run]
+            values = [run[row][metric] for run in per_seed if metric in run.get(row, {})]
+            if not values:
+                continue
             std = statistics.pstdev(values) if len(values) > 1 else 0.0
             out[row][metric] = {"mean": round(statistics.fmean(values), 2), "std": round(std, 2)}
     return out
@@ -48,8 +52,8 @@ def aggregate(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, dict[str
 def table(result: dict) -> str:
     lines = [
         "| protocol | split (unseen classes; seeds) | row (mean ± std over seeds) "
-        "| seen top-1 | unseen top-1 | all top-1 | seen sent to unseen |",
-        "|---|---|---|---:|---:|---:|---:|",
+        "| seen top-1 | seen-only top-1 | unseen top-1 | all top-1 | seen sent to unseen |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for protocol, body in result["protocols"].items():
         label_protocol = protocol + (" (default)" if protocol == result["default"]["protocol"] else "")
@@ -58,7 +62,7 @@ def table(result: dict) -> str:
             seeds = result.get("seeds_per_split", {}).get(protocol, {}).get(split, result["seeds"])
             label = f"{split} ({unseen}; {seeds} seed{'s' if seeds > 1 else ''})"
             for row, m in rows.items():
-                cells = [f"{m[s]['mean']:.1f} ± {m[s]['std']:.1f}" for s in METRICS]
+                cells = [f"{m[s]['mean']:.1f} ± {m[s]['std']:.1f}" if s in m else "-" for s in METRICS]
                 lines.append(f"| {label_protocol} | {label} | {row} | " + " | ".join(cells) + " |")
                 label_protocol, label = "", ""
     return "\n".join(lines) + "\n"

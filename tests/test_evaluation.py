@@ -71,6 +71,13 @@ def test_clip_row_equals_a_hand_computed_zero_shot_classifier(module, tiny_dir):
     )
     assert red.sum() == 12
     assert got["top1_reds"] == pytest.approx(classification_metrics(scores[red], labels[red])["top1"])
+    # the red images among the red classes only: the argmax over those three columns
+    reds = torch.tensor([data.classnames.index(f"red {s}") for s in ("circle", "square", "triangle")])
+    among_reds = (
+        scores[red][:, reds].argmax(1) == (labels[red].unsqueeze(1) == reds).int().argmax(1)
+    ).float()
+    assert got["top1_reds_only"] == pytest.approx(100 * among_reds.mean().item())
+    assert got["top1_reds_only"] >= got["top1_reds"]  # fewer classes to confuse them with
 
 
 def test_bad_configuration_is_refused(tiny_dir, module):

@@ -35,7 +35,13 @@ from reco_lightning.metrics import (
 )
 from reco_lightning.retrieval import Neighbours
 
-__all__ = ["SETTINGS", "ClassificationSet", "RetrievalSet", "ZeroShotEvaluation"]
+__all__ = [
+    "SETTINGS",
+    "ClassificationSet",
+    "RetrievalSet",
+    "ZeroShotEvaluation",
+    "grouped_classification_metrics",
+]
 
 Side = Literal["frozen", "reco", "lookup", "mix"]
 
@@ -66,7 +72,8 @@ class ClassificationSet:
             the generic CLIP templates.
         split: webdataset split folder.
         class_groups: extra top-1 restricted to images of these classes (names as in classnames),
-            e.g. {"seen": [...], "unseen": [...]}; classification is still over all classes.
+            e.g. {"seen": [...], "unseen": [...]}: ``top1_<group>`` classifies them among all classes,
+            ``top1_<group>_only`` among the group's own classes only.
         during: evaluate it at validation in `fit`, at `test`, or both (a validation set for
             checkpoint selection, the official test split for the final report).
     """
@@ -273,23 +280,11 @@ class ZeroShotEvaluation(pl.Callback):
                 text_key = _side_key(text_side, k)
                 scores = images[image_key] @ weights[text_key].to(device).t()
                 for group, acc in groups_acc.items():
-                    mask = (
-                        torch.isin(labels, groups[group])
-                        if group != "all"
-                        else torch.ones_like(labels, dtype=torch.bool)
-                    )
-                    if mask.any():
-                        acc.update(scores[mask.to(device)], labels[mask].to(device))
+                    _update_group(acc, group, groups, scores, labels)
 
         sweep: dict[str, dict[int, float]] = {}
         for (setting, k), groups_acc in accumulators.items():
-            metrics = {}
-            for group, acc in groups_acc.items():
-                computed = acc.compute()
-                if group == "all":
-                    metrics.update(computed)
-                else:
-                    metrics[f"top1_{group}"] = computed["top1"]
+            metrics = _group_metrics(groups_acc)
             name = setting if k is None else f"{setting}@k={k}"
             report.add(spec.name, name, {**metrics, **leaks.metrics(SETTINGS[setting][0])})
             if k is not None:
@@ -450,15 +445,69 @@ def _group_labels(spec: ClassificationSet, classnames: list[str]) -> dict[str, T
     return groups
 
 
+#: suffix of a class group's accumulator that classifies its images among its own classes only
+ONLY = "_only"
+
+
 def _group_accumulators(
     num_classes: int, groups: dict[str, Tensor], device: torch.device
 ) -> dict[str, ZeroShotClassificationAccumulator]:
-    return {
-        name: ZeroShotClassificationAccumulator(num_classes, groups=groups if name == "all" else None).to(
-            device
-        )
+    """ "all" (every image among every class), each group's images among every class (``top1_<group>``), and
+    each group's images among its own classes only (``top1_<group>_only``: for the seen classes, whether the
+    refined model still tells apart what the frozen one knew, whatever the other classes pull to them)."""
+    accumulators = {
+        name: ZeroShotClassificationAccumulator(num_classes, groups=groups if name == "all" else None)
         for name in ("all", *groups)
     }
+    for name, members in groups.items():
+        accumulators[name + ONLY] = ZeroShotClassificationAccumulator(len(members), top_k=(1,))
+    return {name: acc.to(device) for name, acc in accumulators.items()}
+
+
+def grouped_classification_metrics(
+    scores: Tensor, labels: Tensor, groups: dict[str, Tensor]
+) -> dict[str, float]:
+    """The metrics a zero-shot report gives one setting, from its scores [N, C] of all images at once: what
+    references outside the evaluation (a k-NN label vote, a probe) are reported with, so their rows read
+    like the settings' rows."""
+    accumulators = _group_accumulators(scores.shape[1], groups, scores.device)
+    for group, acc in accumulators.items():
+        _update_group(acc, group, groups, scores, labels)
+    return _group_metrics(accumulators)
+
+
+def _group_metrics(accumulators: dict[str, ZeroShotClassificationAccumulator]) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    for group, acc in accumulators.items():
+        computed = acc.compute()
+        if group == "all":
+            metrics.update(computed)
+        else:
+            metrics[f"top1_{group}"] = computed["top1"]
+    return metrics
+
+
+def _update_group(
+    acc: ZeroShotClassificationAccumulator,
+    group: str,
+    groups: dict[str, Tensor],
+    scores: Tensor,
+    labels: Tensor,
+) -> None:
+    """Add a batch's ``scores`` [B, C] to one accumulator of :func:`_group_accumulators`."""
+    if group == "all":
+        acc.update(scores, labels.to(scores.device))
+        return
+    members = groups[group.removesuffix(ONLY)]
+    mask = torch.isin(labels, members)
+    if not mask.any():
+        return
+    picked, picked_labels = scores[mask.to(scores.device)], labels[mask]
+    if group.endswith(ONLY):  # among the group's own classes, labels renumbered to their place in it
+        position = torch.full((scores.shape[1],), -1, dtype=torch.long)
+        position[members] = torch.arange(len(members))
+        picked, picked_labels = picked[:, members.to(scores.device)], position[picked_labels]
+    acc.update(picked, picked_labels.to(scores.device))
 
 
 def _progress(iterable, desc: str):

@@ -1,4 +1,5 @@
-"""Probes of the stand-in CLIP's knowledge gap: zero-shot accuracy, image k-NN, text-to-text retrieval.
+"""Probes of the stand-in CLIP's knowledge gap: zero-shot accuracy, image k-NN, text-to-text retrieval, and
+the demo's label-reading references (a k-NN label vote and an MLP probe over the memory's labelled images).
 
 Apart from the training (:mod:`reco_lightning.apps.demo.backbone_train`) because they only read a finished
 backbone, any backbone: each takes a directory or a loaded :class:`reco_lightning.encoders.FrozenEncoder`.
@@ -24,9 +25,12 @@ from reco_lightning.encoders import FrozenEncoder
 from reco_lightning.metrics import build_class_embeddings, build_prompts
 
 __all__ = [
+    "LABEL_VOTE_ROW",
+    "PROBE_ROW",
     "Backbone",
     "encode_uint8_images",
     "image_knn_accuracy",
+    "label_reading_references",
     "text_retrieval_precision",
     "zero_shot_accuracy",
 ]
@@ -148,3 +152,74 @@ def text_retrieval_precision(
     for name, mask in (("seen", seen_mask), ("unseen", ~seen_mask), ("all", np.ones_like(seen_mask))):
         result[name] = round(100.0 * float(precision[mask].mean()), 2) if mask.any() else float("nan")
     return result
+
+
+#: the demo's rows of the two references that read the memory's labels (ceilings, not peers of RECO)
+LABEL_VOTE_ROW = "label vote (reads labels: a ceiling)"
+PROBE_ROW = "MLP probe (reads labels: a ceiling)"
+
+
+def label_reading_references(
+    backbone: Backbone,
+    memory_dir: str | os.PathLike,
+    train_labels: np.ndarray,
+    test_root: str | os.PathLike,
+    groups: dict[str, Sequence[int]],
+    seed: int = 0,
+    k: int = 10,
+    epochs: int = 100,
+) -> dict[str, dict[str, float]]:
+    """Zero-shot-report metrics of two classifiers that read the labels of the memory's images: the
+    majority label of each test image's ``k`` nearest memory images, and an MLP (512 hidden) trained on the
+    memory's image embeddings and labels.
+
+    RECO reads no label: what these reach bounds what any function of the frozen image embeddings and this
+    memory can do on the unseen classes (docs/results.md), so they sit beside the rows as ceilings.
+    ``train_labels``: Fashion-MNIST train labels, indexed by the memory's pair ids (the images' indices).
+    """
+    from reco_lightning.data.zeroshot import ImageFolderClassification
+    from reco_lightning.evaluation import grouped_classification_metrics
+    from reco_lightning.memory.store import MemoryStore
+
+    clip = _clip(backbone)
+    store = MemoryStore.open(memory_dir, load_indexes=False)
+    memory = F.normalize(torch.from_numpy(np.asarray(store.image_embeddings, dtype=np.float32)), dim=-1)
+    memory_labels = torch.as_tensor(np.asarray(train_labels)[np.asarray(store.ids)], dtype=torch.long)
+    test = ImageFolderClassification(test_root)
+    queries, labels = [], []
+    for start in range(0, len(test), 1024):
+        images, batch_labels = zip(
+            *(test[i] for i in range(start, min(len(test), start + 1024))), strict=True
+        )
+        queries.append(clip.encode_images(clip.preprocess_images(images)))
+        labels.extend(batch_labels)
+    queries, labels = torch.cat(queries), torch.tensor(labels)
+    num_classes = len(test.classnames)
+    weights = (1.0 + 1e-3 * torch.arange(k, 0, -1) / k).view(1, k, 1)  # ties go to the nearer neighbours
+    votes = torch.cat(
+        [
+            (
+                F.one_hot(memory_labels[(block @ memory.T).topk(k, dim=1).indices], num_classes).float()
+                * weights
+            ).sum(1)
+            for block in queries.split(2048)
+        ]
+    )
+    torch.manual_seed(seed)
+    probe = torch.nn.Sequential(
+        torch.nn.Linear(memory.shape[1], 512), torch.nn.GELU(), torch.nn.Linear(512, num_classes)
+    )
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=1e-3, weight_decay=1e-4)
+    for _ in range(epochs):
+        for batch in torch.randperm(len(memory)).split(256):
+            loss = F.cross_entropy(probe(memory[batch]), memory_labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        logits = probe(queries)
+    members = {name: torch.tensor(sorted(ids), dtype=torch.long) for name, ids in groups.items()}
+    return {
+        LABEL_VOTE_ROW: grouped_classification_metrics(votes, labels, members),
+        PROBE_ROW: grouped_classification_metrics(logits, labels, members),
+    }
