@@ -1,6 +1,7 @@
 """Fast ablations of the fusion's training on the demo's frozen features (seconds per row, not minutes).
 
     python benchmarks/fusion_ablations.py --root artifacts/demo [ROOT ...] --out DIR [--rows NAME ...] [--seeds 1]
+                                          [--split test|val|both]
 
 `reco demo` trains through Lightning, the feature cache and the zero-shot callback; this script trains
 the very same modules (FusionTransformer x 2, RecoContrastiveLoss, AdamW with warmup + cosine, batch 256)
@@ -8,7 +9,14 @@ on the demo's embeddings held in RAM, with exact search in torch, so one design 
 a time and measured in seconds. It reads a prepared demo root (run `reco demo` first): its backbone
 encodes the validation and test images and the class prompts once (cached in ROOT/ablation_features.pt),
 the memory gives the training pairs and the retrieval rows. Top-1 (percent) on the test split (``--split val``:
-the validation split, where design choices are made) for seen, unseen and all classes; rows:
+the validation split, where design choices are made; ``both``: each training run scored on both) for seen,
+unseen and all classes, and seen-only (seen images among the seen classes only); rows:
+
+- training-free, over the all-class memory: ``clip (frozen)``, ``lookup`` (each image its neighbours'
+  captions' mean, prompts frozen) and ``mix`` (query + alpha x neighbours' mean, both sides) with alpha
+  calibrated on val by the open rule (best all-class top-1), the strict rule (the largest alpha that
+  costs the seen images at most 0.5 points), the strict rule on seen-only top-1, or the open rule over
+  weights up to 10;
 
 - ``reco``: the demo's open protocol and recipe (5 epochs, lr 1e-3, skips at weight 1, duplicate captions
   as positives, near-duplicates = copies of the pair's image, cosine > 0.9999);
@@ -27,16 +35,28 @@ the validation split, where design choices are made) for seen, unseen and all cl
   ``similarity-weighted skip`` (the skip a softmax over the scores with a learned sharpness starting at 0,
   i.e. at the mean);
 - ``a tenth of the pairs, 50 epochs`` and its control: trained on a random tenth of the memory's pairs
-  (retrieving from them) for as many steps as the demo's recipe, tested with the whole memory.
+  (retrieving from them) for as many steps as the demo's recipe, tested with the whole memory;
+- the strict protocol's research (issue 21; ``strict, calibrated`` is the demo's strict recipe until
+  session 8, its skip calibrated by the strict rule on the seen images' all-class top-1; ``strict,
+  calibrated on seen-only`` the demo's since, the rule on seen-only top-1): a ``disjoint memory`` (train on half the seen pairs, retrieve from the
+  other half); training queries zeroed (``query dropout``) or replaced by another pair's (``query
+  shuffle``, ``image query shuffle``: image side only), or of whole pseudo-novel k-means clusters each
+  epoch (``pseudo-novel``); a learned per-query weight on the query and on the neighbours (``trust
+  gate``; ``trust only``: without the transformer branch); and the ``novelty gate``: an image whose
+  cosine to its neighbours' captions' mean is below a quantile of the training pairs' (or of held-out
+  seen images') becomes its lookup, over the frozen model or the trained fusion.
 
 Reference rows that read the test classes' labels (not zero-shot; what the frozen image embeddings can
 give with supervision, so a bound on any fusion of them): ``k-NN label vote (labels)``, the majority
-label of each test image's k nearest memory images, and ``MLP probe (labels)``, a 512-hidden MLP
-trained 100 epochs on the memory's image embeddings and labels.
+label of each test image's k nearest memory images, ``MLP probe (labels)``, a 512-hidden MLP
+trained 100 epochs on the memory's image embeddings and labels, and ``novelty oracle: frozen | lookup
+(labels)``, the novelty gate made perfect (seen images frozen, unseen ones their lookup).
 
 Several roots (``--root artifacts/demo artifacts/demo_seed1 ...``: one stand-in backbone each) and
-``--seeds`` (training seeds) are pooled: mean and std over roots x seeds. Writes DIR/fusion_ablations.json
-(with each run's numbers) and prints a table.
+``--seeds`` (training seeds) are pooled: mean and std over roots x seeds; each root's seen classes come
+from its ``protocol.json``. Writes DIR/fusion_ablations.json (``both``: and DIR/fusion_ablations_val.json)
+with each run's numbers (the novelty gate's rows add how many seen / unseen images it judged novel and the
+AUROC of its signal and of the frozen model's confidence) and prints a table.
 """
 
 from __future__ import annotations
@@ -55,6 +75,8 @@ import torch
 import torch.nn.functional as F
 
 from reco_lightning.apps.demo.fashion_mnist import DEFAULT_SEEN_CLASSES
+from reco_lightning.apps.demo.pipeline import CALIBRATION_TOLERANCE
+from reco_lightning.calibration import DEFAULT_VALUES, choose
 from reco_lightning.data.zeroshot import ImageFolderClassification, load_templates
 from reco_lightning.encoders import FrozenCLIP
 from reco_lightning.fusion import FusionConfig, FusionTransformer
@@ -76,9 +98,20 @@ class Recipe:
     near_duplicate_of: str = "image"
     mask: bool = False
     query_dropout: float = 0.0
+    corruption: str = "zero"  # what a dropped query becomes: "zero", or "shuffle" (another pair's query)
+    # per epoch, this share of 32 k-means clusters of the pairs (label-free concepts) has its queries dropped
+    pseudo_novel: float = 0.0
+    skip_rule: str = ""  # "": ``skip`` as given; "max" / "keep": calibrated on val by that protocol's rule
+    disjoint_memory: bool = False  # train on half of the pairs, retrieve from the other half
+    branch: bool = True  # False: no transformer branch, only ScoredFusion's scalar weights train
+    corrupt_text: bool = True  # False: only image queries are dropped (prompts keep their text)
+    novelty_gate: float = 0.0  # > 0: at test, an image whose cross-modal agreement with its neighbours is
+    # below this quantile of the training pairs' becomes its lookup (novel to the backbone)
+    text_side: str = "fused"  # "frozen": class prompts are not refined (as in the lookup row)
+    novelty_reference: str = "train"  # the gate's quantile over: the training pairs, or "val" seen images
     k: int = 10
     batch_size: int = 256
-    scores: str = ""  # "" (the demo's fusion), "tokens", "gate" or "weighted": see ScoredFusion
+    scores: str = ""  # "" (the demo's fusion), "tokens", "gate", "weighted" or "trust": see ScoredFusion
     pair_fraction: float = 1.0  # train on this random fraction of the memory's pairs (and retrieve from it)
 
 
@@ -97,6 +130,71 @@ ROWS: dict[str, Recipe] = {
     "k 20": Recipe(k=20),
     "strict": Recipe(protocol="strict"),
     "control, strict": Recipe(protocol="strict", mask=True),
+    # the strict protocol's research rows (issue 21): the demo's strict recipe first (skip calibrated by
+    # the strict rule on val), then what might make the memory necessary, or let each query choose
+    "strict, calibrated": Recipe(protocol="strict", skip_rule="keep"),
+    "strict, calibrated on seen-only": Recipe(protocol="strict", skip_rule="keep-only"),
+    "strict, calibrated, disjoint memory": Recipe(protocol="strict", skip_rule="keep", disjoint_memory=True),
+    "strict, calibrated, query dropout 0.5": Recipe(protocol="strict", skip_rule="keep", query_dropout=0.5),
+    "strict, calibrated, query shuffle 0.5": Recipe(
+        protocol="strict", skip_rule="keep", query_dropout=0.5, corruption="shuffle"
+    ),
+    "strict, calibrated, pseudo-novel 0.3": Recipe(
+        protocol="strict", skip_rule="keep", pseudo_novel=0.3, corruption="shuffle"
+    ),
+    "strict, calibrated, trust gate": Recipe(protocol="strict", skip_rule="keep", scores="trust"),
+    "strict, calibrated, trust only, query shuffle 0.5": Recipe(
+        protocol="strict",
+        skip_rule="keep",
+        scores="trust",
+        branch=False,
+        query_dropout=0.5,
+        corruption="shuffle",
+    ),
+    "strict, calibrated, trust only, image query shuffle 0.5": Recipe(
+        protocol="strict",
+        skip_rule="keep",
+        scores="trust",
+        branch=False,
+        query_dropout=0.5,
+        corruption="shuffle",
+        corrupt_text=False,
+    ),
+    "strict, calibrated, trust gate, image query shuffle 0.5": Recipe(
+        protocol="strict",
+        skip_rule="keep",
+        scores="trust",
+        query_dropout=0.5,
+        corruption="shuffle",
+        corrupt_text=False,
+    ),
+    "strict, calibrated, image query shuffle 0.5": Recipe(
+        protocol="strict", skip_rule="keep", query_dropout=0.5, corruption="shuffle", corrupt_text=False
+    ),
+    "strict, novelty gate 0.05 over frozen": Recipe(
+        protocol="strict", epochs=0, skip=0.0, novelty_gate=0.05, text_side="frozen"
+    ),
+    "strict, novelty gate 0.1 over frozen": Recipe(
+        protocol="strict", epochs=0, skip=0.0, novelty_gate=0.1, text_side="frozen"
+    ),
+    "strict, novelty gate 0.05 over frozen, quantile of val seen": Recipe(
+        protocol="strict", epochs=0, skip=0.0, novelty_gate=0.05, text_side="frozen", novelty_reference="val"
+    ),
+    "strict, novelty gate 0.2 over frozen, quantile of val seen": Recipe(
+        protocol="strict", epochs=0, skip=0.0, novelty_gate=0.2, text_side="frozen", novelty_reference="val"
+    ),
+    "strict, calibrated, novelty gate 0.05": Recipe(protocol="strict", skip_rule="keep", novelty_gate=0.05),
+    "strict, calibrated, novelty gate 0.05, prompts frozen": Recipe(
+        protocol="strict", skip_rule="keep", novelty_gate=0.05, text_side="frozen"
+    ),
+    "strict, calibrated, trust only, pseudo-novel 0.3": Recipe(
+        protocol="strict",
+        skip_rule="keep",
+        scores="trust",
+        branch=False,
+        pseudo_novel=0.3,
+        corruption="shuffle",
+    ),
     "scores as tokens": Recipe(scores="tokens"),
     "query gate": Recipe(scores="gate"),
     "similarity-weighted skip": Recipe(scores="weighted"),
@@ -170,14 +268,18 @@ class ScoredFusion(FusionTransformer):
     """The demo's fusion (residual + neighbours' skip) reading the neighbours' search scores [B, k] too.
 
     ``mode``: "tokens" adds a learned map of each score to its token; "gate" scales the skip by a learned
-    function of the query and its neighbours; "weighted" makes the skip a softmax over the scores. Every
-    added map starts at zero, so each variant starts as the demo's fusion."""
+    function of the query and its neighbours; "weighted" makes the skip a softmax over the scores; "trust"
+    scales both the query's residual and the neighbours' skip (each in (0, 2)) by a learned function of
+    the same statistics, so a query whose neighbours disagree with it (a concept the backbone cannot
+    embed) can be answered from the memory alone. Every added map starts at zero, so each variant starts
+    as the demo's fusion."""
 
-    def __init__(self, dim: int, config: FusionConfig, mode: str) -> None:
+    def __init__(self, dim: int, config: FusionConfig, mode: str, branch: bool = True) -> None:
         super().__init__(dim, replace(config, retrieved_skip=0.0))
-        self.mode, self.skip = mode, config.retrieved_skip
+        self.mode, self.skip, self.use_branch = mode, config.retrieved_skip, branch
         self.score_map = torch.nn.Linear(2, self.width)
-        self.gate = torch.nn.Sequential(torch.nn.Linear(5, 32), torch.nn.GELU(), torch.nn.Linear(32, 1))
+        outputs = 2 if mode == "trust" else 1  # trust: the query's weight and the neighbours' weight
+        self.gate = torch.nn.Sequential(torch.nn.Linear(5, 32), torch.nn.GELU(), torch.nn.Linear(32, outputs))
         self.sharpness = torch.nn.Parameter(torch.zeros(()))
         for layer in (self.score_map, self.gate[2]):
             torch.nn.init.zeros_(layer.weight), torch.nn.init.zeros_(layer.bias)
@@ -195,22 +297,68 @@ class ScoredFusion(FusionTransformer):
         if self.mode == "tokens":
             features = torch.stack([z, 10 * (scores - 0.9)], -1)
             tokens = torch.cat([tokens[:, :1], tokens[:, 1:] + self.score_map(features)], 1)
-        out = self.branch(tokens, retrieved_mask) + query
+        out = self.branch(tokens, retrieved_mask) if self.use_branch else torch.zeros_like(query)
         logits = z * self.sharpness if self.mode == "weighted" else torch.zeros_like(z)
         weights = (logits - logits.max(1, keepdim=True).values).exp() * valid  # a softmax over valid ones
         weights = weights / weights.sum(1, keepdim=True).clamp(min=1e-12)
         mean = (weights.unsqueeze(-1) * retrieved).sum(1)
-        gate = 1.0
-        if self.mode == "gate":
+        trust, gate = 1.0, 1.0
+        if self.mode in ("gate", "trust"):
             stats = [scores.mean(1), scores.max(1).values, 10 * scores.std(1)]
             stats += [unit(retrieved).mean(1).norm(dim=-1), (unit(query) * unit(mean)).sum(-1)]
-            gate = 2 * torch.sigmoid(self.gate(torch.stack(stats, -1)))
-        return unit(out + self.skip * gate * mean)
+            weights = 2 * torch.sigmoid(self.gate(torch.stack(stats, -1)))
+            gate = weights[:, -1:]
+            if self.mode == "trust":
+                trust = weights[:, :1]
+        return unit(out + trust * query + self.skip * gate * mean)
+
+
+#: ``calibrate_skip``'s wider sweep (``wide`` rules): does any weight of the untrained start beat the vote?
+WIDE_VALUES = (*DEFAULT_VALUES, 1.5, 2.0, 3.0, 5.0, 10.0)
+
+
+def calibrate_skip(data: dict, seen: tuple[int, ...], rule: str, k: int = 10) -> float:
+    """The skip weight the demo's calibration picks on the validation split (the untrained fusion is
+    ``query + weight x mean of neighbours`` on both sides, all-class memory): ``max``, the best all-class
+    top-1 (open protocol); ``keep``, the largest weight that costs the seen images at most 0.5 points of
+    top-1 against the frozen model (strict protocol: no unseen label is read); ``keep-only``, the same on
+    seen-only top-1 (the seen images among the seen classes: still no unseen label). ``wide-`` before a
+    rule sweeps up to 10 instead of 1."""
+    values_swept = WIDE_VALUES if rule.startswith("wide-") else DEFAULT_VALUES
+    rule = rule.removeprefix("wide-")
+    prompts = data["prompts"].reshape(-1, data["mem_t"].shape[1])
+    text_rows, _ = neighbours(unit(prompts), unit(data["mem_t"]), k)
+    image_rows, _ = neighbours(unit(data["val_v"]), unit(data["mem_v"]), k)
+    text_mean, image_mean = data["mem_v"][text_rows].mean(1), data["mem_t"][image_rows].mean(1)
+
+    def score(weight: float) -> dict[str, float]:
+        classes = class_embeddings_from_prompt_embeddings(
+            unit(prompts + weight * text_mean).view_as(data["prompts"])
+        )
+        return top1(unit(data["val_v"] + weight * image_mean) @ classes.t(), data["val_y"], seen)
+
+    metric = {"max": "all", "keep": "seen", "keep-only": "seen_only"}[rule]
+    values = {weight: score(weight)[metric] for weight in values_swept}
+    rule = "keep" if rule == "keep-only" else rule
+    return choose(values, rule, reference=score(0.0)[metric], tolerance=CALIBRATION_TOLERANCE)
+
+
+def kmeans(x: torch.Tensor, clusters: int, seed: int, iterations: int = 20) -> torch.Tensor:
+    """Cluster id [N] of each unit row (spherical k-means): the label-free concepts of ``pseudo_novel``."""
+    g = torch.Generator().manual_seed(seed)
+    centres = x[torch.randperm(len(x), generator=g)[:clusters]]
+    for _ in range(iterations):
+        assign = (x @ centres.t()).argmax(1)
+        sums = torch.zeros_like(centres).index_add_(0, assign, x)
+        centres = torch.where(sums.norm(dim=1, keepdim=True) > 0, unit(sums), centres)
+    return (x @ centres.t()).argmax(1)
 
 
 def run(
-    data: dict, recipe: Recipe, seed: int, seen: tuple[int, ...], split: str = "test"
-) -> dict[str, float]:
+    data: dict, recipe: Recipe, seed: int, seen: tuple[int, ...], split: str | tuple[str, ...] = "test"
+) -> dict:
+    """Train one recipe and score it on ``split`` (its metrics), or on each of several splits from the
+    same training run (``("val", "test")``: {split: metrics})."""
     torch.manual_seed(seed)
     mem_v, mem_t, mem_y = data["mem_v"], data["mem_t"], data["mem_y"]
     rows = torch.arange(len(mem_y))
@@ -219,24 +367,38 @@ def run(
     if recipe.pair_fraction < 1:
         draw = torch.randperm(len(rows), generator=torch.Generator().manual_seed(1234 + seed))
         rows = rows[draw[: int(recipe.pair_fraction * len(rows))].sort().values]
+    source = rows  # the memory training retrieves from
+    if recipe.disjoint_memory:  # half the pairs train, the other half is the memory they read
+        draw = torch.randperm(len(rows), generator=torch.Generator().manual_seed(4321 + seed))
+        rows, source = rows[draw[::2].sort().values], rows[draw[1::2].sort().values]
     train_v, train_t = mem_v[rows], mem_t[rows]  # open: the memory's own pairs; strict: its seen pairs
-    key_v, key_t = unit(train_v), unit(train_t)
-    threshold, own = recipe.near_duplicate_threshold, torch.arange(len(rows))
+    key_v, key_t = unit(mem_v[source]), unit(mem_t[source])
+    threshold = recipe.near_duplicate_threshold
+    own = torch.searchsorted(source, rows)  # each pair's own row in the source (disjoint: none)
+    is_own = source[own.clamp(max=len(source) - 1)] == rows
 
-    def excluded_by(reference: torch.Tensor):
+    def excluded_by(queries: torch.Tensor, keys: torch.Tensor):
         def excluded(start: int, stop: int) -> torch.Tensor:
-            drop = reference[start:stop] @ reference.t() > threshold
-            drop[torch.arange(stop - start), own[start:stop]] = True  # the pair's own row
+            drop = queries[start:stop] @ keys.t() > threshold
+            mine = torch.arange(start, stop)[is_own[start:stop]]
+            drop[mine - start, own[mine]] = True  # the pair's own row
             return drop
 
         return excluded
 
-    image_rows, image_scores = neighbours(train_v, train_v, recipe.k, excluded_by(key_v))
-    by_text = key_t if recipe.near_duplicate_of == "query" else key_v
-    text_rows, text_scores = neighbours(train_t, train_t, recipe.k, excluded_by(by_text))
-    options = FusionConfig(num_heads=4, dropout=0.1, residual=recipe.residual, retrieved_skip=recipe.skip)
+    image_rows, image_scores = neighbours(unit(train_v), key_v, recipe.k, excluded_by(unit(train_v), key_v))
+    if recipe.near_duplicate_of == "query":
+        by_text = excluded_by(unit(train_t), key_t)
+    else:
+        by_text = excluded_by(unit(train_v), key_v)
+    text_rows, text_scores = neighbours(unit(train_t), key_t, recipe.k, by_text)
+    image_rows, text_rows = source[image_rows], source[text_rows]  # rows of mem_v / mem_t
+    skip = calibrate_skip(data, seen, recipe.skip_rule, recipe.k) if recipe.skip_rule else recipe.skip
+    options = FusionConfig(num_heads=4, dropout=0.1, residual=recipe.residual, retrieved_skip=skip)
     if recipe.scores:
-        image_fusion, text_fusion = (ScoredFusion(train_v.shape[1], options, recipe.scores) for _ in "it")
+        image_fusion, text_fusion = (
+            ScoredFusion(train_v.shape[1], options, recipe.scores, recipe.branch) for _ in "it"
+        )
     else:
         image_fusion, text_fusion = (FusionTransformer(train_v.shape[1], options) for _ in "it")
     loss_fn = RecoContrastiveLoss(LossConfig(duplicate_threshold=recipe.duplicate_threshold))
@@ -246,6 +408,7 @@ def run(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(warmup_cosine, warmup_steps=10, total_steps=steps)
     )
+    clusters = kmeans(unit(train_v), 32, seed) if recipe.pseudo_novel else None
 
     def fuse(
         fusion: FusionTransformer, query: torch.Tensor, retrieved: torch.Tensor, scores: torch.Tensor
@@ -253,24 +416,36 @@ def run(
         mask = torch.zeros(retrieved.shape[:2], dtype=torch.bool) if recipe.mask else None
         return fusion(query, retrieved, scores, mask) if recipe.scores else fusion(query, retrieved, mask)
 
-    def dropped(query: torch.Tensor) -> torch.Tensor:
-        """Training only: zero each query with probability ``query_dropout`` (the fusion then answers from
-        its neighbours alone, as it must for a concept the backbone cannot embed)."""
-        if not recipe.query_dropout:
+    def corrupted(query: torch.Tensor, novel: torch.Tensor) -> torch.Tensor:
+        """Training only: the queries of a random share of the pairs (``query_dropout``, drawn per query)
+        and of the pseudo-novel pairs (``novel``) replaced, by zeros or by another pair's query, so the
+        fusion must answer from the neighbours, as it must for a concept the backbone cannot embed."""
+        drop = novel | (torch.rand(len(query)) < recipe.query_dropout)
+        if not drop.any():
             return query
-        return query * (torch.rand(len(query), 1) >= recipe.query_dropout).to(query.dtype)
+        other = query[torch.randperm(len(query))] if recipe.corruption == "shuffle" else 0 * query
+        return torch.where(drop.unsqueeze(1), other, query)
 
     for _ in range(recipe.epochs):
         image_fusion.train(), text_fusion.train()
         order = torch.randperm(len(rows))
+        novel = torch.zeros(len(rows), dtype=torch.bool)
+        if clusters is not None:  # this epoch's pseudo-novel concepts
+            chosen = torch.randperm(32)[: round(recipe.pseudo_novel * 32)]
+            novel = torch.isin(clusters, chosen)
         for start in range(0, len(rows) - recipe.batch_size + 1, recipe.batch_size):
             batch = order[start : start + recipe.batch_size]
             v, t = train_v[batch], train_t[batch]
             out = loss_fn(
                 v,
                 t,
-                fuse(image_fusion, dropped(v), train_t[image_rows[batch]], image_scores[batch]),
-                fuse(text_fusion, dropped(t), train_v[text_rows[batch]], text_scores[batch]),
+                fuse(image_fusion, corrupted(v, novel[batch]), mem_t[image_rows[batch]], image_scores[batch]),
+                fuse(
+                    text_fusion,
+                    corrupted(t, novel[batch]) if recipe.corrupt_text else t,
+                    mem_v[text_rows[batch]],
+                    text_scores[batch],
+                ),
             )
             optimizer.zero_grad()
             out["loss"].backward()
@@ -280,21 +455,93 @@ def run(
     image_fusion.eval(), text_fusion.eval()
     with torch.no_grad():  # test: the all-class memory, no exclusion
         prompts = data["prompts"].reshape(-1, mem_t.shape[1])
-        rows, scores = neighbours(unit(prompts), unit(mem_t), recipe.k)
-        refined = fuse(text_fusion, prompts, mem_v[rows], scores)
+        found, scores = neighbours(unit(prompts), unit(mem_t), recipe.k)
+        refined = fuse(text_fusion, prompts, mem_v[found], scores)
+        if recipe.text_side == "frozen":
+            refined = prompts
         classes = class_embeddings_from_prompt_embeddings(refined.view_as(data["prompts"]))
-        v = data[f"{split}_v"]
-        rows, scores = neighbours(unit(v), unit(mem_v), recipe.k)
-        logits = fuse(image_fusion, v, mem_t[rows], scores) @ classes.t()
-    return top1(logits.argmax(1), data[f"{split}_y"], seen)
+        results = {}
+        for name in (split,) if isinstance(split, str) else split:
+            v = data[f"{name}_v"]
+            found, scores = neighbours(unit(v), unit(mem_v), recipe.k)
+            fused = fuse(image_fusion, v, mem_t[found], scores)
+            results[name] = {"skip": skip}
+            if recipe.novelty_gate:
+                reference_v, reference_paired = train_v, mem_t[image_rows]
+                if recipe.novelty_reference == "val":  # held-out seen images (seen labels only)
+                    reference_v = data["val_v"][torch.isin(data["val_y"], torch.tensor(seen))]
+                    reference_paired = mem_t[neighbours(unit(reference_v), unit(mem_v), recipe.k)[0]]
+                fused, novel = novelty_gated(
+                    fused, v, mem_t[found], reference_v, reference_paired, recipe.novelty_gate
+                )
+                is_unseen = ~torch.isin(data[f"{name}_y"], torch.tensor(seen))
+                results[name]["judged_novel_seen"] = 100 * novel[~is_unseen].float().mean().item()
+                results[name]["judged_novel_unseen"] = 100 * novel[is_unseen].float().mean().item()
+                results[name]["novelty_auroc"] = auroc(-agreement(v, mem_t[found]), is_unseen)
+                frozen = class_embeddings_from_prompt_embeddings(data["prompts"])
+                confidence = (100 * unit(v) @ frozen.t()).softmax(1).max(1).values
+                results[name]["confidence_auroc"] = auroc(-confidence, is_unseen)
+            results[name].update(top1(fused @ classes.t(), data[f"{name}_y"], seen))
+    return results[split] if isinstance(split, str) else results
 
 
-def top1(predicted: torch.Tensor, labels: torch.Tensor, seen: tuple[int, ...]) -> dict[str, float]:
-    """Top-1 in percent over the seen classes, the unseen ones and all."""
-    correct = (predicted == labels).float()
-    is_seen = torch.isin(labels, torch.tensor(seen))
+def agreement(query: torch.Tensor, paired: torch.Tensor) -> torch.Tensor:
+    """[B] cosine of each query with the mean of its neighbours' paired embeddings [B, k, D]: high where
+    the backbone embeds the concept (its image and its captions agree), low for a concept it never learned."""
+    return (unit(query) * unit(paired.mean(1))).sum(-1)
+
+
+def auroc(score: torch.Tensor, positive: torch.Tensor) -> float:
+    """Probability that a random positive scores above a random negative (ties count half)."""
+    a, b = score[positive], score[~positive]
+    above = (a[:, None] > b[None, :]).float().mean() + 0.5 * (a[:, None] == b[None, :]).float().mean()
+    return above.item()
+
+
+def novelty_gated(
+    fused: torch.Tensor,
+    query: torch.Tensor,
+    paired: torch.Tensor,
+    train_query: torch.Tensor,
+    train_paired: torch.Tensor,
+    quantile: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fused`` where the query's agreement is at least the ``quantile`` of the training pairs' (each with
+    the neighbours it trained with: labels of no class are read), else the lookup: the unit mean of the
+    neighbours' paired embeddings. Returns the embeddings and the [B] bool of queries judged novel."""
+    threshold = torch.quantile(agreement(train_query, train_paired), quantile)
+    novel = agreement(query, paired) < threshold
+    return torch.where(novel.unsqueeze(1), unit(paired.mean(1)), fused), novel
+
+
+def training_free(data: dict, seen: tuple[int, ...], split: str, side: str, k: int = 10) -> dict:
+    """The demo's training-free rows over the all-class memory: ``frozen`` (clip), ``lookup`` (each image
+    replaced by its neighbours' captions' mean, prompts frozen), ``mix max`` / ``mix keep`` (query + alpha x
+    mean of neighbours on both sides, alpha calibrated on val by the open / strict rule; ``mix R``: by
+    ``calibrate_skip``'s rule R)."""
+    prompts, v = data["prompts"].reshape(-1, data["mem_t"].shape[1]), data[f"{split}_v"]
+    image_rows, _ = neighbours(unit(v), unit(data["mem_v"]), k)
+    image_mean = data["mem_t"][image_rows].mean(1)
+    if side == "lookup":
+        classes = class_embeddings_from_prompt_embeddings(data["prompts"])
+        return top1(unit(image_mean) @ classes.t(), data[f"{split}_y"], seen)
+    alpha = 0.0 if side == "frozen" else calibrate_skip(data, seen, side.split()[1], k)
+    text_rows, _ = neighbours(unit(prompts), unit(data["mem_t"]), k)
+    refined = unit(prompts + alpha * data["mem_v"][text_rows].mean(1))
+    classes = class_embeddings_from_prompt_embeddings(refined.view_as(data["prompts"]))
+    return {**top1(unit(v + alpha * image_mean) @ classes.t(), data[f"{split}_y"], seen), "skip": alpha}
+
+
+def top1(logits: torch.Tensor, labels: torch.Tensor, seen: tuple[int, ...]) -> dict[str, float]:
+    """Top-1 in percent over the seen classes, the unseen ones and all, and ``seen_only``: the seen images
+    among the seen classes only (does a fusion keep what the backbone knew?)."""
+    seen_ids = torch.tensor(seen)
+    correct = (logits.argmax(1) == labels).float()
+    is_seen = torch.isin(labels, seen_ids)
+    among_seen = logits[:, seen_ids].argmax(1)
     return {
         "seen": 100 * correct[is_seen].mean().item(),
+        "seen_only": 100 * (seen_ids[among_seen] == labels)[is_seen].float().mean().item(),
         "unseen": 100 * correct[~is_seen].mean().item(),
         "all": 100 * correct.mean().item(),
     }
@@ -304,7 +551,7 @@ def label_vote(data: dict, seed: int, seen: tuple[int, ...], split: str = "test"
     """Reference (reads labels): the majority label of each image's k nearest memory images."""
     rows, _ = neighbours(unit(data[f"{split}_v"]), unit(data["mem_v"]), k)
     votes = F.one_hot(data["mem_y"][rows], int(data["mem_y"].max()) + 1).sum(1)
-    return top1(votes.argmax(1), data[f"{split}_y"], seen)
+    return top1(votes.float(), data[f"{split}_y"], seen)
 
 
 def probe(
@@ -324,10 +571,42 @@ def probe(
             loss.backward()
             optimizer.step()
     with torch.no_grad():
-        return top1(model(unit(data[f"{split}_v"])).argmax(1), data[f"{split}_y"], seen)
+        return top1(model(unit(data[f"{split}_v"])), data[f"{split}_y"], seen)
 
 
-REFERENCES = {"k-NN label vote (labels)": label_vote, "MLP probe (labels)": probe}
+def novelty_oracle(data: dict, seed: int, seen: tuple[int, ...], split: str = "test", k: int = 10) -> dict:
+    """Reference (reads labels): the per-query decision made perfectly: a seen-class image keeps its frozen
+    embedding, an unseen-class image becomes its lookup (prompts frozen): the ceiling of any gate
+    between the two."""
+    v, y = data[f"{split}_v"], data[f"{split}_y"]
+    rows, _ = neighbours(unit(v), unit(data["mem_v"]), k)
+    unseen = ~torch.isin(y, torch.tensor(seen)).unsqueeze(1)
+    image = torch.where(unseen, unit(data["mem_t"][rows].mean(1)), v)
+    return top1(image @ class_embeddings_from_prompt_embeddings(data["prompts"]).t(), y, seen)
+
+
+REFERENCES = {
+    "k-NN label vote (labels)": label_vote,
+    "MLP probe (labels)": probe,
+    "novelty oracle: frozen | lookup (labels)": novelty_oracle,
+}
+TRAINING_FREE = {
+    "clip (frozen)": "frozen",
+    "lookup": "lookup",
+    "mix, open rule": "mix max",
+    "mix, strict rule": "mix keep",
+    "mix, strict rule on seen-only": "mix keep-only",
+    "mix, open rule, weights to 10": "mix wide-max",
+}
+METRICS = ("seen", "seen_only", "unseen", "all")
+
+
+def seen_of(root: Path, default: tuple[int, ...]) -> tuple[int, ...]:
+    """The root's seen classes, as `reco demo` recorded them (protocol.json), else ``default``."""
+    recorded = root / "protocol.json"
+    if recorded.is_file():
+        return tuple(json.loads(recorded.read_text())["seen_classes"])
+    return default
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -338,58 +617,82 @@ def main(argv: list[str] | None = None) -> dict:
         "--root", nargs="+", default=["artifacts/demo"], help="demo roots prepared by `reco demo` (pooled)"
     )
     parser.add_argument("--out", default="bench_out")
-    names = [*ROWS, *REFERENCES]
+    names = [*TRAINING_FREE, *ROWS, *REFERENCES]
     parser.add_argument("--rows", nargs="+", default=names, choices=names)
     parser.add_argument("--seeds", type=int, default=1, help="training seeds per root")
     parser.add_argument(
-        "--split", default="test", choices=["test", "val"], help="evaluate on (choose designs on val)"
+        "--split",
+        default="test",
+        choices=["test", "val", "both"],
+        help="evaluate on (choose designs on val; both: each training run scored on val and test)",
     )
-    parser.add_argument("--seen", default=",".join(map(str, DEFAULT_SEEN_CLASSES)), help="seen class ids")
+    parser.add_argument(
+        "--seen",
+        default=",".join(map(str, DEFAULT_SEEN_CLASSES)),
+        help="seen class ids of a root without protocol.json (a prepared root records its own)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    seen = tuple(int(c) for c in args.seen.split(","))
+    default_seen = tuple(int(c) for c in args.seen.split(","))
     datasets = {root: features(Path(root)) for root in args.root}
-    results = {}
+    seen_by_root = {root: seen_of(Path(root), default_seen) for root in args.root}
+    splits = ("val", "test") if args.split == "both" else (args.split,)
+    results: dict[str, dict] = {split: {} for split in splits}
     for name in args.rows:
         start = time.time()
-        runs = []
+        runs: dict[str, list] = {split: [] for split in splits}
         for root, data in datasets.items():
-            for seed in range(args.seeds):
-                if name in REFERENCES:
-                    numbers = REFERENCES[name](data, seed, seen, args.split)
+            seen = seen_by_root[root]
+            for seed in range(args.seeds if name not in TRAINING_FREE else 1):
+                if name in TRAINING_FREE:
+                    numbers = {s: training_free(data, seen, s, TRAINING_FREE[name]) for s in splits}
+                elif name in REFERENCES:
+                    numbers = {s: REFERENCES[name](data, seed, seen, s) for s in splits}
                 else:
-                    numbers = run(data, ROWS[name], seed, seen, args.split)
-                runs.append({"root": root, "seed": seed, **{m: round(v, 2) for m, v in numbers.items()}})
-        results[name] = {
-            metric: {
-                "mean": round(statistics.fmean(r[metric] for r in runs), 2),
-                "std": round(statistics.pstdev([r[metric] for r in runs]) if len(runs) > 1 else 0.0, 2),
-            }
-            for metric in ("seen", "unseen", "all")
-        }
-        results[name]["recipe"] = ROWS[name].__dict__ if name in ROWS else "reference: reads labels"
-        results[name]["runs"] = runs
-        m = results[name]
-        print(
-            f"{name:40s} seen {m['seen']['mean']:5.1f}  unseen {m['unseen']['mean']:5.1f}  "
-            f"all {m['all']['mean']:5.1f}  ({time.time() - start:.0f} s)",
-            flush=True,
+                    numbers = run(data, ROWS[name], seed, seen, splits)
+                for split in splits:
+                    rounded = {m: round(v, 2) for m, v in numbers[split].items()}
+                    runs[split].append({"root": root, "seed": seed, **rounded})
+        for split in splits:
+            results[split][name] = summarise(runs[split], name)
+        line = "  ".join(
+            f"{split}: seen {m['seen']['mean']:5.1f} seen-only {m['seen_only']['mean']:5.1f} "
+            f"unseen {m['unseen']['mean']:5.1f} all {m['all']['mean']:5.1f}"
+            for split, m in ((split, results[split][name]) for split in splits)
         )
+        print(f"{name:52s} {line}  ({time.time() - start:.0f} s)", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"roots": args.root, "seeds": args.seeds, "split": args.split, "rows": results}
-    (out / "fusion_ablations.json").write_text(json.dumps(summary, indent=2))
     pooled = len(args.root) * args.seeds > 1
-    print(
-        f"\n| row ({len(args.root)} roots x {args.seeds} seeds) | seen | unseen | all |\n|---|---:|---:|---:|"
-    )
-    for name, m in results.items():
-        cells = [
-            f"{m[k]['mean']:.1f}" + (f" ± {m[k]['std']:.1f}" if pooled else "")
-            for k in ("seen", "unseen", "all")
-        ]
-        print(f"| {name} | " + " | ".join(cells) + " |")
-    return results
+    for split in splits:
+        summary = {"roots": args.root, "seeds": args.seeds, "split": split, "rows": results[split]}
+        name = "fusion_ablations.json" if split == splits[-1] else f"fusion_ablations_{split}.json"
+        (out / name).write_text(json.dumps(summary, indent=2))
+        print(
+            f"\n{split} split\n| row ({len(args.root)} roots x {args.seeds} seeds) | seen | seen-only | unseen "
+            "| all |\n|---|---:|---:|---:|---:|"
+        )
+        for row, m in results[split].items():
+            cells = [f"{m[k]['mean']:.1f}" + (f" ± {m[k]['std']:.1f}" if pooled else "") for k in METRICS]
+            print(f"| {row} | " + " | ".join(cells) + " |")
+    return results[splits[-1]]
+
+
+def summarise(runs: list[dict], name: str) -> dict:
+    """Mean and population std of each metric over the runs (roots x seeds), the recipe, the runs."""
+    summary: dict = {
+        metric: {
+            "mean": round(statistics.fmean(r[metric] for r in runs), 2),
+            "std": round(statistics.pstdev([r[metric] for r in runs]) if len(runs) > 1 else 0.0, 2),
+        }
+        for metric in METRICS
+    }
+    if name in ROWS:
+        summary["recipe"] = ROWS[name].__dict__
+    else:
+        summary["recipe"] = "training-free" if name in TRAINING_FREE else "reference: reads labels"
+    summary["runs"] = runs
+    return summary
 
 
 if __name__ == "__main__":

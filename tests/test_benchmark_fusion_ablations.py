@@ -1,5 +1,6 @@
 """The fusion-ablation benchmark on synthetic features: every row trains and scores, the label-reading
-references are what they claim, the score-reading variants start as the demo's fusion, roots are pooled."""
+references are what they claim, the score-reading variants start as the demo's fusion, the strict rows'
+calibration and novelty gate do what they say, roots are pooled."""
 
 from __future__ import annotations
 
@@ -50,22 +51,76 @@ def test_every_row_trains_and_scores(bench):
     for name, recipe in bench.ROWS.items():
         small = replace(recipe, epochs=1, batch_size=32)
         numbers = bench.run(data, small, 0, SEEN)
-        assert set(numbers) == {"seen", "unseen", "all"}, name
+        expected = {"seen", "seen_only", "unseen", "all", "skip"}
+        if recipe.novelty_gate:  # how the gate judged each group, and how well its signal separates them
+            expected |= {"judged_novel_seen", "judged_novel_unseen", "novelty_auroc", "confidence_auroc"}
+        assert set(numbers) == expected, name
         assert all(0 <= v <= 100 for v in numbers.values()), (name, numbers)
+        assert numbers["skip"] in (0.0, *bench.DEFAULT_VALUES), (name, numbers)
     # the retrieval reads the right classes here: the demo's fusion gets the unseen classes right
     assert bench.run(data, replace(bench.ROWS["reco"], batch_size=32), 0, SEEN)["unseen"] > 90
 
 
+def test_one_training_run_scores_both_splits(bench):
+    data = synthetic()
+    recipe = replace(bench.ROWS["strict, calibrated"], epochs=1, batch_size=32)
+    both = bench.run(data, recipe, 0, SEEN, ("val", "test"))
+    assert set(both) == {"val", "test"}
+    assert both["test"] == bench.run(data, recipe, 0, SEEN, "test")  # same seed, same training
+
+
+def test_training_free_rows(bench):
+    data = synthetic()
+    # the synthetic towers are unaligned (random image and text centres): the frozen model is at chance,
+    # the lookup (an image's neighbours' captions against the prompts) reads the right classes
+    assert bench.training_free(data, SEEN, "test", "frozen")["all"] < 40
+    assert bench.training_free(data, SEEN, "test", "lookup")["all"] > 95
+    # the strict rule never costs the seen classes more than its tolerance on val
+    alpha = bench.calibrate_skip(data, SEEN, "keep")
+    chosen = bench.training_free(data, SEEN, "val", "mix keep")
+    assert chosen["skip"] == alpha
+    assert chosen["seen"] >= bench.training_free(data, SEEN, "val", "frozen")["seen"] - 0.5
+    only = bench.training_free(data, SEEN, "val", "mix keep-only")
+    assert only["seen_only"] >= bench.training_free(data, SEEN, "val", "frozen")["seen_only"] - 0.5
+    assert bench.calibrate_skip(data, SEEN, "wide-max") in bench.WIDE_VALUES
+
+
+def test_seen_only_reads_the_seen_classes_only(bench):
+    labels = torch.tensor([0, 2, 1])
+    logits = torch.tensor([[0.0, 9.0, 1.0], [0.0, 9.0, 1.0], [0.0, 9.0, 1.0]])  # class 1 always wins
+    numbers = bench.top1(logits, labels, (0, 2))
+    assert numbers["seen"] == 0.0 and numbers["unseen"] == 100.0
+    assert numbers["seen_only"] == 50.0  # among classes 0 and 2: image 1 (class 2) right, image 0 wrong
+
+
+def test_novelty_gate_sends_what_disagrees_with_its_neighbours_to_the_lookup(bench):
+    g = torch.Generator().manual_seed(0)
+    train_query = F.normalize(torch.randn(200, 8, generator=g), dim=-1)
+    train_paired = train_query.unsqueeze(1).repeat(1, 3, 1)  # training pairs agree with their neighbours
+    query = F.normalize(torch.randn(2, 8, generator=g), dim=-1)
+    paired = torch.stack([query[0].repeat(3, 1), -query[1].repeat(3, 1)])  # the second disagrees
+    fused = torch.zeros(2, 8)
+    out, novel = bench.novelty_gated(fused, query, paired, train_query, train_paired, 0.05)
+    assert novel.tolist() == [False, True]
+    torch.testing.assert_close(out[0], fused[0])
+    torch.testing.assert_close(out[1], -query[1])
+
+
 def test_references_read_the_labels(bench):
     data = synthetic()
-    assert bench.label_vote(data, 0, SEEN) == {"seen": 100.0, "unseen": 100.0, "all": 100.0}
+    assert bench.label_vote(data, 0, SEEN) == {
+        "seen": 100.0,
+        "seen_only": 100.0,
+        "unseen": 100.0,
+        "all": 100.0,
+    }
     assert bench.probe(data, 0, SEEN, epochs=20)["all"] > 95
     # a vote over shuffled labels is chance, so the reference is the labels' doing
     shuffled = {**data, "mem_y": data["mem_y"][torch.randperm(len(data["mem_y"]))]}
     assert bench.label_vote(shuffled, 0, SEEN)["all"] < 40
 
 
-@pytest.mark.parametrize("mode", ["tokens", "gate", "weighted"])
+@pytest.mark.parametrize("mode", ["tokens", "gate", "weighted", "trust"])
 def test_score_variants_start_as_the_demo_fusion(bench, mode):
     config = FusionConfig(num_heads=4, residual=True, retrieved_skip=0.8)
     torch.manual_seed(0)
@@ -80,7 +135,12 @@ def test_score_variants_start_as_the_demo_fusion(bench, mode):
     # starts at 0, so the first step opens it)
     torch.nn.init.ones_(scored.norm.weight)
     scored(query, retrieved, scores, mask).sum().backward()
-    added = {"tokens": scored.score_map.weight, "gate": scored.gate[2].weight, "weighted": scored.sharpness}
+    added = {
+        "tokens": scored.score_map.weight,
+        "gate": scored.gate[2].weight,
+        "weighted": scored.sharpness,
+        "trust": scored.gate[2].weight,
+    }
     assert added[mode].grad is not None and added[mode].grad.abs().sum() > 0
 
 

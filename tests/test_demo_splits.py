@@ -107,7 +107,7 @@ def test_strict_protocol_config_trains_on_seen_pairs_and_memory(tmp_path: Path):
     assert config["model"]["memory"] == str(layout.memory_seen)
     assert config["data"]["init_args"]["train"] == str(layout.fusion_train)
     callbacks = {c["class_path"].rsplit(".", 1)[1]: c["init_args"] for c in config["trainer"]["callbacks"]}
-    assert callbacks["ModelCheckpoint"]["monitor"].endswith("/reco/top1_seen")
+    assert callbacks["ModelCheckpoint"]["monitor"].endswith("/reco/top1_seen_only")
     assert callbacks["ZeroShotEvaluation"]["mix_alpha"] == 0.3
     open_config = yaml.safe_load(run_config(layout).read_text())
     assert open_config["model"]["memory"] == str(layout.memory_all)
