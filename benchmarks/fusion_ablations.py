@@ -76,9 +76,11 @@ import torch.nn.functional as F
 
 from reco_lightning.apps.demo.fashion_mnist import DEFAULT_SEEN_CLASSES
 from reco_lightning.apps.demo.pipeline import CALIBRATION_TOLERANCE
+from reco_lightning.apps.demo.probes import train_probe
 from reco_lightning.calibration import DEFAULT_VALUES, choose
 from reco_lightning.data.zeroshot import ImageFolderClassification, load_templates
 from reco_lightning.encoders import FrozenCLIP
+from reco_lightning.evaluation import grouped_classification_metrics
 from reco_lightning.fusion import FusionConfig, FusionTransformer
 from reco_lightning.losses import LossConfig, RecoContrastiveLoss
 from reco_lightning.memory.store import MemoryStore
@@ -115,6 +117,12 @@ class Recipe:
     pair_fraction: float = 1.0  # train on this random fraction of the memory's pairs (and retrieve from it)
 
 
+#: the strict rows' common base (the demo's strict recipe until session 8) and their two recurring changes
+STRICT = Recipe(protocol="strict", skip_rule="keep")
+SHUFFLE = {"query_dropout": 0.5, "corruption": "shuffle"}  # half the training queries another pair's
+TRUST_ONLY = {"scores": "trust", "branch": False}  # the learned per-query weights, no transformer branch
+GATE_OVER_FROZEN = Recipe(protocol="strict", epochs=0, skip=0.0, text_side="frozen")  # nothing trained
+
 ROWS: dict[str, Recipe] = {
     "reco": Recipe(),
     "control": Recipe(mask=True),
@@ -132,68 +140,35 @@ ROWS: dict[str, Recipe] = {
     "control, strict": Recipe(protocol="strict", mask=True),
     # the strict protocol's research rows (issue 21): the demo's strict recipe first (skip calibrated by
     # the strict rule on val), then what might make the memory necessary, or let each query choose
-    "strict, calibrated": Recipe(protocol="strict", skip_rule="keep"),
-    "strict, calibrated on seen-only": Recipe(protocol="strict", skip_rule="keep-only"),
-    "strict, calibrated, disjoint memory": Recipe(protocol="strict", skip_rule="keep", disjoint_memory=True),
-    "strict, calibrated, query dropout 0.5": Recipe(protocol="strict", skip_rule="keep", query_dropout=0.5),
-    "strict, calibrated, query shuffle 0.5": Recipe(
-        protocol="strict", skip_rule="keep", query_dropout=0.5, corruption="shuffle"
+    "strict, calibrated": STRICT,
+    "strict, calibrated on seen-only": replace(STRICT, skip_rule="keep-only"),
+    "strict, calibrated, disjoint memory": replace(STRICT, disjoint_memory=True),
+    "strict, calibrated, query dropout 0.5": replace(STRICT, query_dropout=0.5),
+    "strict, calibrated, query shuffle 0.5": replace(STRICT, **SHUFFLE),
+    "strict, calibrated, pseudo-novel 0.3": replace(STRICT, pseudo_novel=0.3, corruption="shuffle"),
+    "strict, calibrated, trust gate": replace(STRICT, scores="trust"),
+    "strict, calibrated, trust only, query shuffle 0.5": replace(STRICT, **TRUST_ONLY, **SHUFFLE),
+    "strict, calibrated, trust only, image query shuffle 0.5": replace(
+        STRICT, **TRUST_ONLY, **SHUFFLE, corrupt_text=False
     ),
-    "strict, calibrated, pseudo-novel 0.3": Recipe(
-        protocol="strict", skip_rule="keep", pseudo_novel=0.3, corruption="shuffle"
+    "strict, calibrated, trust gate, image query shuffle 0.5": replace(
+        STRICT, scores="trust", **SHUFFLE, corrupt_text=False
     ),
-    "strict, calibrated, trust gate": Recipe(protocol="strict", skip_rule="keep", scores="trust"),
-    "strict, calibrated, trust only, query shuffle 0.5": Recipe(
-        protocol="strict",
-        skip_rule="keep",
-        scores="trust",
-        branch=False,
-        query_dropout=0.5,
-        corruption="shuffle",
+    "strict, calibrated, image query shuffle 0.5": replace(STRICT, **SHUFFLE, corrupt_text=False),
+    "strict, novelty gate 0.05 over frozen": replace(GATE_OVER_FROZEN, novelty_gate=0.05),
+    "strict, novelty gate 0.1 over frozen": replace(GATE_OVER_FROZEN, novelty_gate=0.1),
+    "strict, novelty gate 0.05 over frozen, quantile of val seen": replace(
+        GATE_OVER_FROZEN, novelty_gate=0.05, novelty_reference="val"
     ),
-    "strict, calibrated, trust only, image query shuffle 0.5": Recipe(
-        protocol="strict",
-        skip_rule="keep",
-        scores="trust",
-        branch=False,
-        query_dropout=0.5,
-        corruption="shuffle",
-        corrupt_text=False,
+    "strict, novelty gate 0.2 over frozen, quantile of val seen": replace(
+        GATE_OVER_FROZEN, novelty_gate=0.2, novelty_reference="val"
     ),
-    "strict, calibrated, trust gate, image query shuffle 0.5": Recipe(
-        protocol="strict",
-        skip_rule="keep",
-        scores="trust",
-        query_dropout=0.5,
-        corruption="shuffle",
-        corrupt_text=False,
+    "strict, calibrated, novelty gate 0.05": replace(STRICT, novelty_gate=0.05),
+    "strict, calibrated, novelty gate 0.05, prompts frozen": replace(
+        STRICT, novelty_gate=0.05, text_side="frozen"
     ),
-    "strict, calibrated, image query shuffle 0.5": Recipe(
-        protocol="strict", skip_rule="keep", query_dropout=0.5, corruption="shuffle", corrupt_text=False
-    ),
-    "strict, novelty gate 0.05 over frozen": Recipe(
-        protocol="strict", epochs=0, skip=0.0, novelty_gate=0.05, text_side="frozen"
-    ),
-    "strict, novelty gate 0.1 over frozen": Recipe(
-        protocol="strict", epochs=0, skip=0.0, novelty_gate=0.1, text_side="frozen"
-    ),
-    "strict, novelty gate 0.05 over frozen, quantile of val seen": Recipe(
-        protocol="strict", epochs=0, skip=0.0, novelty_gate=0.05, text_side="frozen", novelty_reference="val"
-    ),
-    "strict, novelty gate 0.2 over frozen, quantile of val seen": Recipe(
-        protocol="strict", epochs=0, skip=0.0, novelty_gate=0.2, text_side="frozen", novelty_reference="val"
-    ),
-    "strict, calibrated, novelty gate 0.05": Recipe(protocol="strict", skip_rule="keep", novelty_gate=0.05),
-    "strict, calibrated, novelty gate 0.05, prompts frozen": Recipe(
-        protocol="strict", skip_rule="keep", novelty_gate=0.05, text_side="frozen"
-    ),
-    "strict, calibrated, trust only, pseudo-novel 0.3": Recipe(
-        protocol="strict",
-        skip_rule="keep",
-        scores="trust",
-        branch=False,
-        pseudo_novel=0.3,
-        corruption="shuffle",
+    "strict, calibrated, trust only, pseudo-novel 0.3": replace(
+        STRICT, **TRUST_ONLY, pseudo_novel=0.3, corruption="shuffle"
     ),
     "scores as tokens": Recipe(scores="tokens"),
     "query gate": Recipe(scores="gate"),
@@ -534,16 +509,15 @@ def training_free(data: dict, seen: tuple[int, ...], split: str, side: str, k: i
 
 def top1(logits: torch.Tensor, labels: torch.Tensor, seen: tuple[int, ...]) -> dict[str, float]:
     """Top-1 in percent over the seen classes, the unseen ones and all, and ``seen_only``: the seen images
-    among the seen classes only (does a fusion keep what the backbone knew?)."""
-    seen_ids = torch.tensor(seen)
-    correct = (logits.argmax(1) == labels).float()
-    is_seen = torch.isin(labels, seen_ids)
-    among_seen = logits[:, seen_ids].argmax(1)
+    among the seen classes only (does a fusion keep what the backbone knew?); the evaluation's own metrics."""
+    seen_ids = torch.tensor(sorted(seen))
+    unseen_ids = torch.tensor([c for c in range(logits.shape[1]) if c not in seen])
+    m = grouped_classification_metrics(logits.float(), labels, {"seen": seen_ids, "unseen": unseen_ids})
     return {
-        "seen": 100 * correct[is_seen].mean().item(),
-        "seen_only": 100 * (seen_ids[among_seen] == labels)[is_seen].float().mean().item(),
-        "unseen": 100 * correct[~is_seen].mean().item(),
-        "all": 100 * correct.mean().item(),
+        "seen": m["top1_seen"],
+        "seen_only": m["top1_seen_only"],
+        "unseen": m["top1_unseen"],
+        "all": m["top1"],
     }
 
 
@@ -557,19 +531,9 @@ def label_vote(data: dict, seed: int, seen: tuple[int, ...], split: str = "test"
 def probe(
     data: dict, seed: int, seen: tuple[int, ...], split: str = "test", epochs: int = 100
 ) -> dict[str, float]:
-    """Reference (reads labels): an MLP (512 hidden) trained on the memory's image embeddings and labels."""
-    torch.manual_seed(seed)
-    x, y = unit(data["mem_v"]), data["mem_y"]
-    model = torch.nn.Sequential(
-        torch.nn.Linear(x.shape[1], 512), torch.nn.GELU(), torch.nn.Linear(512, int(y.max()) + 1)
-    )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
-    for _ in range(epochs):
-        for batch in torch.randperm(len(x)).split(256):
-            loss = F.cross_entropy(model(x[batch]), y[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    """Reference (reads labels): the demo's MLP probe (512 hidden) on the memory's image embeddings and labels."""
+    y = data["mem_y"]
+    model = train_probe(unit(data["mem_v"]), y, int(y.max()) + 1, seed, epochs)
     with torch.no_grad():
         return top1(model(unit(data[f"{split}_v"])), data[f"{split}_y"], seen)
 

@@ -32,6 +32,7 @@ __all__ = [
     "image_knn_accuracy",
     "label_reading_references",
     "text_retrieval_precision",
+    "train_probe",
     "zero_shot_accuracy",
 ]
 
@@ -159,6 +160,25 @@ LABEL_VOTE_ROW = "label vote (reads labels: a ceiling)"
 PROBE_ROW = "MLP probe (reads labels: a ceiling)"
 
 
+def train_probe(
+    embeddings: Tensor, labels: Tensor, num_classes: int, seed: int = 0, epochs: int = 100
+) -> torch.nn.Module:
+    """The MLP probe reference: 512 hidden units trained ``epochs`` on labelled embeddings (AdamW, lr 1e-3,
+    batch 256; seeded here, so the same call gives the same probe)."""
+    torch.manual_seed(seed)
+    probe = torch.nn.Sequential(
+        torch.nn.Linear(embeddings.shape[1], 512), torch.nn.GELU(), torch.nn.Linear(512, num_classes)
+    )
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=1e-3, weight_decay=1e-4)
+    for _ in range(epochs):
+        for batch in torch.randperm(len(embeddings)).split(256):
+            loss = F.cross_entropy(probe(embeddings[batch]), labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return probe
+
+
 def label_reading_references(
     backbone: Backbone,
     memory_dir: str | os.PathLike,
@@ -205,17 +225,7 @@ def label_reading_references(
             for block in queries.split(2048)
         ]
     )
-    torch.manual_seed(seed)
-    probe = torch.nn.Sequential(
-        torch.nn.Linear(memory.shape[1], 512), torch.nn.GELU(), torch.nn.Linear(512, num_classes)
-    )
-    optimizer = torch.optim.AdamW(probe.parameters(), lr=1e-3, weight_decay=1e-4)
-    for _ in range(epochs):
-        for batch in torch.randperm(len(memory)).split(256):
-            loss = F.cross_entropy(probe(memory[batch]), memory_labels[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    probe = train_probe(memory, memory_labels, num_classes, seed, epochs)
     with torch.no_grad():
         logits = probe(queries)
     members = {name: torch.tensor(sorted(ids), dtype=torch.long) for name, ids in groups.items()}
