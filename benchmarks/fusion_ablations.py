@@ -44,7 +44,12 @@ unseen and all classes, and seen-only (seen images among the seen classes only);
   epoch (``pseudo-novel``); a learned per-query weight on the query and on the neighbours (``trust
   gate``; ``trust only``: without the transformer branch); and the ``novelty gate``: an image whose
   cosine to its neighbours' captions' mean is below a quantile of the training pairs' (or of held-out
-  seen images') becomes its lookup, over the frozen model or the trained fusion.
+  seen images') becomes its lookup, over the frozen model or the trained fusion; the ``added-memory
+  gate`` (session 9, the library's ``known_memory`` / ``novelty_threshold``): a query with at least that
+  share of its neighbours among the rows training never retrieved from bypasses the fusion (an image
+  becomes the mean of its added neighbours' captions, a prompt stays frozen), over the frozen model or
+  the trained strict fusion, and over the tenth-of-the-pairs run (where the added rows are more of the
+  same concepts: the gate's failure mode).
 
 Reference rows that read the test classes' labels (not zero-shot; what the frozen image embeddings can
 give with supervision, so a bound on any fusion of them): ``k-NN label vote (labels)``, the majority
@@ -111,6 +116,10 @@ class Recipe:
     # below this quantile of the training pairs' becomes its lookup (novel to the backbone)
     text_side: str = "fused"  # "frozen": class prompts are not refined (as in the lookup row)
     novelty_reference: str = "train"  # the gate's quantile over: the training pairs, or "val" seen images
+    # > 0: at test, a query whose share of neighbours added to the memory after training (rows the
+    # training did not retrieve from) is at least this bypasses the fusion: an image becomes the mean of
+    # its added neighbours' captions, a class prompt stays frozen (RecoConfig.novelty_threshold)
+    added_gate: float = 0.0
     k: int = 10
     batch_size: int = 256
     scores: str = ""  # "" (the demo's fusion), "tokens", "gate", "weighted" or "trust": see ScoredFusion
@@ -167,6 +176,16 @@ ROWS: dict[str, Recipe] = {
     "strict, calibrated, novelty gate 0.05, prompts frozen": replace(
         STRICT, novelty_gate=0.05, text_side="frozen"
     ),
+    **{
+        f"strict, added-memory gate {share} over frozen": replace(GATE_OVER_FROZEN, added_gate=share)
+        for share in (0.5, 0.9)
+    },
+    **{
+        f"strict, calibrated on seen-only, added-memory gate {share}": replace(
+            STRICT, skip_rule="keep-only", added_gate=share
+        )
+        for share in (0.3, 0.5, 0.7, 0.8, 0.9, 1.0)
+    },
     "strict, calibrated, trust only, pseudo-novel 0.3": replace(
         STRICT, **TRUST_ONLY, pseudo_novel=0.3, corruption="shuffle"
     ),
@@ -175,6 +194,10 @@ ROWS: dict[str, Recipe] = {
     "similarity-weighted skip": Recipe(scores="weighted"),
     "a tenth of the pairs, 50 epochs": Recipe(pair_fraction=0.1, epochs=50),
     "control, a tenth of the pairs, 50 epochs": Recipe(pair_fraction=0.1, epochs=50, mask=True),
+    # the gate's failure mode: rows added after training that are more of the same concepts
+    "a tenth of the pairs, 50 epochs, added-memory gate 0.9": Recipe(
+        pair_fraction=0.1, epochs=50, added_gate=0.9
+    ),
 }
 
 
@@ -434,6 +457,12 @@ def run(
         refined = fuse(text_fusion, prompts, mem_v[found], scores)
         if recipe.text_side == "frozen":
             refined = prompts
+        added = torch.ones(len(mem_y), dtype=torch.bool)
+        added[source] = False  # rows training never retrieved from: the memory added after training
+        if recipe.added_gate:
+            refined = torch.where(
+                added_share(found, added).unsqueeze(1) >= recipe.added_gate, prompts, refined
+            )
         classes = class_embeddings_from_prompt_embeddings(refined.view_as(data["prompts"]))
         results = {}
         for name in (split,) if isinstance(split, str) else split:
@@ -456,8 +485,22 @@ def run(
                 frozen = class_embeddings_from_prompt_embeddings(data["prompts"])
                 confidence = (100 * unit(v) @ frozen.t()).softmax(1).max(1).values
                 results[name]["confidence_auroc"] = auroc(-confidence, is_unseen)
+            if recipe.added_gate:
+                share = added_share(found, added)
+                novel = share >= recipe.added_gate
+                weights = added[found].float().unsqueeze(-1)
+                fused = torch.where(novel.unsqueeze(1), unit((weights * mem_t[found]).sum(1)), fused)
+                is_unseen = ~torch.isin(data[f"{name}_y"], torch.tensor(seen))
+                results[name]["judged_novel_seen"] = 100 * novel[~is_unseen].float().mean().item()
+                results[name]["judged_novel_unseen"] = 100 * novel[is_unseen].float().mean().item()
+                results[name]["novelty_auroc"] = auroc(share, is_unseen)
             results[name].update(top1(fused @ classes.t(), data[f"{name}_y"], seen))
     return results[split] if isinstance(split, str) else results
+
+
+def added_share(rows: torch.Tensor, added: torch.Tensor) -> torch.Tensor:
+    """[B] share of each query's neighbours (rows [B, k]) that were added to the memory after training."""
+    return added[rows].float().mean(1)
 
 
 def agreement(query: torch.Tensor, paired: torch.Tensor) -> torch.Tensor:

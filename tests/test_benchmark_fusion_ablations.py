@@ -54,6 +54,8 @@ def test_every_row_trains_and_scores(bench):
         expected = {"seen", "seen_only", "unseen", "all", "skip"}
         if recipe.novelty_gate:  # how the gate judged each group, and how well its signal separates them
             expected |= {"judged_novel_seen", "judged_novel_unseen", "novelty_auroc", "confidence_auroc"}
+        if recipe.added_gate:
+            expected |= {"judged_novel_seen", "judged_novel_unseen", "novelty_auroc"}
         assert set(numbers) == expected, name
         assert all(0 <= v <= 100 for v in numbers.values()), (name, numbers)
         assert numbers["skip"] in (0.0, *bench.DEFAULT_VALUES), (name, numbers)
@@ -104,6 +106,27 @@ def test_novelty_gate_sends_what_disagrees_with_its_neighbours_to_the_lookup(ben
     assert novel.tolist() == [False, True]
     torch.testing.assert_close(out[0], fused[0])
     torch.testing.assert_close(out[1], -query[1])
+
+
+def test_added_memory_gate_answers_the_concepts_added_after_training_from_the_memory(bench):
+    """Strict: training retrieves from the seen pairs only, so the unseen pairs are the rows added after
+    training; an unseen image's neighbours are all such rows and it becomes their captions' mean (the
+    synthetic towers are unaligned: only the memory gets it right), a seen image keeps the frozen answer."""
+    data = synthetic()
+    gated = bench.run(data, bench.ROWS["strict, added-memory gate 0.9 over frozen"], 0, SEEN)
+    frozen = bench.training_free(data, SEEN, "test", "frozen")
+    assert gated["judged_novel_unseen"] == 100.0 and gated["judged_novel_seen"] == 0.0
+    assert gated["novelty_auroc"] == 1.0
+    assert gated["unseen"] > 95 and frozen["unseen"] < 40
+    assert (gated["seen"], gated["seen_only"]) == (frozen["seen"], frozen["seen_only"])
+    # the open protocol trains with every row: nothing is added, the gate changes nothing
+    recipe = replace(bench.ROWS["reco"], epochs=1, batch_size=32)
+    assert bench.run(data, replace(recipe, added_gate=0.9), 0, SEEN) == {
+        **bench.run(data, recipe, 0, SEEN),
+        "judged_novel_seen": 0.0,
+        "judged_novel_unseen": 0.0,
+        "novelty_auroc": 0.5,
+    }
 
 
 def test_references_read_the_labels(bench):

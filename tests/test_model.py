@@ -303,6 +303,26 @@ def test_retrieval_options_reach_the_retriever(tiny_dir):
     assert (retriever.near_duplicate_threshold, retriever.exclusion_margin) == (0.9, 5)
 
 
+def test_novelty_options_reach_the_retriever_and_the_training_memory_leaves_refine_unchanged(
+    tiny_dir, tmp_path
+):
+    """``known_memory`` marks the attached memory's rows added after training; with the memory the module
+    trains with, none is, and refine is exactly the ungated one (the gate is inert in training)."""
+    gated = make(tiny_dir, known_memory=str(tiny_dir / "memory"), novelty_threshold=0.3)
+    gated.setup("fit")
+    plain = make(tiny_dir)
+    plain.setup("fit")
+    plain.load_state_dict(gated.state_dict())
+    retriever = gated.require_retriever()
+    assert retriever.added is not None and not retriever.added.any()
+    assert gated.inference_config().novelty_threshold == 0.3
+    assert gated.to_pretrained().config.known_memory == str(tiny_dir / "memory")
+    queries = F.normalize(torch.randn(5, gated.backbone.dim), dim=-1)
+    for modality in ("image", "text"):
+        assert torch.equal(gated.refine(queries, modality), plain.refine(queries, modality))
+    assert plain.require_retriever().added is None
+
+
 def test_temperature_is_capped_after_each_training_step(tiny_dir, tmp_path):
     module = make(tiny_dir)
     with torch.no_grad():

@@ -153,6 +153,28 @@ def test_export_holds_the_trained_fusions_and_describes_the_run(project, tiny_di
     assert not [p for p in project.iterdir() if p.name.startswith(".again")], "a temp dir was left behind"
 
 
+def test_novelty_gate_settings_load_refuse_a_missing_memory_and_reach_the_card(project, tiny_dir, tmp_path):
+    from reco_lightning.model_card import model_card
+    from reco_lightning.novelty import NoveltyError
+
+    export = project / "runs" / "tiny" / "export"
+    with pytest.raises(NoveltyError, match="known_memory .*missing.*no ids.npy there"):
+        RecoModel.from_pretrained(
+            export, memory=tiny_dir / "memory", backbone=tiny_dir / "clip", known_memory=tmp_path / "missing"
+        )
+    model = RecoModel.from_pretrained(
+        export, memory=tiny_dir / "memory", backbone=tiny_dir / "clip", known_memory=tiny_dir / "memory"
+    )
+    assert not model.retriever.added.any()  # its own training memory: nothing was added
+    config = json.loads((export / "config.json").read_text())
+    assert config["known_memory"] is None and "novelty gate" not in model_card(config)
+    card = model_card({**config, "known_memory": "runs/memory_seen", "novelty_threshold": 0.9})
+    assert (
+        "novelty gate | on: queries with at least 0.9 of their neighbours absent from `runs/memory_seen`"
+        in card
+    )
+
+
 def test_encode_image_inputs_errors_and_frozen_side(project, tiny_dir):
     model = RecoModel.from_pretrained(project / "runs" / "tiny" / "export", backbone=tiny_dir / "clip")
     image = tiny_dir / "images" / "val_000001.png"

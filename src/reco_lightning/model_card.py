@@ -68,6 +68,15 @@ def model_card(config: Mapping[str, Any], report: Mapping[str, Any] | None = Non
             "yes: retrieved tokens are masked" if config.get("mask_retrieved") else "no",
         ),
     ]
+    if config.get("known_memory"):
+        settings.append(
+            (
+                "novelty gate",
+                f"on: queries with at least {config.get('novelty_threshold')} of their neighbours absent from "
+                f"`{config['known_memory']}` (rows added after training) bypass the fusion; pass "
+                "`known_memory=` where that memory lives now, or None to turn it off",
+            )
+        )
     if memory:
         settings.append(
             (

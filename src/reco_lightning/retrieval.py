@@ -51,6 +51,7 @@ class Neighbours:
     rows: Tensor  # [B, k] int64 memory rows, -1 where masked
     scores: Tensor  # [B, k] float32 search scores
     excluded: Tensor | None = None  # [B] int64 candidates dropped by the evaluation leakage guard
+    added: Tensor | None = None  # [B, k] bool: rows absent from the memory the fusion trained with (novelty)
 
 
 class Retriever:
@@ -71,6 +72,8 @@ class Retriever:
             docs/results.md: it cost the demo's open protocol 10 points of unseen-class top-1).
         exclusion_margin: extra candidates fetched when excluding, so k usually survive.
         max_candidates: cap on the widened search for queries whose candidates were all excluded.
+        known: bool [N], which memory rows the fusion was trained with (:func:`~reco_lightning.novelty.known_rows`);
+            given, every result marks its neighbours added after training (``Neighbours.added``).
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class Retriever:
         exclusion_margin: int = 16,
         max_candidates: int = 1024,
         near_duplicate_of: NearDuplicateOf = "image",
+        known: np.ndarray | None = None,
     ) -> None:
         if search not in ("uni", "cross") or fusion not in ("uni", "cross"):
             raise ValueError(
@@ -97,6 +101,11 @@ class Retriever:
         self.memory, self.k, self.search, self.fusion = memory, k, search, fusion
         self.near_duplicate_threshold, self.near_duplicate_of = near_duplicate_threshold, near_duplicate_of
         self.exclusion_margin, self.max_candidates = exclusion_margin, max_candidates
+        if known is not None and np.shape(known) != (len(memory),):
+            raise ValueError(
+                f"known must be a bool per memory row ({len(memory)}), got shape {np.shape(known)}"
+            )
+        self.added = None if known is None else ~np.asarray(known, dtype=bool)
 
     def searched_modality(self, query_modality: Modality) -> Modality:
         return query_modality if self.search == "uni" else other_modality(query_modality)
@@ -260,9 +269,13 @@ class Retriever:
         flat = np.where(valid, rows_np, 0).ravel()
         gathered = np.asarray(fused[flat], dtype=np.float32).reshape(*rows_np.shape, self.memory.dim)
         gathered[~valid] = 0.0
+        added = (
+            None if self.added is None else torch.from_numpy(self.added[flat].reshape(rows_np.shape) & valid)
+        )
         return Neighbours(
             embeddings=torch.from_numpy(gathered).to(device),
             mask=torch.from_numpy(valid).to(device),
             rows=torch.from_numpy(rows_np).to(device),
             scores=(scores if scores is not None else torch.zeros(rows_np.shape)).to(device),
+            added=None if added is None else added.to(device),
         )

@@ -1,0 +1,113 @@
+"""The novelty gate (reco_lightning.novelty): which memory rows were added after training, and queries whose
+neighbours are mostly such rows answered from them instead of by the fusion."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from reco_lightning.fusion import FusionConfig, FusionTransformer
+from reco_lightning.memory import MemoryStore
+from reco_lightning.novelty import NoveltyError, added_share, gate_novel_queries, known_rows
+from reco_lightning.pretrained import RecoConfig, refine_embeddings
+from reco_lightning.retrieval import Retriever
+
+DIM = 8
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _pairs(centre: int, caption: int, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` pairs of one concept: images around e_centre, captions around e_caption."""
+    rng = np.random.default_rng(seed)
+    eye = np.eye(DIM, dtype=np.float32)
+    return (
+        unit(eye[centre] + 0.1 * rng.standard_normal((count, DIM))),
+        unit(eye[caption] + 0.1 * rng.standard_normal((count, DIM))),
+    )
+
+
+@pytest.fixture()
+def memories(tmp_path):
+    """``old``: 6 pairs of a concept the fusion trained with (ids 0-5); ``grown``: the same plus 6 pairs of a
+    new concept (ids 100-105), written to disk as a user's memories are."""
+    old_v, old_t = _pairs(0, 1, 6, seed=0)
+    new_v, new_t = _pairs(2, 3, 6, seed=1)
+    old = MemoryStore.write(tmp_path / "old", old_v, old_t, ids=np.arange(6))
+    grown = MemoryStore.write(
+        tmp_path / "grown",
+        np.concatenate([old_v, new_v]),
+        np.concatenate([old_t, new_t]),
+        ids=np.concatenate([np.arange(6), np.arange(100, 106)]),
+    )
+    return old, grown
+
+
+def test_known_rows_marks_the_training_memory_and_refuses_bad_paths(memories, tmp_path):
+    old, grown = memories
+    ids = np.asarray(MemoryStore.open(grown, load_indexes=False).ids)
+    assert known_rows(ids, old).tolist() == [True] * 6 + [False] * 6
+    with pytest.raises(NoveltyError, match="no ids.npy"):
+        known_rows(ids, tmp_path / "missing")
+    with pytest.raises(NoveltyError, match="shares no pair id"):
+        known_rows(np.arange(200, 203), old)
+
+
+def test_gate_answers_novel_images_from_their_added_neighbours_and_keeps_novel_texts_frozen():
+    fused, query = torch.zeros(3, 2), torch.tensor([[0.0, 1.0]] * 3)
+    captions = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.6, 0.8]]] * 3)
+    added = torch.tensor([[True, False, True, False], [True, False, False, False], [True, True, True, True]])
+    mask = torch.tensor([[True] * 4, [True] * 4, [True, True, False, False]])
+    assert added_share(added, mask).tolist() == [0.5, 0.25, 1.0]  # masked neighbours do not count
+    image = gate_novel_queries(fused, query, "image", added, mask, captions, 0.5)
+    assert torch.allclose(image[0], torch.tensor([1.0, 0.0]))  # the mean of its two added captions
+    assert torch.equal(image[1], fused[1])  # a quarter added: the fusion's answer stands
+    assert torch.allclose(image[2], torch.tensor([0.7071, 0.7071]), atol=1e-4)  # valid added ones only
+    text = gate_novel_queries(fused, query, "text", added, mask, captions, 0.5)
+    assert torch.equal(text[0], query[0]) and torch.equal(text[1], fused[1])
+
+
+@pytest.mark.parametrize("fusion", ["cross", "uni"])
+def test_refine_is_unchanged_on_the_training_memory_and_gates_the_new_concept(memories, fusion):
+    old, grown = memories
+    torch.manual_seed(0)
+    net = FusionTransformer(DIM, FusionConfig(num_heads=2))
+    net.eval()
+    queries = torch.from_numpy(unit(np.eye(DIM, dtype=np.float32)[[0, 2]] + 0.05))  # old concept, new concept
+    kwargs = {"k": 4, "fusion": fusion}
+
+    def refined(memory, known) -> torch.Tensor:
+        retriever = Retriever(MemoryStore.open(memory), known=known, **kwargs)
+        return refine_embeddings(net, retriever, queries, "image", novelty_threshold=0.5)
+
+    plain = refined(grown, None)
+    known_old = known_rows(np.asarray(MemoryStore.open(grown, load_indexes=False).ids), old)
+    assert torch.equal(
+        refined(old, np.ones(6, dtype=bool)),
+        refine_embeddings(
+            net, Retriever(MemoryStore.open(old), **kwargs), queries, "image", novelty_threshold=0.5
+        ),
+    )  # nothing added: the gate is inert
+    gated = refined(grown, known_old)
+    assert torch.equal(gated[0], plain[0])  # the old concept's neighbours are all known: fused
+    store = MemoryStore.open(grown)
+    rows = Retriever(store, k=4)(queries[1:], "image").rows[0].numpy()
+    assert (rows >= 6).all()  # the new concept's neighbours are the added rows...
+    expected = unit(np.asarray(store.embeddings("text"), dtype=np.float32)[rows].mean(0))
+    assert np.allclose(gated[1].detach().numpy(), expected, atol=1e-5)  # ...and it is their captions' mean
+    captions = torch.from_numpy(unit(np.eye(DIM, dtype=np.float32)[[1, 3]] + 0.05))  # old, new concept's
+    retriever = Retriever(store, known=known_old, **kwargs)
+    texts = refine_embeddings(net, retriever, captions, "text", novelty_threshold=0.5)
+    assert torch.equal(texts[1], captions[1])  # the new concept's text keeps its frozen embedding
+    assert torch.equal(texts[0], refine_embeddings(net, Retriever(store, **kwargs), captions, "text")[0])
+
+
+def test_config_checks_the_threshold_and_records_the_known_memory_as_a_path(tmp_path):
+    with pytest.raises(ValueError, match="novelty_threshold"):
+        RecoConfig(novelty_threshold=0.0)
+    assert RecoConfig(known_memory=tmp_path).known_memory == str(tmp_path)
+    assert RecoConfig().known_memory is None and RecoConfig().novelty_threshold == 0.9
