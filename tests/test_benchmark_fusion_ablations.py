@@ -129,6 +129,23 @@ def test_added_memory_gate_answers_the_concepts_added_after_training_from_the_me
     }
 
 
+def test_the_score_gap_tells_a_new_concept_from_more_rows_of_a_known_one(bench):
+    """Training rows of concept A; added rows: more of A, and B. A query of B beats the training rows by
+    far more than training rows beat each other; a query of A does not."""
+    g = torch.Generator().manual_seed(0)
+    a, b = F.normalize(torch.randn(2, 16, generator=g), dim=-1)
+
+    def around(centre: torch.Tensor, count: int) -> torch.Tensor:
+        return F.normalize(centre + 0.2 * torch.randn(count, 16, generator=g), dim=-1)
+
+    keys = torch.cat([around(a, 100), around(a, 300), around(b, 300)])
+    added = torch.arange(700) >= 100
+    novel = bench.gap_beyond_known(torch.cat([around(a, 50), around(b, 50)]), keys, added, 0.9, 0)
+    assert novel[:50].float().mean() < 0.3 and novel[50:].all()
+    nothing_added = bench.gap_beyond_known(around(b, 5), keys, torch.zeros(700, dtype=torch.bool), 0.9, 0)
+    assert not nothing_added.any()
+
+
 def test_references_read_the_labels(bench):
     data = synthetic()
     assert bench.label_vote(data, 0, SEEN) == {
