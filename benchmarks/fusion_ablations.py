@@ -50,7 +50,8 @@ unseen and all classes, and seen-only (seen images among the seen classes only);
   becomes the mean of its added neighbours' captions, a prompt stays frozen), over the frozen model or
   the trained strict fusion, and over the tenth-of-the-pairs run (where the added rows are more of the
   same concepts: the gate's failure mode); ``..., gap 0.9``: gated only if the query's best added row
-  also beats its best training row by more than the 90th percentile of that gap for training rows.
+  also beats its best training row by more than the 90th percentile of that gap for training rows
+  (the library's ``novelty_gap``).
 
 Reference rows that read the test classes' labels (not zero-shot; what the frozen image embeddings can
 give with supervision, so a bound on any fusion of them): ``k-NN label vote (labels)``, the majority

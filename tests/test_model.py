@@ -315,6 +315,7 @@ def test_novelty_options_reach_the_retriever_and_the_training_memory_leaves_refi
     plain.load_state_dict(gated.state_dict())
     retriever = gated.require_retriever()
     assert retriever.added is not None and not retriever.added.any()
+    assert retriever.gap_check is not None  # novelty_gap's default: the training memory is opened too
     assert gated.inference_config().novelty_threshold == 0.3
     assert gated.to_pretrained().config.known_memory == str(tiny_dir / "memory")
     queries = F.normalize(torch.randn(5, gated.backbone.dim), dim=-1)

@@ -9,7 +9,7 @@ import torch
 
 from reco_lightning.fusion import FusionConfig, FusionTransformer
 from reco_lightning.memory import MemoryStore
-from reco_lightning.novelty import NoveltyError, added_share, gate_novel_queries, known_rows
+from reco_lightning.novelty import GapCheck, NoveltyError, added_share, gate_novel_queries, known_rows
 from reco_lightning.pretrained import RecoConfig, refine_embeddings
 from reco_lightning.retrieval import Retriever
 
@@ -111,3 +111,39 @@ def test_config_checks_the_threshold_and_records_the_known_memory_as_a_path(tmp_
         RecoConfig(novelty_threshold=0.0)
     assert RecoConfig(known_memory=tmp_path).known_memory == str(tmp_path)
     assert RecoConfig().known_memory is None and RecoConfig().novelty_threshold == 0.9
+
+
+def test_gap_check_spares_more_rows_of_a_known_concept_and_gates_a_new_one(tmp_path):
+    """A memory grown with more rows of the trained concept A and with a new concept B: A's queries have
+    mostly added neighbours too, yet their best added row is no closer than training rows are to each
+    other; B's is far closer than anything in the training memory."""
+    a_v, a_t = _pairs(0, 1, 60, seed=2)
+    b_v, b_t = _pairs(2, 3, 20, seed=3)
+    training = MemoryStore.write(tmp_path / "training", a_v[:15], a_t[:15], ids=np.arange(15))
+    grown = MemoryStore.open(
+        MemoryStore.write(
+            tmp_path / "grown",
+            np.concatenate([a_v, b_v]),
+            np.concatenate([a_t, b_t]),
+            ids=np.concatenate([np.arange(60), np.arange(100, 120)]),
+        )
+    )
+    known = known_rows(np.asarray(grown.ids), training)
+    assert known.sum() == 15
+    net = FusionTransformer(DIM, FusionConfig(num_heads=2)).eval()
+    queries = torch.from_numpy(_pairs(0, 1, 40, seed=4)[0])  # concept A
+    queries = torch.cat([queries, torch.from_numpy(_pairs(2, 3, 10, seed=5)[0])])  # concept B
+    retriever = Retriever(grown, k=4, known=known)
+    share_only = refine_embeddings(net, retriever, queries, "image", novelty_threshold=0.5)
+    plain = refine_embeddings(net, Retriever(grown, k=4), queries, "image")
+    gate = GapCheck(grown, known, MemoryStore.open(training), quantile=0.9, k=4)
+    retriever.gap_check = gate
+    checked = refine_embeddings(net, retriever, queries, "image", novelty_threshold=0.5)
+    gated_by_share = ~torch.isclose(share_only, plain).all(1)
+    gated_checked = ~torch.isclose(checked, plain).all(1)
+    assert gated_by_share[:40].float().mean() > 0.5  # the share alone takes more rows of A for a new concept
+    # the check gates A about as often as training rows beat the 90th percentile, and every B
+    assert gated_checked[:40].float().mean() < 0.3 and gated_checked[40:].all()
+    assert gate.threshold("image", "image") == gate._thresholds["image->image"]  # computed once
+    with pytest.raises(ValueError, match="novelty_gap"):
+        RecoConfig(novelty_gap=1.0)

@@ -40,7 +40,7 @@ from reco_lightning.encoders import FrozenEncoder
 from reco_lightning.errors import RecoError
 from reco_lightning.fusion import FusionConfig, FusionTransformer
 from reco_lightning.memory.store import MemoryStore, check_fingerprint
-from reco_lightning.novelty import gate_novel_queries, known_rows
+from reco_lightning.novelty import GapCheck, gate_novel_queries, known_rows
 from reco_lightning.retrieval import Choice, Retriever
 from reco_lightning.types import Modality
 
@@ -101,6 +101,10 @@ class RecoConfig:
         novelty_threshold: that share, in (0, 1]. 0.9 (9 of the default 10 neighbours) was chosen on the
             validation split of 9 stand-in backbones: the best all-class top-1 that keeps seen-only top-1
             within a point of the frozen model (0.7 is 1.5 points better all-class and 2.2 worse seen-only).
+        novelty_gap: with ``known_memory``, a query is gated only if its best added row also beats its best
+            row of the training memory by more than this quantile of that gap for the training memory's
+            rows (:class:`~reco_lightning.novelty.GapCheck`: spares a memory grown with more rows of known
+            concepts); None: the share alone.
     """
 
     k: int = 10
@@ -114,6 +118,7 @@ class RecoConfig:
     memory_device: str = "auto"
     known_memory: str | None = None
     novelty_threshold: float = 0.9
+    novelty_gap: float | None = 0.9
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fusion_config", FusionConfig.coerce(self.fusion_config))
@@ -128,6 +133,8 @@ class RecoConfig:
             )
         if self.known_memory is not None:
             object.__setattr__(self, "known_memory", str(self.known_memory))
+        if self.novelty_gap is not None and not 0.0 <= float(self.novelty_gap) < 1.0:
+            raise ValueError(f"novelty_gap is a quantile in [0, 1) or None, got {self.novelty_gap}")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RecoConfig:
@@ -166,9 +173,17 @@ def open_retriever(
     if config.memory_device == "auto" and device.type == "cuda":
         memory.to_device(device.index or 0)
     known = None if config.known_memory is None else known_rows(memory.ids, config.known_memory)
-    return Retriever(
+    retriever = Retriever(
         memory, k=config.k, search=config.search, fusion=config.fusion, known=known, **retriever_kwargs
     )
+    if known is not None and config.novelty_gap is not None:
+        training = MemoryStore.open(
+            config.known_memory,
+            expected_fingerprint=backbone.fingerprint,
+            search_params=config.memory_search_params,
+        )
+        retriever.gap_check = GapCheck(memory, known, training, config.novelty_gap, config.k)
+    return retriever
 
 
 def refine_embeddings(
@@ -217,8 +232,21 @@ def refine_embeddings(
     captions = neighbours.embeddings
     if modality == "image" and retriever.fusion == "uni":  # neighbours are images: the lookup needs captions
         captions = retriever.gather(neighbours.rows, "text", embeddings.device).embeddings  # uni: text's own
+    check = None
+    if retriever.gap_check is not None:
+        searched, gap = retriever.searched_modality(modality), retriever.gap_check
+
+        def check(candidates: Tensor) -> Tensor:
+            return gap(
+                embeddings[candidates],
+                modality,
+                searched,
+                neighbours.rows[candidates],
+                neighbours.added[candidates],
+            )
+
     return gate_novel_queries(
-        fused, embeddings, modality, neighbours.added, neighbours.mask, captions, novelty_threshold
+        fused, embeddings, modality, neighbours.added, neighbours.mask, captions, novelty_threshold, check
     )
 
 

@@ -8,6 +8,7 @@ exclusion of a training pair's own row and its near-duplicates; the module only 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -106,6 +107,8 @@ class Retriever:
                 f"known must be a bool per memory row ({len(memory)}), got shape {np.shape(known)}"
             )
         self.added = None if known is None else ~np.asarray(known, dtype=bool)
+        #: the novelty gate's second condition (reco_lightning.novelty.GapCheck), set by open_retriever
+        self.gap_check: Callable[..., Tensor] | None = None
 
     def searched_modality(self, query_modality: Modality) -> Modality:
         return query_modality if self.search == "uni" else other_modality(query_modality)

@@ -263,8 +263,8 @@ class Protocol:
     rule: str
     metric: str
     #: the memory the fusion trained with is named at test (``known_memory``): a query whose neighbours are
-    #: mostly rows added since bypasses the fusion (reco_lightning.novelty). Only where the protocol adds
-    #: new concepts, never more of the same ones (the 10%-memory row would be gated wholesale)
+    #: mostly rows added since, closer than the training memory's, bypasses the fusion
+    #: (reco_lightning.novelty). Where the protocol adds new concepts; the open protocol adds none
     novelty_gate: bool = False
 
     def train_pairs(self, layout: DemoLayout) -> Path:
