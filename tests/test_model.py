@@ -314,14 +314,15 @@ def test_novelty_options_reach_the_retriever_and_the_training_memory_leaves_refi
     plain.setup("fit")
     plain.load_state_dict(gated.state_dict())
     retriever = gated.require_retriever()
-    assert retriever.added is not None and not retriever.added.any()
-    assert retriever.gap_check is not None  # novelty_gap's default: the training memory is opened too
+    assert retriever.novelty is not None and not retriever.novelty.added.any()
+    assert retriever.novelty.threshold == 0.3
+    assert retriever.novelty.gap is not None  # novelty_gap's default: the training memory is opened too
     assert gated.inference_config().novelty_threshold == 0.3
     assert gated.to_pretrained().config.known_memory == str(tiny_dir / "memory")
     queries = F.normalize(torch.randn(5, gated.backbone.dim), dim=-1)
     for modality in ("image", "text"):
         assert torch.equal(gated.refine(queries, modality), plain.refine(queries, modality))
-    assert plain.require_retriever().added is None
+    assert plain.require_retriever().novelty is None
 
 
 def test_temperature_is_capped_after_each_training_step(tiny_dir, tmp_path):

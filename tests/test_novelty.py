@@ -9,7 +9,14 @@ import torch
 
 from reco_lightning.fusion import FusionConfig, FusionTransformer
 from reco_lightning.memory import MemoryStore
-from reco_lightning.novelty import GapCheck, NoveltyError, added_share, gate_novel_queries, known_rows
+from reco_lightning.novelty import (
+    GapCheck,
+    NoveltyError,
+    NoveltyGate,
+    added_share,
+    gate_novel_queries,
+    known_rows,
+)
 from reco_lightning.pretrained import RecoConfig, refine_embeddings
 from reco_lightning.retrieval import Retriever
 
@@ -80,17 +87,18 @@ def test_refine_is_unchanged_on_the_training_memory_and_gates_the_new_concept(me
     queries = torch.from_numpy(unit(np.eye(DIM, dtype=np.float32)[[0, 2]] + 0.05))  # old concept, new concept
     kwargs = {"k": 4, "fusion": fusion}
 
+    def gate(known) -> NoveltyGate | None:
+        return None if known is None else NoveltyGate(~known, 0.5)
+
     def refined(memory, known) -> torch.Tensor:
-        retriever = Retriever(MemoryStore.open(memory), known=known, **kwargs)
-        return refine_embeddings(net, retriever, queries, "image", novelty_threshold=0.5)
+        retriever = Retriever(MemoryStore.open(memory), novelty=gate(known), **kwargs)
+        return refine_embeddings(net, retriever, queries, "image")
 
     plain = refined(grown, None)
     known_old = known_rows(np.asarray(MemoryStore.open(grown, load_indexes=False).ids), old)
     assert torch.equal(
         refined(old, np.ones(6, dtype=bool)),
-        refine_embeddings(
-            net, Retriever(MemoryStore.open(old), **kwargs), queries, "image", novelty_threshold=0.5
-        ),
+        refine_embeddings(net, Retriever(MemoryStore.open(old), **kwargs), queries, "image"),
     )  # nothing added: the gate is inert
     gated = refined(grown, known_old)
     assert torch.equal(gated[0], plain[0])  # the old concept's neighbours are all known: fused
@@ -100,8 +108,8 @@ def test_refine_is_unchanged_on_the_training_memory_and_gates_the_new_concept(me
     expected = unit(np.asarray(store.embeddings("text"), dtype=np.float32)[rows].mean(0))
     assert np.allclose(gated[1].detach().numpy(), expected, atol=1e-5)  # ...and it is their captions' mean
     captions = torch.from_numpy(unit(np.eye(DIM, dtype=np.float32)[[1, 3]] + 0.05))  # old, new concept's
-    retriever = Retriever(store, known=known_old, **kwargs)
-    texts = refine_embeddings(net, retriever, captions, "text", novelty_threshold=0.5)
+    retriever = Retriever(store, novelty=gate(known_old), **kwargs)
+    texts = refine_embeddings(net, retriever, captions, "text")
     assert torch.equal(texts[1], captions[1])  # the new concept's text keeps its frozen embedding
     assert torch.equal(texts[0], refine_embeddings(net, Retriever(store, **kwargs), captions, "text")[0])
 
@@ -133,12 +141,13 @@ def test_gap_check_spares_more_rows_of_a_known_concept_and_gates_a_new_one(tmp_p
     net = FusionTransformer(DIM, FusionConfig(num_heads=2)).eval()
     queries = torch.from_numpy(_pairs(0, 1, 40, seed=4)[0])  # concept A
     queries = torch.cat([queries, torch.from_numpy(_pairs(2, 3, 10, seed=5)[0])])  # concept B
-    retriever = Retriever(grown, k=4, known=known)
-    share_only = refine_embeddings(net, retriever, queries, "image", novelty_threshold=0.5)
+    share_only = refine_embeddings(
+        net, Retriever(grown, k=4, novelty=NoveltyGate(~known, 0.5)), queries, "image"
+    )
     plain = refine_embeddings(net, Retriever(grown, k=4), queries, "image")
     gate = GapCheck(grown, known, MemoryStore.open(training), quantile=0.9, k=4)
-    retriever.gap_check = gate
-    checked = refine_embeddings(net, retriever, queries, "image", novelty_threshold=0.5)
+    retriever = Retriever(grown, k=4, novelty=NoveltyGate(~known, 0.5, gate))
+    checked = refine_embeddings(net, retriever, queries, "image")
     gated_by_share = ~torch.isclose(share_only, plain).all(1)
     gated_checked = ~torch.isclose(checked, plain).all(1)
     assert gated_by_share[:40].float().mean() > 0.5  # the share alone takes more rows of A for a new concept

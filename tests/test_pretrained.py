@@ -165,7 +165,7 @@ def test_novelty_gate_settings_load_refuse_a_missing_memory_and_reach_the_card(p
     model = RecoModel.from_pretrained(
         export, memory=tiny_dir / "memory", backbone=tiny_dir / "clip", known_memory=tiny_dir / "memory"
     )
-    assert not model.retriever.added.any()  # its own training memory: nothing was added
+    assert not model.retriever.novelty.added.any()  # its own training memory: nothing was added
     config = json.loads((export / "config.json").read_text())
     assert config["known_memory"] is None and "novelty gate" not in model_card(config)
     card = model_card({**config, "known_memory": "runs/memory_seen", "novelty_threshold": 0.9})

@@ -219,7 +219,6 @@ class RecoModule(pl.LightningModule):
             k=k,
             rows=rows,
             pair_images=pair_images,
-            novelty_threshold=self.hparams.get("novelty_threshold", D.novelty_threshold),
         )
 
     def neighbours(

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ from reco_lightning.errors import RecoError
 from reco_lightning.memory.store import MemoryStore
 from reco_lightning.types import Modality
 
-__all__ = ["GapCheck", "NoveltyError", "added_share", "gate_novel_queries", "known_rows"]
+__all__ = ["GapCheck", "NoveltyError", "NoveltyGate", "added_share", "gate_novel_queries", "known_rows"]
 
 
 class NoveltyError(RecoError, ValueError):
@@ -133,6 +134,18 @@ class GapCheck:
         keys = np.asarray(self.memory.embeddings(searched)[np.clip(first, 0, None)], dtype=np.float32)
         gap = np.einsum("bd,bd->b", q, keys) - self._best_training(q, searched)
         return torch.from_numpy(gap > self.threshold(modality, searched)).to(queries.device)
+
+
+@dataclass(frozen=True)
+class NoveltyGate:
+    """The gate of one attached memory, held by its Retriever (built once, in ``open_retriever``).
+
+    ``added``: bool [N], the memory's rows absent from the training memory; ``threshold``: the share of a
+    query's neighbours that must be added; ``gap``: the second condition, or None for the share alone."""
+
+    added: np.ndarray
+    threshold: float
+    gap: GapCheck | None = None
 
 
 def added_share(added: Tensor, mask: Tensor) -> Tensor:

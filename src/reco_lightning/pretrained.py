@@ -40,7 +40,7 @@ from reco_lightning.encoders import FrozenEncoder
 from reco_lightning.errors import RecoError
 from reco_lightning.fusion import FusionConfig, FusionTransformer
 from reco_lightning.memory.store import MemoryStore, check_fingerprint
-from reco_lightning.novelty import GapCheck, gate_novel_queries, known_rows
+from reco_lightning.novelty import GapCheck, NoveltyGate, gate_novel_queries, known_rows
 from reco_lightning.retrieval import Choice, Retriever
 from reco_lightning.types import Modality
 
@@ -172,18 +172,20 @@ def open_retriever(
         )
     if config.memory_device == "auto" and device.type == "cuda":
         memory.to_device(device.index or 0)
-    known = None if config.known_memory is None else known_rows(memory.ids, config.known_memory)
-    retriever = Retriever(
-        memory, k=config.k, search=config.search, fusion=config.fusion, known=known, **retriever_kwargs
+    novelty = None
+    if config.known_memory is not None:
+        known, gap = known_rows(memory.ids, config.known_memory), None
+        if config.novelty_gap is not None:
+            training = MemoryStore.open(
+                config.known_memory,
+                expected_fingerprint=backbone.fingerprint,
+                search_params=config.memory_search_params,
+            )
+            gap = GapCheck(memory, known, training, config.novelty_gap, config.k)
+        novelty = NoveltyGate(~known, config.novelty_threshold, gap)
+    return Retriever(
+        memory, k=config.k, search=config.search, fusion=config.fusion, novelty=novelty, **retriever_kwargs
     )
-    if known is not None and config.novelty_gap is not None:
-        training = MemoryStore.open(
-            config.known_memory,
-            expected_fingerprint=backbone.fingerprint,
-            search_params=config.memory_search_params,
-        )
-        retriever.gap_check = GapCheck(memory, known, training, config.novelty_gap, config.k)
-    return retriever
 
 
 def refine_embeddings(
@@ -197,15 +199,14 @@ def refine_embeddings(
     k: int | None = None,
     rows: Tensor | None = None,
     pair_images: Tensor | None = None,
-    novelty_threshold: float | None = None,
 ) -> Tensor:
     """RECO-refined embeddings of one modality: retrieve, then fuse.
 
     ``rows`` [B, k] are neighbour rows found already (a feature cache, or an evaluation sharing one
     search between settings) and replace the search; ``exclude_ids`` / ``pair_images``: training's
-    exclusion of a pair's own row and its near-duplicates; ``k`` overrides the trained k. With a
-    retriever that knows the training memory (``known_memory``), queries whose neighbours are at least
-    ``novelty_threshold`` added after training bypass the fusion (:mod:`reco_lightning.novelty`).
+    exclusion of a pair's own row and its near-duplicates; ``k`` overrides the trained k. A retriever
+    with a novelty gate (``known_memory``) lets queries whose neighbours were mostly added after training
+    bypass the fusion (:mod:`reco_lightning.novelty`).
     """
     if embeddings.shape[0] == 0 or mask_retrieved:
         # mask_retrieved: one masked token stands for the k retrieved ones (the fusion reads nothing).
@@ -227,14 +228,15 @@ def refine_embeddings(
     else:
         neighbours = retriever(embeddings, modality, exclude_ids=exclude_ids, k=k, pair_images=pair_images)
     fused = fusion(embeddings, neighbours.embeddings, neighbours.mask)
-    if neighbours.added is None or novelty_threshold is None or not bool(neighbours.added.any()):
+    gate = retriever.novelty
+    if gate is None or neighbours.added is None or not bool(neighbours.added.any()):
         return fused
     captions = neighbours.embeddings
     if modality == "image" and retriever.fusion == "uni":  # neighbours are images: the lookup needs captions
         captions = retriever.gather(neighbours.rows, "text", embeddings.device).embeddings  # uni: text's own
     check = None
-    if retriever.gap_check is not None:
-        searched, gap = retriever.searched_modality(modality), retriever.gap_check
+    if gate.gap is not None:
+        searched, gap = retriever.searched_modality(modality), gate.gap
 
         def check(candidates: Tensor) -> Tensor:
             return gap(
@@ -246,7 +248,7 @@ def refine_embeddings(
             )
 
     return gate_novel_queries(
-        fused, embeddings, modality, neighbours.added, neighbours.mask, captions, novelty_threshold, check
+        fused, embeddings, modality, neighbours.added, neighbours.mask, captions, gate.threshold, check
     )
 
 
@@ -322,7 +324,6 @@ class RecoModel(nn.Module):
             modality,
             mask_retrieved=self.config.mask_retrieved,
             k=k,
-            novelty_threshold=self.config.novelty_threshold,
         )
 
     # --- encoding raw inputs --------------------------------------------------------------------------

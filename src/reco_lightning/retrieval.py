@@ -8,9 +8,8 @@ exclusion of a training pair's own row and its near-duplicates; the module only 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -18,6 +17,9 @@ from torch import Tensor
 
 from reco_lightning.memory.store import MemoryStore
 from reco_lightning.types import Modality
+
+if TYPE_CHECKING:
+    from reco_lightning.novelty import NoveltyGate
 
 __all__ = ["Neighbours", "Retriever", "other_modality"]
 
@@ -73,8 +75,9 @@ class Retriever:
             docs/results.md: it cost the demo's open protocol 10 points of unseen-class top-1).
         exclusion_margin: extra candidates fetched when excluding, so k usually survive.
         max_candidates: cap on the widened search for queries whose candidates were all excluded.
-        known: bool [N], which memory rows the fusion was trained with (:func:`~reco_lightning.novelty.known_rows`);
-            given, every result marks its neighbours added after training (``Neighbours.added``).
+        novelty: the novelty gate of this memory (:class:`~reco_lightning.novelty.NoveltyGate`, built by
+            ``open_retriever`` from ``known_memory``); given, every result marks its neighbours added after
+            training (``Neighbours.added``) and refinement gates on them.
     """
 
     def __init__(
@@ -87,7 +90,7 @@ class Retriever:
         exclusion_margin: int = 16,
         max_candidates: int = 1024,
         near_duplicate_of: NearDuplicateOf = "image",
-        known: np.ndarray | None = None,
+        novelty: NoveltyGate | None = None,
     ) -> None:
         if search not in ("uni", "cross") or fusion not in ("uni", "cross"):
             raise ValueError(
@@ -102,13 +105,11 @@ class Retriever:
         self.memory, self.k, self.search, self.fusion = memory, k, search, fusion
         self.near_duplicate_threshold, self.near_duplicate_of = near_duplicate_threshold, near_duplicate_of
         self.exclusion_margin, self.max_candidates = exclusion_margin, max_candidates
-        if known is not None and np.shape(known) != (len(memory),):
+        if novelty is not None and np.shape(novelty.added) != (len(memory),):
             raise ValueError(
-                f"known must be a bool per memory row ({len(memory)}), got shape {np.shape(known)}"
+                f"novelty.added must be a bool per memory row ({len(memory)}), got shape {np.shape(novelty.added)}"
             )
-        self.added = None if known is None else ~np.asarray(known, dtype=bool)
-        #: the novelty gate's second condition (reco_lightning.novelty.GapCheck), set by open_retriever
-        self.gap_check: Callable[..., Tensor] | None = None
+        self.novelty = novelty
 
     def searched_modality(self, query_modality: Modality) -> Modality:
         return query_modality if self.search == "uni" else other_modality(query_modality)
@@ -273,7 +274,9 @@ class Retriever:
         gathered = np.asarray(fused[flat], dtype=np.float32).reshape(*rows_np.shape, self.memory.dim)
         gathered[~valid] = 0.0
         added = (
-            None if self.added is None else torch.from_numpy(self.added[flat].reshape(rows_np.shape) & valid)
+            None
+            if self.novelty is None
+            else torch.from_numpy(self.novelty.added[flat].reshape(rows_np.shape) & valid)
         )
         return Neighbours(
             embeddings=torch.from_numpy(gathered).to(device),
