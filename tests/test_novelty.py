@@ -16,6 +16,7 @@ from reco_lightning.novelty import (
     added_share,
     gate_novel_queries,
     known_rows,
+    novel_queries,
 )
 from reco_lightning.pretrained import RecoConfig, refine_embeddings
 from reco_lightning.retrieval import Retriever
@@ -76,6 +77,22 @@ def test_gate_answers_novel_images_from_their_added_neighbours_and_keeps_novel_t
     assert torch.allclose(image[2], torch.tensor([0.7071, 0.7071]), atol=1e-4)  # valid added ones only
     text = gate_novel_queries(fused, query, "text", added, mask, captions, 0.5)
     assert torch.equal(text[0], query[0]) and torch.equal(text[1], fused[1])
+
+
+def test_the_check_is_asked_for_the_share_candidates_only_and_decides_them():
+    added = torch.tensor([[True, True], [True, False], [False, False], [True, True]])
+    mask = torch.ones(4, 2, dtype=torch.bool)
+    asked = []
+
+    def check(candidates: torch.Tensor) -> torch.Tensor:
+        asked.append(candidates.tolist())
+        return candidates == 3  # the gap holds for the last query only
+
+    assert novel_queries(added, mask, 1.0).tolist() == [True, False, False, True]
+    assert novel_queries(added, mask, 1.0, check).tolist() == [False, False, False, True]
+    assert asked == [[0, 3]]
+    assert novel_queries(added[1:3], mask[1:3], 1.0, check).tolist() == [False, False]
+    assert asked == [[0, 3]]  # no candidate: the check (a search of the training memory) is not run
 
 
 @pytest.mark.parametrize("fusion", ["cross", "uni"])

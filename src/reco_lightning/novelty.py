@@ -38,7 +38,16 @@ from reco_lightning.errors import RecoError
 from reco_lightning.memory.store import MemoryStore
 from reco_lightning.types import Modality
 
-__all__ = ["GapCheck", "NoveltyError", "NoveltyGate", "added_share", "gate_novel_queries", "known_rows"]
+__all__ = [
+    "GapCheck",
+    "NoveltyError",
+    "NoveltyGate",
+    "added_share",
+    "gate_novel_queries",
+    "known_rows",
+    "novel_answer",
+    "novel_queries",
+]
 
 
 class NoveltyError(RecoError, ValueError):
@@ -154,6 +163,42 @@ def added_share(added: Tensor, mask: Tensor) -> Tensor:
     return (added.to(torch.float32) * valid).sum(1) / valid.sum(1).clamp(min=1.0)
 
 
+def novel_queries(
+    added: Tensor, mask: Tensor, threshold: float, check: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
+    """[B] bool: the queries the gate answers, those with at least ``threshold`` of their valid neighbours
+    added after training (``added`` / ``mask`` [B, k]) and, given ``check``, for which ``check(candidates)``
+    [C] bool holds (asked only for the candidates: it searches the training memory)."""
+    novel = added_share(added, mask) >= threshold
+    if check is not None and bool(novel.any()):
+        candidates = torch.nonzero(novel).squeeze(1)
+        novel = novel.clone()
+        novel[candidates] = check(candidates).to(novel.device)
+    return novel
+
+
+def novel_answer(
+    fused: Tensor,
+    query: Tensor,
+    modality: Modality,
+    added: Tensor,
+    mask: Tensor,
+    captions: Tensor,
+    novel: Tensor,
+) -> Tensor:
+    """``fused`` [B, D] where ``novel`` [B] is False; where True, an image query becomes the unit mean of its
+    added neighbours' captions (``captions`` [B, k, D], the neighbours' paired text embeddings), a text
+    query its frozen ``query``."""
+    if not bool(novel.any()):
+        return fused
+    if modality == "image":
+        weights = (added & mask).to(captions.dtype).unsqueeze(-1)
+        answer = F.normalize((weights * captions).sum(1), dim=-1)
+    else:
+        answer = query.to(fused.dtype)
+    return torch.where(novel.unsqueeze(1), answer.to(fused.dtype), fused)
+
+
 def gate_novel_queries(
     fused: Tensor,
     query: Tensor,
@@ -164,20 +209,6 @@ def gate_novel_queries(
     threshold: float,
     check: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
-    """``fused`` [B, D], except for queries with at least ``threshold`` of their neighbours added after
-    training (and, given ``check``, for which ``check(candidates)`` [C] bool holds, asked only for those):
-    an image query becomes the unit mean of its added neighbours' captions (``captions`` [B, k, D], the
-    neighbours' paired text embeddings), a text query its frozen ``query``."""
-    novel = added_share(added, mask) >= threshold
-    if check is not None and bool(novel.any()):
-        candidates = torch.nonzero(novel).squeeze(1)
-        novel = novel.clone()
-        novel[candidates] = check(candidates).to(novel.device)
-    if not bool(novel.any()):
-        return fused
-    if modality == "image":
-        weights = (added & mask).to(captions.dtype).unsqueeze(-1)
-        answer = F.normalize((weights * captions).sum(1), dim=-1)
-    else:
-        answer = query.to(fused.dtype)
-    return torch.where(novel.unsqueeze(1), answer.to(fused.dtype), fused)
+    """``fused`` [B, D], with the :func:`novel_queries` answered by :func:`novel_answer` (the gate whole)."""
+    novel = novel_queries(added, mask, threshold, check)
+    return novel_answer(fused, query, modality, added, mask, captions, novel)
