@@ -83,7 +83,7 @@ import torch.nn.functional as F
 
 from reco_lightning.apps.demo.fashion_mnist import DEFAULT_SEEN_CLASSES
 from reco_lightning.apps.demo.pipeline import CALIBRATION_TOLERANCE
-from reco_lightning.apps.demo.probes import train_probe
+from reco_lightning.apps.demo.probes import knn_label_votes, train_probe
 from reco_lightning.calibration import DEFAULT_VALUES, choose
 from reco_lightning.data.zeroshot import ImageFolderClassification, load_templates
 from reco_lightning.encoders import FrozenCLIP
@@ -650,10 +650,10 @@ def top1(logits: torch.Tensor, labels: torch.Tensor, seen: tuple[int, ...]) -> d
 
 
 def label_vote(data: dict, seed: int, seen: tuple[int, ...], split: str = "test", k: int = 10) -> dict:
-    """Reference (reads labels): the majority label of each image's k nearest memory images."""
+    """Reference (reads labels): the majority label of each image's k nearest memory images (the demo's
+    vote: ties to the nearer neighbours)."""
     rows, _ = neighbours(unit(data[f"{split}_v"]), unit(data["mem_v"]), k)
-    votes = F.one_hot(data["mem_y"][rows], int(data["mem_y"].max()) + 1).sum(1)
-    return top1(votes.float(), data[f"{split}_y"], seen)
+    return top1(knn_label_votes(data["mem_y"][rows], int(data["mem_y"].max()) + 1), data[f"{split}_y"], seen)
 
 
 def probe(

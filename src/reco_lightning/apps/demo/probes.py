@@ -93,6 +93,14 @@ def zero_shot_accuracy(
     return _split_accuracy(predicted == labels, labels, seen_classes)
 
 
+def knn_label_votes(neighbour_labels: Tensor, num_classes: int) -> Tensor:
+    """[B, C] votes of each query's neighbours' labels [B, k] (nearest first): one each, plus 0.001 x
+    closeness, so a tie goes to the class with the nearer neighbours."""
+    k = neighbour_labels.shape[1]
+    weights = (1.0 + 1e-3 * torch.arange(k, 0, -1) / k).view(1, k, 1)
+    return (F.one_hot(neighbour_labels, num_classes).float() * weights).sum(dim=1)
+
+
 def image_knn_accuracy(
     backbone: Backbone,
     query_images: np.ndarray,
@@ -106,18 +114,16 @@ def image_knn_accuracy(
 
     RECO's image side retrieves by image similarity, so it needs the frozen image embeddings to keep the
     unseen classes apart even though the backbone never learned their names; this measures that.
-    Ties are broken toward the class with the nearer neighbours (votes weigh 1 + 0.001 * closeness).
+    Ties are broken toward the class with the nearer neighbours (:func:`knn_label_votes`).
     """
     clip = _clip(backbone)
     queries, memory = encode_uint8_images(clip, query_images), encode_uint8_images(clip, memory_images)
     memory_labels = torch.as_tensor(np.asarray(memory_labels))
     num_classes = int(max(memory_labels.max().item(), int(np.max(query_labels))) + 1)
-    weights = (1.0 + 1e-3 * torch.arange(k, 0, -1) / k).view(1, k, 1)
     predicted = []
     for start in range(0, len(queries), 2048):
         top = (queries[start : start + 2048] @ memory.T).topk(k, dim=1).indices
-        votes = (F.one_hot(memory_labels[top], num_classes).float() * weights).sum(dim=1)
-        predicted.append(votes.argmax(dim=1))
+        predicted.append(knn_label_votes(memory_labels[top], num_classes).argmax(dim=1))
     query_labels = np.asarray(query_labels)
     return _split_accuracy(torch.cat(predicted).numpy() == query_labels, query_labels, seen_classes)
 
@@ -215,13 +221,9 @@ def label_reading_references(
         labels.extend(batch_labels)
     queries, labels = torch.cat(queries), torch.tensor(labels)
     num_classes = len(test.classnames)
-    weights = (1.0 + 1e-3 * torch.arange(k, 0, -1) / k).view(1, k, 1)  # ties go to the nearer neighbours
     votes = torch.cat(
         [
-            (
-                F.one_hot(memory_labels[(block @ memory.T).topk(k, dim=1).indices], num_classes).float()
-                * weights
-            ).sum(1)
+            knn_label_votes(memory_labels[(block @ memory.T).topk(k, dim=1).indices], num_classes)
             for block in queries.split(2048)
         ]
     )
