@@ -14,8 +14,8 @@ from reco_lightning.novelty import (
     NoveltyError,
     NoveltyGate,
     added_share,
-    gate_novel_queries,
     known_rows,
+    novel_answer,
     novel_queries,
 )
 from reco_lightning.pretrained import RecoConfig, refine_embeddings
@@ -71,11 +71,12 @@ def test_gate_answers_novel_images_from_their_added_neighbours_and_keeps_novel_t
     added = torch.tensor([[True, False, True, False], [True, False, False, False], [True, True, True, True]])
     mask = torch.tensor([[True] * 4, [True] * 4, [True, True, False, False]])
     assert added_share(added, mask).tolist() == [0.5, 0.25, 1.0]  # masked neighbours do not count
-    image = gate_novel_queries(fused, query, "image", added, mask, captions, 0.5)
+    novel = novel_queries(added, mask, 0.5)
+    image = novel_answer(fused, query, "image", added, mask, captions, novel)
     assert torch.allclose(image[0], torch.tensor([1.0, 0.0]))  # the mean of its two added captions
     assert torch.equal(image[1], fused[1])  # a quarter added: the fusion's answer stands
     assert torch.allclose(image[2], torch.tensor([0.7071, 0.7071]), atol=1e-4)  # valid added ones only
-    text = gate_novel_queries(fused, query, "text", added, mask, captions, 0.5)
+    text = novel_answer(fused, query, "text", added, mask, captions, novel)
     assert torch.equal(text[0], query[0]) and torch.equal(text[1], fused[1])
 
 

@@ -43,7 +43,6 @@ __all__ = [
     "NoveltyError",
     "NoveltyGate",
     "added_share",
-    "gate_novel_queries",
     "known_rows",
     "novel_answer",
     "novel_queries",
@@ -197,18 +196,3 @@ def novel_answer(
     else:
         answer = query.to(fused.dtype)
     return torch.where(novel.unsqueeze(1), answer.to(fused.dtype), fused)
-
-
-def gate_novel_queries(
-    fused: Tensor,
-    query: Tensor,
-    modality: Modality,
-    added: Tensor,
-    mask: Tensor,
-    captions: Tensor,
-    threshold: float,
-    check: Callable[[Tensor], Tensor] | None = None,
-) -> Tensor:
-    """``fused`` [B, D], with the :func:`novel_queries` answered by :func:`novel_answer` (the gate whole)."""
-    novel = novel_queries(added, mask, threshold, check)
-    return novel_answer(fused, query, modality, added, mask, captions, novel)

@@ -40,7 +40,7 @@ from reco_lightning.encoders import FrozenEncoder
 from reco_lightning.errors import RecoError
 from reco_lightning.fusion import FusionConfig, FusionTransformer
 from reco_lightning.memory.store import MemoryStore, check_fingerprint
-from reco_lightning.novelty import GapCheck, NoveltyGate, gate_novel_queries, known_rows
+from reco_lightning.novelty import GapCheck, NoveltyGate, known_rows, novel_answer, novel_queries
 from reco_lightning.retrieval import Choice, Retriever
 from reco_lightning.types import Modality
 
@@ -247,9 +247,8 @@ def refine_embeddings(
                 neighbours.added[candidates],
             )
 
-    return gate_novel_queries(
-        fused, embeddings, modality, neighbours.added, neighbours.mask, captions, gate.threshold, check
-    )
+    novel = novel_queries(neighbours.added, neighbours.mask, gate.threshold, check)
+    return novel_answer(fused, embeddings, modality, neighbours.added, neighbours.mask, captions, novel)
 
 
 # --- the inference model ---------------------------------------------------------------------------------
