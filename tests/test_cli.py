@@ -34,12 +34,14 @@ def tiny_args(tiny_dir, root):
     ]
 
 
-def test_fit_writes_small_checkpoint_and_reruns(tiny_dir, tmp_path, in_project):
+def test_fit_writes_small_checkpoint_and_reruns(tiny_dir, tmp_path, in_project, capsys):
     args = ["fit", *tiny_args(tiny_dir, tmp_path), "--trainer.max_steps=3", "--trainer.val_check_interval=3"]
     main(args)
     main(args)  # an existing config.yaml must not stop a second run
     checkpoints = sorted(tmp_path.rglob("last.ckpt"))
     assert len(checkpoints) == 2
+    named = [line for line in capsys.readouterr().out.splitlines() if line.startswith("checkpoint: ")]
+    assert [line.split()[1] for line in named] == [str(c) for c in checkpoints]  # each run names its own
     state = torch.load(checkpoints[0], weights_only=False)["state_dict"]
     assert state and not any(k.startswith("backbone.") for k in state)
 
@@ -231,9 +233,23 @@ def test_errors_of_ours_are_one_line_on_stderr_with_exit_status_1(tmp_path, caps
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("reco: error: ") and str(missing) in err
 
+    with pytest.raises(SystemExit):
+        main(["memory", "info", str(tmp_path / "typo")])
+    assert capsys.readouterr().err == (
+        f"reco: error: memory directory {tmp_path / 'typo'} does not exist: build one with `reco memory build` "
+        "(RECO_DEBUG=1 shows the traceback)\n"
+    )
+
     monkeypatch.setenv("RECO_DEBUG", "1")
     with pytest.raises(RecoMemoryError, match="is not a memory"):
         main(["memory", "info", str(tmp_path)])
+
+
+def test_help_names_the_commands_beside_lightnings(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("more commands: ") and all(c in last for c in ("export", "memory", "calibrate"))
 
 
 def test_only_errors_written_for_the_user_lose_their_traceback(monkeypatch):
@@ -324,6 +340,13 @@ def test_calibrate_command_writes_the_sweep_and_the_choice(tiny_dir, tmp_path, c
     best = max(scores.values())
     assert result["chosen"] == min(v for v, s in scores.items() if s == best)
     assert f"mix_alpha = {result['chosen']:g}" in capsys.readouterr().out
+    words = tmp_path / "words.json"  # the values as words, as usage.md writes them
+    main(["calibrate", "--config", str(config), "--parameter", "mix_alpha", "--values", "0.5", "2",
+          "--dataset.name", "shapes", "--dataset.root", str(tiny_dir / "zeroshot"),
+          "--dataset.templates", "clip_generic", "--out", str(words)])  # fmt: skip
+    assert json.loads(words.read_text())["values"] == {
+        k: v for k, v in result["values"].items() if k != "0.0"
+    }
 
 
 def test_tiny_config_before_prepare_tiny_names_the_command_to_run(tmp_path, monkeypatch, capsys):

@@ -1,5 +1,6 @@
 """`reco predict` with EmbeddingWriter: clip-retrieval's layout, one set of parts per rank, resumable."""
 
+import csv
 import json
 import os
 import shutil
@@ -7,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -302,7 +304,7 @@ def predict(
 
 
 def test_killed_run_resumes_without_redoing_rows_and_ends_as_an_uninterrupted_one(
-    tiny_dir, ckpt, reference, tmp_path
+    tiny_dir, ckpt, reference, tmp_path, caplog
 ):
     out = tmp_path / "emb"
     with pytest.raises(RuntimeError, match="killed"):
@@ -320,9 +322,13 @@ def test_killed_run_resumes_without_redoing_rows_and_ends_as_an_uninterrupted_on
     manifest, done = (json.loads((d / "manifest.json").read_text()) for d in (out, reference))
     assert manifest["plan"] == done["plan"] and manifest["ranks"] == done["ranks"] and manifest["complete"]
 
-    again = Count()  # a finished export re-run: nothing left to do
-    predict(tiny_dir, ckpt, out, again)
+    again = Count()  # a finished export re-run: nothing left to do, and it says so
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level("INFO"):
+        warnings.simplefilter("always")
+        predict(tiny_dir, ckpt, out, again)
     assert again.rows == 0 and files(out) == files(reference)
+    assert f"{out}: already complete (64 rows), nothing to redo" in caplog.text
+    assert not [w for w in caught if "across ranks is zero" in str(w.message)]
 
 
 def test_resume_over_shards_with_bad_samples_skips_whole_shards_and_ends_as_an_uninterrupted_run(
@@ -484,3 +490,28 @@ def test_two_processes_killed_and_resumed_write_disjoint_parts_that_cover_every_
 def rows_of(out: Path, rank: int) -> int:
     """Rows of ``rank``'s complete parts (those with a metadata file)."""
     return sum(pq.ParquetFile(p).metadata.num_rows for p in (out / "metadata").glob(f"metadata_{rank:04d}_*"))
+
+
+def test_unreadable_pairs_are_named_and_a_run_that_writes_nothing_fails(tiny_dir, ckpt, tmp_path, capsys):
+    """A source of some unreadable pairs warns with their keys; one of only unreadable pairs is an error."""
+    rows = list(csv.reader((tiny_dir / "val.csv").open()))
+    header, good = rows[0], rows[1:5]
+    image = header.index("filepath")
+    good = [[str(tiny_dir / v) if i == image else v for i, v in enumerate(row)] for row in good]
+    missing = [[str(tmp_path / "gone.png") if i == image else v for i, v in enumerate(good[0])]]
+    for name, data in (("some", [*good, *missing]), ("none", missing * 2)):
+        with (tmp_path / f"{name}.csv").open("w", newline="") as fh:
+            csv.writer(fh).writerows([header, *data])
+        write_config(tmp_path / f"{name}.yaml", tiny_dir, tmp_path / f"{name}_emb")
+
+    def args(name: str) -> list[str]:
+        source = f"--data.init_args.predict={tmp_path / name}.csv"
+        return ["predict", "--config", str(tmp_path / f"{name}.yaml"), f"--ckpt_path={ckpt}", source]
+
+    with pytest.warns(UserWarning, match=r"1 source pairs could not be read .* e\.g\. some\.csv:4;"):
+        main(args("some"))
+    assert json.loads((tmp_path / "some_emb" / "manifest.json").read_text())["rows"] == 4
+    with pytest.raises(SystemExit) as exit_info:
+        main(args("none"))
+    assert exit_info.value.code == 1
+    assert "nothing was written: 2 source pairs could not be read" in capsys.readouterr().err

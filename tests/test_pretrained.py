@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -138,7 +139,10 @@ def test_export_holds_the_trained_fusions_and_describes_the_run(project, tiny_di
     assert (
         config["format"] == "reco-lightning/1" and config["k"] == 4 and config["backbone"]["family"] == "clip"
     )
-    assert config["memory"]["path"] == "artifacts/tiny/memory" and config["memory"]["count"] == 192
+    # local paths are recorded absolute, so the export loads from any working directory
+    assert config["memory"]["path"] == os.path.abspath(project / "artifacts/tiny/memory")
+    assert config["memory"]["count"] == 192 and config["calibration"] == {}  # none given: none recorded
+    assert config["backbone"]["name_or_path"] == os.path.abspath(project / "artifacts/tiny/clip")
     assert config["trained_steps"] == 2 and config["fusion_config"]["num_heads"] == 4
     card = (export / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: reco-lightning") and "| shapes | reco |" in card
@@ -222,6 +226,19 @@ def test_wrong_backbone_memory_or_files_are_refused_in_one_line(project, tiny_di
         RecoModel.from_pretrained(broken, backbone=tiny_dir / "clip")
     with pytest.raises(ExportError, match="does not exist"):
         RecoModel.from_pretrained(tmp_path / "missing" / "export")
+    with pytest.raises(ExportError, match="is a file, not an export directory: .*reco export --ckpt_path"):
+        RecoModel.from_pretrained(project / CKPT)
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    recorded = json.loads((export / "config.json").read_text())
+    recorded["backbone"]["name_or_path"] = str(tmp_path / "gone" / "clip")
+    (moved / "config.json").write_text(json.dumps(recorded))
+    (moved / "model.safetensors").write_bytes((export / "model.safetensors").read_bytes())
+    with pytest.raises(
+        ExportError, match=r"does not exist here: pass from_pretrained\(\.\.\., backbone=PATH\)"
+    ):
+        RecoModel.from_pretrained(moved)
+    assert RecoModel.from_pretrained(moved, backbone=tiny_dir / "clip").config.k == 4
 
 
 class _Payload:

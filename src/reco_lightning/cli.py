@@ -91,6 +91,14 @@ class RecoCLI(LightningCLI):
             )
         return parser
 
+    def after_fit(self) -> None:
+        """Name the checkpoint the run wrote: each run is a new ``version_N`` folder, so a path copied from
+        the docs may be an older run's."""
+        callback = self.trainer.checkpoint_callback
+        path = callback.last_model_path or callback.best_model_path if callback is not None else ""
+        if path and self.trainer.is_global_zero:
+            print(f"checkpoint: {path} (to share it: reco export --ckpt_path {path} --out DIR)")
+
     def after_validate(self) -> None:
         self._print_metrics("validate")
 
@@ -194,7 +202,10 @@ def memory_main(args: Sequence[str]) -> None:
     build = ArgumentParser(description="Encode an image-text source into a memory (resumable).")
     build.add_argument("--config", action="config")
     build.add_argument(
-        "--source", required=True, help="CSV/TSV (filepath, caption) or image folder with .txt captions"
+        "--source",
+        required=True,
+        help="CSV/TSV (filepath,caption[,id]), an image folder with .txt captions, a folder of webdataset "
+        "shards or a brace pattern 'shards/{00000..00099}.tar'",
     )
     build.add_argument("--out", required=True, help="memory directory to create")
     build.add_argument("--backbone", required=True, help="CLIP hub name or local directory")
@@ -423,6 +434,11 @@ def _plain(value: Any) -> Any:
     return value.as_dict() if hasattr(value, "as_dict") else value
 
 
+def _flat(items: Sequence[Any]) -> list[Any]:
+    """An option given as words (``--values 0 0.5``), as a list (``--values [0, 0.5]``), or as both."""
+    return [x for item in items for x in (item if isinstance(item, list) else [item])]
+
+
 def export_main(args: Sequence[str]) -> None:
     """`reco export`: a checkpoint -> model.safetensors + config.json + README.md model card."""
     from jsonargparse import ArgumentParser
@@ -450,13 +466,18 @@ def export_main(args: Sequence[str]) -> None:
     )
     parser.add_argument(
         "--calibration",
-        type=list[str],
+        type=list[str] | str,
+        nargs="*",
         default=[],
-        help="outputs of `reco calibrate` to record in config.json",
+        help="outputs of `reco calibrate` to record in config.json (one or more files)",
     )
     cfg = parser.parse_args(list(args))
     out = export_checkpoint(
-        cfg.ckpt_path, cfg.out, backbone=cfg.backbone, report=cfg.report, calibrations=cfg.calibration
+        cfg.ckpt_path,
+        cfg.out,
+        backbone=cfg.backbone,
+        report=cfg.report,
+        calibrations=_flat(cfg.calibration),
     )
     print(f"export written to {out}: RecoModel.from_pretrained({str(out)!r}, memory=...) loads it")
 
@@ -522,7 +543,13 @@ def calibrate_main(args: Sequence[str]) -> None:
     parser.add_argument("--ckpt_path", default=None, help="trained fusion weights (default: untrained)")
     parser.add_argument("--memory", default=None, help="memory to calibrate with (default: the config's)")
     parser.add_argument("--parameter", required=True, choices=sorted(PARAMETERS))
-    parser.add_argument("--values", type=list[float], default=list(DEFAULT_VALUES))
+    parser.add_argument(
+        "--values",
+        type=float | list[float],
+        nargs="+",
+        default=list(DEFAULT_VALUES),
+        help="the weights tried: 0 0.5 1 (or a list, [0, 0.5, 1])",
+    )
     parser.add_argument("--rule", default="max", choices=["max", "keep"])
     parser.add_argument("--metric", default="top1", help="top1, top5, mean_per_class_recall or top1_<group>")
     parser.add_argument("--tolerance", type=float, default=0.5, help="points the 'keep' rule may lose")
@@ -551,7 +578,7 @@ def calibrate_main(args: Sequence[str]) -> None:
         model,
         dataset,
         cfg.parameter,
-        values=cfg["values"],  # Namespace.values is a method
+        values=_flat(cfg["values"]),  # Namespace.values is a method
         rule=cfg.rule,
         metric=cfg.metric,
         tolerance=cfg.tolerance,
@@ -638,6 +665,11 @@ def _dispatch(args: Sequence[str] | None, commands: Mapping[str, Callable[[Seque
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in commands:
         commands[argv[0]](argv[1:])
+    elif argv[:1] in (["-h"], ["--help"]):  # Lightning's help lists its four; say what else there is
+        try:
+            lightning_main(None if args is None else argv)
+        finally:
+            print(f"\nmore commands: {', '.join(sorted(commands))} (reco COMMAND --help)")
     else:
         lightning_main(None if args is None else argv)
 

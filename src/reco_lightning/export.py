@@ -3,7 +3,7 @@
 The checkpoint is read with ``torch.load(weights_only=True)`` (tensors and plain containers only: a
 tampered pickle is refused, never run) and only its trained part is kept: the two fusions and the
 temperature go to ``model.safetensors``; the settings, the backbone fingerprint, the memory trained with
-and the calibrated weights go to ``config.json``; the run's ``zeroshot_report.json`` (found beside the
+and the weights calibrated by ``reco calibrate`` go to ``config.json``; the run's ``zeroshot_report.json`` (found beside the
 checkpoint, or given) becomes the model card's table. No Lightning is needed to read or write any of it.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,20 +67,10 @@ def run_files(checkpoint: str | os.PathLike) -> dict[str, Path]:
     return found
 
 
-def _calibration(config_yaml: Path | None, calibrations: Sequence[str | os.PathLike]) -> dict[str, float]:
-    """Calibrated weights: ``mix_alpha`` of the run's ZeroShotEvaluation, then each ``reco calibrate`` output."""
+def _calibration(calibrations: Sequence[str | os.PathLike]) -> dict[str, float]:
+    """The weights chosen by each ``reco calibrate`` output given. The run config's own ``mix_alpha`` is not
+    one: LightningCLI saves every default, so a weight nobody calibrated would read as calibrated."""
     chosen: dict[str, float] = {}
-    if config_yaml is not None:
-        import yaml
-
-        config = yaml.safe_load(config_yaml.read_text()) or {}
-        for callback in (config.get("trainer") or {}).get("callbacks") or []:
-            if isinstance(callback, Mapping) and str(callback.get("class_path", "")).endswith(
-                "ZeroShotEvaluation"
-            ):
-                alpha = (callback.get("init_args") or {}).get("mix_alpha")
-                if alpha is not None:
-                    chosen["mix_alpha"] = float(alpha)
     for path in calibrations:
         result = json.loads(Path(path).read_text())
         if "parameter" not in result or "chosen" not in result:
@@ -89,11 +79,19 @@ def _calibration(config_yaml: Path | None, calibrations: Sequence[str | os.PathL
     return chosen
 
 
+def _absolute(path: str | os.PathLike | None) -> str | None:
+    """An existing local path made absolute (an export is loaded from anywhere); anything else (a hub
+    name, a path gone since training) as it was."""
+    if path is None or not Path(path).exists():
+        return None if path is None else str(path)
+    return os.path.abspath(path)  # symlinks kept: the user's own layout
+
+
 def _memory_record(path: str | None) -> dict[str, Any] | None:
     """Where the training memory was and what it was (rows, identity), as far as it is still readable."""
     if not path:
         return None
-    record: dict[str, Any] = {"path": str(path)}
+    record: dict[str, Any] = {"path": _absolute(path)}
     try:
         from reco_lightning.memory.store import MemoryStore
 
@@ -121,14 +119,16 @@ def export_checkpoint(
     hparams = dict(data.get("hyper_parameters") or {})
     recorded = data["reco_backbone"]
     files = run_files(checkpoint)
+    if hparams.get("known_memory"):
+        hparams["known_memory"] = _absolute(hparams["known_memory"])
     model = RecoModel(
-        backbone or hparams.get("backbone") or recorded["name_or_path"],
+        _absolute(backbone or hparams.get("backbone") or recorded["name_or_path"]),
         RecoConfig.from_mapping(hparams),
         info={
             "memory": _memory_record(hparams.get("memory")),
-            "calibration": _calibration(files.get("config.yaml"), calibrations),
+            "calibration": _calibration(calibrations),
             "loss_config": hparams.get("loss_config"),
-            "checkpoint": str(Path(checkpoint)),
+            "checkpoint": _absolute(checkpoint),
             "trained_steps": int(data.get("global_step", 0)),
         },
     )

@@ -125,9 +125,20 @@ def model_card(config: Mapping[str, Any], report: Mapping[str, Any] | None = Non
         "",
     ]
     if report and report.get("rows"):
+        shown = {row.get("setting") for row in report["rows"]}
+        meanings = [
+            (name, meaning)
+            for name, meaning in (
+                ("clip", "the frozen backbone"),
+                ("reco", "this fusion"),
+                ("lookup", "training-free retrieval over the same memory"),
+                ("mix", "training-free retrieval over the same memory"),
+            )
+            if name in shown
+        ]
+        said = "; ".join(f"`{name}` {meaning}" for name, meaning in meanings)
         lines += [
-            "Zero-shot results of the training run (its `zeroshot_report.json`; `clip` is the frozen "
-            "backbone, `reco` this fusion, `lookup` / `mix` training-free retrieval over the same memory):",
+            f"Zero-shot results of the training run (its `zeroshot_report.json`{'; ' + said if said else ''}):",
             "",
             report_table(report),
         ]

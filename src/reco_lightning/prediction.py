@@ -161,14 +161,23 @@ class EmbeddingWriter(BasePredictionWriter):
                 f"{self.output_dir} holds {sum(self._part_rows)} rows of rank {self.rank}, but the predict data "
                 "cannot skip them (it has no skip_predict, as ImageTextDataModule has): give another output_dir"
             )
+        finished = manifest is not None and bool(manifest.get("complete"))
+        if finished:
+            # a finished export run again: nothing is re-read (Lightning would call the empty stream a mistake)
+            warnings.filterwarnings("ignore", message="Total length of .* across ranks is zero")
+            rank_zero_info(
+                f"{self.output_dir}: already complete ({manifest.get('rows')} rows), nothing to redo; delete "
+                "it or give another output_dir to export again"
+            )
         if self._part_rows:
             previous = self._progress_path(self.rank)  # bad samples before the resume point are not re-read
             if previous.is_file():
                 self._bad_keys = list(json.loads(previous.read_text()).get("bad_keys", []))
-            rank_zero_info(
-                f"{self.output_dir}: resuming; rank {self.rank} has {sum(self._part_rows)} rows in "
-                f"{len(self._part_rows)} parts (through source position {self._last_position})"
-            )
+            if not finished:
+                rank_zero_info(
+                    f"{self.output_dir}: resuming; rank {self.rank} has {sum(self._part_rows)} rows in "
+                    f"{len(self._part_rows)} parts (through source position {self._last_position})"
+                )
         else:
             self._progress_path(self.rank).unlink(missing_ok=True)
 
@@ -422,7 +431,7 @@ class EmbeddingWriter(BasePredictionWriter):
 
     def _finish_manifest(self) -> None:
         """The totals of every rank's parts, from their progress files."""
-        ranks = []
+        ranks, bad_keys = [], []
         for rank in range(self.world_size):
             path = self._progress_path(rank)
             progress = json.loads(path.read_text()) if path.is_file() else {}
@@ -430,6 +439,7 @@ class EmbeddingWriter(BasePredictionWriter):
                 raise EmbeddingExportError(
                     f"{self.output_dir}: rank {rank} ended without finishing its parts"
                 )
+            bad_keys.extend(progress.get("bad_keys", []))
             ranks.append(
                 {
                     "rank": rank,
@@ -449,10 +459,17 @@ class EmbeddingWriter(BasePredictionWriter):
         atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2) + "\n")
         rank_zero_info(f"{self.output_dir}: {manifest['rows']} rows in {manifest['parts']} parts per folder")
         if manifest["bad_samples"]:
-            rank_zero_warn(
-                f"{self.output_dir}: {manifest['bad_samples']} source pairs could not be read and are not "
-                "exported; their keys are in progress/rank_*.json (bad_keys)"
+            first = bad_keys[:3]
+            message = (
+                f"{manifest['bad_samples']} source pairs could not be read (an image missing or unreadable, or "
+                f"an empty caption; a key is a shard's member or a CSV's file:row, data rows from 0), e.g. "
+                f"{', '.join(first)}; "
+                "every key is in progress/rank_*.json (bad_keys). Relative image paths are read from the "
+                "CSV's own folder"
             )
+            if not manifest["rows"]:
+                raise EmbeddingExportError(f"{self.output_dir}: nothing was written: {message}")
+            rank_zero_warn(f"{self.output_dir}: {message}; the others are written")
 
 
 def _unit_fp16(embeddings: torch.Tensor) -> np.ndarray:

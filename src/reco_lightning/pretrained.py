@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from reco_lightning.atomic import replace_directory
 from reco_lightning.encoders import FrozenEncoder
-from reco_lightning.errors import RecoError
+from reco_lightning.errors import MissingInputError, RecoError
 from reco_lightning.fusion import FusionConfig, FusionTransformer
 from reco_lightning.memory.store import MemoryStore, check_fingerprint
 from reco_lightning.novelty import GapCheck, NoveltyGate, known_rows, novel_answer, novel_queries
@@ -531,11 +531,19 @@ class RecoModel(nn.Module):
             raise TypeError(f"unknown RecoModel setting(s) {sorted(unknown)}: use fields of RecoConfig")
         config = replace(RecoConfig.from_mapping(recorded), **overrides)
         fingerprint = recorded["backbone"]
-        encoder = (
-            backbone
-            if isinstance(backbone, FrozenEncoder)
-            else FrozenEncoder(backbone or fingerprint["name_or_path"])
-        )
+        try:
+            encoder = (
+                backbone
+                if isinstance(backbone, FrozenEncoder)
+                else FrozenEncoder(backbone or fingerprint["name_or_path"])
+            )
+        except MissingInputError as err:
+            if backbone is not None:
+                raise
+            raise ExportError(
+                f"{directory}'s backbone {fingerprint['name_or_path']!r} (where it was at export) does not "
+                "exist here: pass from_pretrained(..., backbone=PATH) where that backbone is now"
+            ) from err
         if encoder.fingerprint["id"] != fingerprint.get("id"):
             raise BackboneMismatchError(
                 f"{directory} was trained on backbone {fingerprint.get('name_or_path')!r} (id "
@@ -622,6 +630,11 @@ def _export_directory(path: str | os.PathLike) -> Path:
     if local.is_dir():
         return local
     text = os.fspath(path)
+    if local.is_file():
+        raise ExportError(
+            f"{text!r} is a file, not an export directory: for a checkpoint of `reco fit`, write its export "
+            f"first (reco export --ckpt_path {text} --out DIR) and load DIR"
+        )
     if text.startswith((".", "/", "~")) or text.count("/") > 1 or local.suffix:
         raise ExportError(
             f"export directory {text!r} does not exist: give a directory written by `reco export`"

@@ -455,6 +455,8 @@ def _read_manifest(path: Path) -> dict[str, Any]:
                 else ""
             )
             message = f"{path} is not a memory: {manifest_path} is missing{hint}"
+            if not path.exists() and not hint:
+                message = f"memory directory {path} does not exist: build one with `reco memory build`"
         elif problem.problem == "corrupt":
             message = f"corrupt {manifest_path}: {problem.cause}; rebuild the memory"
         else:
