@@ -23,6 +23,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -95,9 +96,18 @@ class RecoCLI(LightningCLI):
         """Name the checkpoint the run wrote: each run is a new ``version_N`` folder, so a path copied from
         the docs may be an older run's."""
         callback = self.trainer.checkpoint_callback
-        path = callback.last_model_path or callback.best_model_path if callback is not None else ""
-        if path and self.trainer.is_global_zero:
-            print(f"checkpoint: {path} (to share it: reco export --ckpt_path {path} --out DIR)")
+        if callback is None or not self.trainer.is_global_zero or not _ANNOUNCE_CHECKPOINT.get():
+            return
+        best, last = callback.best_model_path, callback.last_model_path
+        if best and last and best != last:
+            monitor = f" by {callback.monitor}" if callback.monitor else ""
+            print(
+                f"checkpoint: {last} (last; best{monitor}: {best}); share one: reco export --ckpt_path PATH --out DIR"
+            )
+        elif best or last:
+            print(
+                f"checkpoint: {best or last} (to share it: reco export --ckpt_path {best or last} --out DIR)"
+            )
 
     def after_validate(self) -> None:
         self._print_metrics("validate")
@@ -593,21 +603,29 @@ def calibrate_main(args: Sequence[str]) -> None:
     )
 
 
+#: whether ``reco fit`` names the checkpoint it wrote: for a person at the console, not for a pipeline
+#: (``reco demo``) driving several fits through :func:`main`
+_ANNOUNCE_CHECKPOINT: ContextVar[bool] = ContextVar("announce_checkpoint", default=False)
+
+
 def main(
     args: Sequence[str] | None = None,
     commands: Mapping[str, Callable[[Sequence[str]], None]] | None = None,
     makers: Mapping[str, str] | None = None,
+    announce: bool | None = None,
 ) -> None:
     """Run one `reco` command: our errors as one line on stderr, exit status 1.
 
     ``commands`` adds subcommands to the library's own (:data:`COMMANDS`): the apps on top of the
     library (``reco demo``, ``reco prepare-tiny``) register theirs this way, so the library never
     imports them. ``makers``: path prefix -> the command that creates what lies under it; a missing input
-    under such a prefix names that command.
+    under such a prefix names that command. ``announce``: ``reco fit`` ends with a ``checkpoint: PATH``
+    line (default: only as the console script).
     """
     if args is None:  # the console script: a person reads this (library calls and tests see every message)
         _take_verbose_flag(sys.argv)
         quiet_console()
+    token = _ANNOUNCE_CHECKPOINT.set(args is None if announce is None else announce)
     try:
         _dispatch(args, {**COMMANDS, **(commands or {})})
     except Exception as err:
@@ -619,6 +637,8 @@ def main(
             message += f"; it is made by `{maker}`: run that first" if maker else ""
         sys.stderr.write(f"reco: error: {message} (RECO_DEBUG=1 shows the traceback)\n")
         raise SystemExit(1) from None
+    finally:
+        _ANNOUNCE_CHECKPOINT.reset(token)
 
 
 def _take_verbose_flag(argv: list[str]) -> None:
