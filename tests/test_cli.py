@@ -245,6 +245,29 @@ def test_errors_of_ours_are_one_line_on_stderr_with_exit_status_1(tmp_path, caps
         main(["memory", "info", str(tmp_path)])
 
 
+def test_a_rejected_setting_is_one_line_naming_it_and_the_help(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RECO_DEBUG", raising=False)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("model:\n  memroy: somewhere\n")
+    cases = {
+        ("fit", "--config", str(CONFIG), "--config", str(typo)): (
+            "Subcommand 'fit' does not accept option 'model.memroy'; `reco fit --help` lists the options"
+        ),
+        ("fit", "--config", str(CONFIG), "--model.kk", "3"): "unrecognized arguments: --model.kk 3",
+        ("fit", "--config", str(CONFIG), "--data.init_args.batchsize", "3"): (
+            "Parser key \"data\": Option 'batchsize' is not accepted"
+        ),
+        ("memory", "build", "--bogus", "1"): "--bogus 1; `reco memory build --help` lists the options",
+        ("fitt",): "invalid choice: 'fitt'",
+    }
+    for argv, expected in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            main(list(argv))
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 1 and err.count("\n") == 1, err[-500:]
+        assert err.startswith("reco: error: ") and expected in err
+
+
 def test_help_names_the_commands_beside_lightnings(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])

@@ -18,6 +18,7 @@ From a shell, the known-harmless noise of Lightning and transformers is filtered
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -25,8 +26,9 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+from jsonargparse import ArgumentParser
 from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only
@@ -39,6 +41,49 @@ from reco_lightning.model import RecoModule
 from reco_lightning.prediction import DEFAULT_PART_SIZE, EmbeddingWriter
 
 __all__ = ["NoPredictionWriterError", "RecoCLI", "main"]
+
+
+class SettingsError(RecoError, argparse.ArgumentError):
+    """An option or config key the command's parser rejects (unknown, or of the wrong type)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(None, _settings_message(message))
+
+
+def _settings_message(message: str) -> str:
+    """jsonargparse's message on one line; for a class's options (``data.init_args.*``), whose message lists
+    every union member tried, the key and the option it did not accept."""
+    lines = [line.strip(" -") for line in message.splitlines() if line.strip(" -")]
+    if not lines:
+        return "invalid settings"
+    specific = next((line for line in lines if "is not accepted" in line), None)
+    if lines[0].startswith("Parser key") and specific:
+        return f"{lines[0].rstrip(':')}: {specific}"
+    return "; ".join(line.rstrip(":") if i == 0 else line for i, line in enumerate(lines))
+
+
+class _OneLineErrors:
+    """A parser mixin: a rejected option raises :class:`SettingsError` (one line from ``reco``) instead of
+    printing the whole usage text (80 lines for ``reco fit``) above the line that says what is wrong.
+    Where jsonargparse itself asks for an exception (``exit_on_error`` off, while it tries alternatives) it
+    gets its own, as before."""
+
+    exit_on_error: bool
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if isinstance(ex, SettingsError):  # a subcommand's, passed up by its parent parser
+            raise ex
+        if not self.exit_on_error:
+            super().error(message, ex)  # type: ignore[misc]
+        raise SettingsError(message) from ex
+
+
+class RecoArgumentParser(_OneLineErrors, LightningArgumentParser):
+    """The parser of ``reco fit|validate|test|predict``."""
+
+
+class CommandParser(_OneLineErrors, ArgumentParser):
+    """The parser of the other ``reco`` commands (``memory``, ``export``, ``calibrate``, ``cache``)."""
 
 
 class NoPredictionWriterError(RecoError, ValueError):
@@ -187,6 +232,7 @@ def lightning_main(args: Sequence[str] | None = None, run: bool = True) -> RecoC
         save_config_kwargs={"overwrite": True},
         args=list(args) if args is not None else None,
         run=run,
+        parser_class=RecoArgumentParser,
     )
 
 
@@ -197,8 +243,6 @@ def _modalities(choice: str) -> tuple[str, ...]:
 
 
 def memory_main(args: Sequence[str]) -> None:
-    from jsonargparse import ArgumentParser
-
     from reco_lightning.jobs.memory_build import build_memory
     from reco_lightning.memory.base import DEFAULT_TRAIN_SIZE
     from reco_lightning.memory.interop import export_memory, import_embeddings
@@ -206,10 +250,10 @@ def memory_main(args: Sequence[str]) -> None:
     from reco_lightning.memory.store import MemoryStore
     from reco_lightning.memory.tuning import tune_memory
 
-    parser = ArgumentParser(prog="reco memory", description="Build, combine and inspect RECO memories.")
+    parser = CommandParser(prog="reco memory", description="Build, combine and inspect RECO memories.")
     commands = parser.add_subcommands()
 
-    build = ArgumentParser(description="Encode an image-text source into a memory (resumable).")
+    build = CommandParser(description="Encode an image-text source into a memory (resumable).")
     build.add_argument("--config", action="config")
     build.add_argument(
         "--source",
@@ -248,14 +292,14 @@ def memory_main(args: Sequence[str]) -> None:
     build.add_argument("--overwrite", type=bool, default=False)
     commands.add_subcommand("build", build)
 
-    concat = ArgumentParser(description="Concatenate memories built with one backbone, without re-encoding.")
+    concat = CommandParser(description="Concatenate memories built with one backbone, without re-encoding.")
     concat.add_argument("paths", nargs="+")
     concat.add_argument("--out", required=True)
     concat.add_argument("--backend", type=Any, default=None)
     concat.add_argument("--overwrite", type=bool, default=False)
     commands.add_subcommand("concat", concat)
 
-    imp = ArgumentParser(
+    imp = CommandParser(
         description="Make a memory from clip-retrieval embeddings (img_emb/, text_emb/, metadata/)."
     )
     imp.add_argument("src", help="folder of img_emb/, text_emb/ and metadata/ parts")
@@ -283,13 +327,13 @@ def memory_main(args: Sequence[str]) -> None:
     imp.add_argument("--overwrite", type=bool, default=False)
     commands.add_subcommand("import", imp)
 
-    export = ArgumentParser(description="Write a memory in clip-retrieval's layout (fp16 parts).")
+    export = CommandParser(description="Write a memory in clip-retrieval's layout (fp16 parts).")
     export.add_argument("memory")
     export.add_argument("--out", required=True)
     export.add_argument("--part_size", type=int, default=1_000_000)
     commands.add_subcommand("export", export)
 
-    index = ArgumentParser(
+    index = CommandParser(
         description="Re-index a memory's rows without re-encoding; 'ivfpq_ondisk' builds in stages and shards "
         "(train once, one process per shard, merge once)."
     )
@@ -324,7 +368,7 @@ def memory_main(args: Sequence[str]) -> None:
     index.add_argument("--text_index", type=str | None, default=None, help="the same for the text rows")
     commands.add_subcommand("index", index)
 
-    tune = ArgumentParser(
+    tune = CommandParser(
         description="Set an IVF-PQ memory's nprobe and rerank to the fastest reaching a recall@k target, measured "
         "on its own rows against exact search (search-time only: nothing is rebuilt)."
     )
@@ -335,7 +379,7 @@ def memory_main(args: Sequence[str]) -> None:
     tune.add_argument("--modality", default="both", help="image | text | both")
     commands.add_subcommand("tune", tune)
 
-    info = ArgumentParser(description="Print a memory's manifest and sizes.")
+    info = CommandParser(description="Print a memory's manifest and sizes.")
     info.add_argument("path")
     commands.add_subcommand("info", info)
 
@@ -451,11 +495,9 @@ def _flat(items: Sequence[Any]) -> list[Any]:
 
 def export_main(args: Sequence[str]) -> None:
     """`reco export`: a checkpoint -> model.safetensors + config.json + README.md model card."""
-    from jsonargparse import ArgumentParser
-
     from reco_lightning.export import export_checkpoint
 
-    parser = ArgumentParser(
+    parser = CommandParser(
         prog="reco export",
         description="Write a trained RECO as a shareable export (safetensors + JSON + model card) that "
         "RecoModel.from_pretrained loads without Lightning or pickle.",
@@ -537,13 +579,11 @@ def cache_main(args: Sequence[str]) -> None:
 
 def calibrate_main(args: Sequence[str]) -> None:
     """`reco calibrate`: sweep mix_alpha or fusion_config.retrieved_skip on a validation classification set."""
-    from jsonargparse import ArgumentParser
-
     from reco_lightning.atomic import atomic_write_text
     from reco_lightning.calibration import DEFAULT_VALUES, PARAMETERS, calibrate, leakage_threshold_of
     from reco_lightning.evaluation import ClassificationSet
 
-    parser = ArgumentParser(
+    parser = CommandParser(
         prog="reco calibrate",
         description="Pick a retrieval weight on validation data (never test data) by a stated rule; "
         "prints and writes the choice. The model section of a `reco fit` config (with --ckpt_path: the "
@@ -625,20 +665,30 @@ def main(
     if args is None:  # the console script: a person reads this (library calls and tests see every message)
         _take_verbose_flag(sys.argv)
         quiet_console()
-    token = _ANNOUNCE_CHECKPOINT.set(args is None if announce is None else announce)
+    announcing = _ANNOUNCE_CHECKPOINT.set(args is None if announce is None else announce)
     try:
         _dispatch(args, {**COMMANDS, **(commands or {})})
     except Exception as err:
         if not is_user_error(err) or os.environ.get("RECO_DEBUG", "") not in ("", "0"):
             raise
         message = one_line(err)
+        if isinstance(err, SettingsError):
+            words = []
+            for word in sys.argv[1:] if args is None else args:
+                if word.startswith("-"):
+                    break
+                words.append(word)
+            if "invalid choice" in message or not words:
+                message += "; `reco --help` lists the commands"
+            else:
+                message += f"; `reco {' '.join(words)} --help` lists the options"
         if isinstance(err, MissingInputError):
             maker = next((cmd for prefix, cmd in (makers or {}).items() if _under(err.path, prefix)), None)
             message += f"; it is made by `{maker}`: run that first" if maker else ""
         sys.stderr.write(f"reco: error: {message} (RECO_DEBUG=1 shows the traceback)\n")
         raise SystemExit(1) from None
     finally:
-        _ANNOUNCE_CHECKPOINT.reset(token)
+        _ANNOUNCE_CHECKPOINT.reset(announcing)
 
 
 def _take_verbose_flag(argv: list[str]) -> None:

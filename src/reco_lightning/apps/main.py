@@ -14,8 +14,6 @@ __all__ = ["APP_COMMANDS", "main"]
 
 
 def demo_main(args: Sequence[str]) -> None:
-    from jsonargparse import ArgumentParser
-
     from reco_lightning.apps.demo.fashion_mnist import (
         DEFAULT_ROOT,
         DEFAULT_SPLIT,
@@ -25,7 +23,7 @@ def demo_main(args: Sequence[str]) -> None:
     )
     from reco_lightning.apps.demo.pipeline import DEFAULT_PROTOCOL, PROTOCOLS, run_demo
 
-    parser = ArgumentParser(
+    parser = cli.CommandParser(
         prog="reco demo", description="The real-data demo (Fashion-MNIST, seen/unseen classes)."
     )
     parser.add_argument("--out", default="artifacts/demo", help="where data, backbone, memories and runs go")
@@ -85,11 +83,9 @@ def demo_main(args: Sequence[str]) -> None:
 
 
 def prepare_tiny_main(args: Sequence[str]) -> None:
-    from jsonargparse import ArgumentParser
-
     from reco_lightning.apps.tiny import prepare_tiny
 
-    parser = ArgumentParser(
+    parser = cli.CommandParser(
         prog="reco prepare-tiny", description="Create the tiny backbone, pairs and memory."
     )
     parser.add_argument("--out", default="artifacts/tiny")
