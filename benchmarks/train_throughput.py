@@ -493,7 +493,8 @@ def run_model(spec: ModelSpec, args: argparse.Namespace, work: Path) -> dict[str
     config, dim, k, n = module.backbone.model.config, module.backbone.dim, spec.k, spec.memory_size
     print(f"[{spec.key}] memory of {n} pairs x {dim} ({args.memory_backend} search)", flush=True)
     start = time.perf_counter()
-    module.set_memory(build_memory(n, dim, args.seed, args.memory_backend))
+    memory = build_memory(n, dim, args.seed, args.memory_backend)
+    module.set_memory(memory)
     memory_build_s = time.perf_counter() - start
     module.train()
     optimizer = module.configure_optimizers()["optimizer"]
@@ -568,7 +569,12 @@ def run_model(spec: ModelSpec, args: argparse.Namespace, work: Path) -> dict[str
         },
         "memory_size": n,
         "memory_build_s": memory_build_s,
-        "search": "exact (faiss IndexFlatIP), k + exclusion_margin candidates, self + near-duplicate exclusion",
+        # the backend as built (class and resolved init args: nlist, nprobe, ...); until session 10 this
+        # said "exact (faiss IndexFlatIP)" whatever the backend, as the 1M IVF-PQ JSON still does
+        "search": {
+            "backend": memory.manifest["backend"],
+            "candidates": "k + exclusion_margin, self + near-duplicate exclusion",
+        },
         "on_the_fly_batch_size": b_otf,
         "on_the_fly_samples_per_s": best_otf["samples_per_s"],
         "cached_batch_size": b_cached,

@@ -99,6 +99,7 @@ def test_train_throughput_tiny(benchmarks, tmp_path) -> None:
             phases["clip_embed"] / phases["total_without_index_search"]
         )
     assert demo["step_shares"]["cached"]["search"] == 0.0  # the cache replaces the search
+    assert demo["search"]["backend"]["class_path"].endswith("ExactBackend")  # the backend as built
     assert "Share of one step" in (tmp_path / "train_throughput.md").read_text()
 
 
