@@ -329,6 +329,15 @@ def test_killed_run_resumes_without_redoing_rows_and_ends_as_an_uninterrupted_on
     assert again.rows == 0 and files(out) == files(reference)
     assert f"{out}: already complete (64 rows), nothing to redo" in caplog.text
     assert not [w for w in caught if "across ranks is zero" in str(w.message)]
+    other = tmp_path / "other.csv"  # the same rows but one caption: another source, never resumed into these
+    other.write_text((tiny_dir / "val.csv").read_text().replace("triangle", "TRIANGLE", 1))
+    text = other.read_text().replace("images/", f"{tiny_dir / 'images'}/")
+    other.write_text("filepath,caption,id\n" + "".join(
+        f"{line},{i}\n" for i, line in enumerate(text.splitlines()[1:])
+    ))  # fmt: skip
+    with pytest.raises(EmbeddingExportError, match=r"other settings \(source .* -> "):
+        predict(tiny_dir, ckpt, out, source=other)
+    assert files(out) == files(reference)
 
 
 def test_resume_over_shards_with_bad_samples_skips_whole_shards_and_ends_as_an_uninterrupted_run(

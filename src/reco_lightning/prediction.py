@@ -48,6 +48,7 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from reco_lightning.atomic import atomic_write_bytes, atomic_write_text
+from reco_lightning.data.sources import open_source
 from reco_lightning.errors import RecoError
 
 __all__ = ["COLUMNS", "DEFAULT_PART_SIZE", "FORMAT", "EmbeddingExportError", "EmbeddingWriter"]
@@ -99,6 +100,7 @@ class EmbeddingWriter(BasePredictionWriter):
         self._buffered = 0
         self._plan: dict[str, Any] | None = None  # set once the run's settings are checked (see _begin)
         self._bad_keys: list[str] = []  # this rank's source pairs that could not be read (not exported)
+        self._finished_rows: int | None = None  # a complete export found at setup: its rows
         self._datamodule: Any = None
 
     # --- where things go --------------------------------------------------------------------------------
@@ -162,13 +164,10 @@ class EmbeddingWriter(BasePredictionWriter):
                 "cannot skip them (it has no skip_predict, as ImageTextDataModule has): give another output_dir"
             )
         finished = manifest is not None and bool(manifest.get("complete"))
+        self._finished_rows = manifest.get("rows") if finished else None
         if finished:
             # a finished export run again: nothing is re-read (Lightning would call the empty stream a mistake)
             warnings.filterwarnings("ignore", message="Total length of .* across ranks is zero")
-            rank_zero_info(
-                f"{self.output_dir}: already complete ({manifest.get('rows')} rows), nothing to redo; delete "
-                "it or give another output_dir to export again"
-            )
         if self._part_rows:
             previous = self._progress_path(self.rank)  # bad samples before the resume point are not re-read
             if previous.is_file():
@@ -265,6 +264,16 @@ class EmbeddingWriter(BasePredictionWriter):
         memory_path = getattr(memory, "path", None) or hparams.get("memory")
         data = getattr(getattr(trainer, "datamodule", None), "hparams", None) or {}
         source = data.get("predict") or data.get("train")
+        if (
+            data.get("predict") is not None
+        ):  # the rows' source by content: another one never resumes these parts
+            pairs = open_source(
+                source,
+                data.get("image_column", "filepath"),
+                data.get("caption_column", "caption"),
+                data.get("id_column"),
+            )
+            plan["source"] = pairs.fingerprint()
         info = {
             "backbone_fingerprint": backbone,
             "memory_path": None if memory_path is None else str(memory_path),
@@ -289,6 +298,11 @@ class EmbeddingWriter(BasePredictionWriter):
         manifest = self._read_manifest()
         if manifest is not None and self._any_parts():
             self._check(manifest.get("plan", {}), plan)
+        if self._finished_rows is not None:  # the same settings and source: nothing left to write
+            rank_zero_info(
+                f"{self.output_dir}: already complete ({self._finished_rows} rows), nothing to redo; delete "
+                "it or give another output_dir to export again"
+            )
         if manifest is None or manifest.get("plan") != plan:  # else: left as it is (another rank may be done)
             layout = {
                 folder: f"{folder}/{folder}_{{rank:0{_RANK_DIGITS}d}}_{{part:0{_PART_DIGITS}d}}{suffix}"
