@@ -401,6 +401,10 @@ def test_reco_memory_tune_writes_the_fastest_setting_reaching_the_target(tmp_pat
     memory = MemoryStore.write(tmp_path / "memory", _unit(N, 3), _unit(N, 4), backend=SPEC, train_size=None)
     with pytest.raises(RecoMemoryError, match="ExactBackend has no search settings"):
         tuning.tune_search(ExactBackend(DIM), _unit(20), 0.9)
+    few = IVFPQBackend(DIM, nlist=4, m=8, rerank=0)  # every list probed already: one line, not a crash
+    few.build(_unit(400, 5))
+    with pytest.raises(RecoMemoryError, match="4 inverted lists, fewer than the 8 .* nothing to tune"):
+        tuning.tune_search(few, _unit(400, 5), 0.9)
     main(["memory", "tune", str(memory), "--recall", "0.9", "--queries", "300", "--modality", "image"])
     assert "image: nprobe " in capsys.readouterr().out
     meta = json.loads((memory / "index_image" / "backend.json").read_text())

@@ -267,7 +267,8 @@ def memory_main(args: Sequence[str]) -> None:
         "--backend",
         type=Any,
         default="exact",
-        help="'exact', 'ivfpq', 'autofaiss', a class path, or {class_path, init_args}",
+        help="a backend name (exact, exact_mmap, torch_exact, ivfpq, ivfpq_ondisk, autofaiss), a class path, "
+        "or {class_path, init_args}, e.g. '{class_path: ivfpq, init_args: {m: 16}}'",
     )
     build.add_argument("--batch_size", type=int, default=256)
     build.add_argument(

@@ -351,7 +351,8 @@ def _validate(
     if m < 1 or dim % m:
         divisors = [d for d in (96, 64, 48, 32, 16, 8) if dim % d == 0 and d <= dim] or [1]
         raise RecoMemoryError(
-            f"ivfpq m={m} must divide dim={dim}: pick m among the divisors of {dim}, e.g. {divisors[:3]}"
+            f"ivfpq m={m} must divide dim={dim}: pick m among the divisors of {dim}, e.g. {divisors[:3]} "
+            f"(--backend '{{class_path: ivfpq, init_args: {{m: {divisors[0]}}}}}')"
         )
     if not 1 <= nbits <= 16:
         raise RecoMemoryError(f"ivfpq nbits={nbits} must be in 1..16: use 8 (one byte per sub-quantiser)")

@@ -137,7 +137,9 @@ class MemoryStore:
         """
         path = Path(path)
         if path.exists() and not overwrite:
-            raise RecoMemoryError(f"memory {path} already exists: choose another path or pass overwrite=True")
+            raise RecoMemoryError(
+                f"memory {path} already exists: choose another path or pass overwrite=True (`--overwrite true`)"
+            )
         image, text, ids = _validated_arrays(image_embeddings, text_embeddings, ids)
         tmp = Path(tempfile.mkdtemp(dir=_parent(path), prefix=f".{path.name}.partial-"))
         try:
@@ -170,7 +172,9 @@ class MemoryStore:
             raise RecoMemoryError("concat needs at least one memory path")
         out = Path(out)
         if out.exists() and not overwrite:
-            raise RecoMemoryError(f"memory {out} already exists: choose another path or pass overwrite=True")
+            raise RecoMemoryError(
+                f"memory {out} already exists: choose another path or pass overwrite=True (`--overwrite true`)"
+            )
         stores = [cls.open(p, load_indexes=False) for p in paths]
         first = stores[0]
         for store in stores[1:]:

@@ -77,6 +77,11 @@ def tune_search(
     # More probes only find better candidates, so the rerank a target needs can only fall as nprobe grows:
     # the first nprobe climbs the rerank grid, each next one walks down from the last need, and the walk
     # stops at the first nprobe that lowers it no further (every larger one is slower for the same rerank).
+    if backend.nlist < NPROBES[0]:  # every list is probed already: there is no nprobe to choose
+        raise RecoMemoryError(
+            f"the index has {backend.nlist} inverted lists, fewer than the {NPROBES[0]} the smallest nprobe "
+            "probes: nothing to tune (search already scans every list; an exact backend suits a memory this small)"
+        )
     reranks = [r for r in RERANKS if r <= count]
     need: int | None = None  # index into reranks of the least rerank reaching the target so far
     for nprobe in (p for p in NPROBES if p <= backend.nlist):
