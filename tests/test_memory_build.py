@@ -54,6 +54,13 @@ def test_existing_memory_and_changed_interrupted_build_are_refused(tmp_path, tin
     (tmp_path / ".mem.partial" / "build.json").write_text('{"source": "elsewhere"}')
     with pytest.raises(RecoMemoryError, match="interrupted build with other settings"):
         build_memory(tiny_dir / "train.csv", tmp_path / "mem", tiny_backbone, trainer_kwargs=TRAINER)
+    # index settings that cannot fit the backbone's dim are refused before any encoding (nothing to resume)
+    with pytest.raises(RecoMemoryError, match="m=7 must divide dim"):
+        bad = {"class_path": "ivfpq", "init_args": {"m": 7}}
+        build_memory(
+            tiny_dir / "train.csv", tmp_path / "ivf", tiny_backbone, backend=bad, trainer_kwargs=TRAINER
+        )
+    assert not (tmp_path / ".ivf.partial").exists()
 
 
 BUILD = """

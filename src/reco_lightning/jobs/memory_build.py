@@ -25,7 +25,7 @@ from reco_lightning.data.sources import open_source
 from reco_lightning.encoders import FrozenEncoder
 from reco_lightning.errors import ChunkedJobError, RecoMemoryError
 from reco_lightning.jobs.chunked import assemble, clear_work, predict_in_chunks
-from reco_lightning.memory.base import DEFAULT_TRAIN_SIZE, check_buildable
+from reco_lightning.memory.base import DEFAULT_TRAIN_SIZE, backend_from_spec, check_buildable
 from reco_lightning.memory.store import finish_memory, write_metadata
 
 __all__ = ["BAD_KEYS_KEPT", "MAX_DEFAULT_WORKERS", "EncoderModule", "build_memory", "default_num_workers"]
@@ -141,6 +141,7 @@ def build_memory(
             trainer_kwargs.get("accelerator", "auto"), trainer_kwargs.get("devices", "auto")
         )
     module = EncoderModule(backbone)
+    backend_from_spec(backend, int(module.backbone.dim))  # its settings against the dim, before encoding
     plan = {
         "source": str(Path(source).resolve())
         if isinstance(source, str | os.PathLike)
