@@ -99,6 +99,14 @@ def test_missing_metadata_part_is_refused_by_name(tmp_path):
     assert not (tmp_path / "memory").exists() and not (tmp_path / ".memory.partial").exists()
 
 
+def test_index_settings_that_cannot_fit_the_rows_dim_are_refused_before_streaming(tmp_path):
+    src = make_clip_retrieval(tmp_path / "src")
+    with pytest.raises(RecoMemoryError, match=r"m=7 must divide dim=16"):
+        backend = {"class_path": "ivfpq", "init_args": {"m": 7}}
+        import_embeddings(src, tmp_path / "memory", backbone="some/clip", backend=backend)
+    assert not (tmp_path / "memory").exists() and not (tmp_path / ".memory.partial").exists()
+
+
 def test_short_metadata_part_is_refused_by_name(tmp_path):
     src = make_clip_retrieval(tmp_path / "src")
     path = src / "metadata" / "metadata_2.parquet"

@@ -39,7 +39,7 @@ from reco_lightning.arrays import RowWriter
 from reco_lightning.atomic import atomic_write, atomic_write_text, claim_plan, replace_directory
 from reco_lightning.errors import RecoMemoryError
 from reco_lightning.hashing import derived_ids
-from reco_lightning.memory.base import DEFAULT_TRAIN_SIZE, check_buildable
+from reco_lightning.memory.base import DEFAULT_TRAIN_SIZE, backend_from_spec, check_buildable
 from reco_lightning.memory.store import MemoryStore, finish_memory
 
 __all__ = ["NORM_TOLERANCE", "VERIFY_COSINE", "export_memory", "import_embeddings", "verify_backbone"]
@@ -250,6 +250,7 @@ def import_embeddings(
         raise RecoMemoryError(f"memory {out} already exists: choose another --out or pass --overwrite")
     check_buildable(backend)
     parts, dim, key_source = _scan(src, id_column, caption_column, key_column)
+    backend_from_spec(backend, dim)  # its settings against the dim, before any row is streamed (as build)
     total = sum(p["rows"] for p in parts)
     id_scheme = f"column:{id_column}" if id_column is not None else f"import:{key_source}"
     out.parent.mkdir(parents=True, exist_ok=True)
