@@ -19,6 +19,7 @@ From a shell, the known-harmless noise of Lightning and transformers is filtered
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -674,15 +675,7 @@ def main(
             raise
         message = one_line(err)
         if isinstance(err, SettingsError):
-            words = []
-            for word in sys.argv[1:] if args is None else args:
-                if word.startswith("-"):
-                    break
-                words.append(word)
-            if "invalid choice" in message or not words:
-                message += "; `reco --help` lists the commands"
-            else:
-                message += f"; `reco {' '.join(words)} --help` lists the options"
+            message += _help_hint(sys.argv[1:] if args is None else args, message)
         if isinstance(err, MissingInputError):
             maker = next((cmd for prefix, cmd in (makers or {}).items() if _under(err.path, prefix)), None)
             message += f"; it is made by `{maker}`: run that first" if maker else ""
@@ -690,6 +683,14 @@ def main(
         raise SystemExit(1) from None
     finally:
         _ANNOUNCE_CHECKPOINT.reset(announcing)
+
+
+def _help_hint(argv: Sequence[str], message: str) -> str:
+    """Where to read the options a rejected setting belongs to: the command words before the first option."""
+    words = list(itertools.takewhile(lambda word: not word.startswith("-"), argv))
+    if "invalid choice" in message or not words:
+        return "; `reco --help` lists the commands"
+    return f"; `reco {' '.join(words)} --help` lists the options"
 
 
 def _take_verbose_flag(argv: list[str]) -> None:

@@ -82,9 +82,9 @@ def _calibration(calibrations: Sequence[str | os.PathLike]) -> dict[str, float]:
 def _absolute(path: str | os.PathLike | None) -> str | None:
     """An existing local path made absolute (an export is loaded from anywhere); anything else (a hub
     name, a path gone since training) as it was."""
-    if path is None or not Path(path).exists():
-        return None if path is None else str(path)
-    return os.path.abspath(path)  # symlinks kept: the user's own layout
+    if path is None:
+        return None
+    return os.path.abspath(path) if Path(path).exists() else str(path)  # abspath keeps symlinks
 
 
 def _memory_record(path: str | None) -> dict[str, Any] | None:

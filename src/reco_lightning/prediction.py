@@ -100,7 +100,6 @@ class EmbeddingWriter(BasePredictionWriter):
         self._buffered = 0
         self._plan: dict[str, Any] | None = None  # set once the run's settings are checked (see _begin)
         self._bad_keys: list[str] = []  # this rank's source pairs that could not be read (not exported)
-        self._finished_rows: int | None = None  # a complete export found at setup: its rows
         self._datamodule: Any = None
 
     # --- where things go --------------------------------------------------------------------------------
@@ -164,7 +163,6 @@ class EmbeddingWriter(BasePredictionWriter):
                 "cannot skip them (it has no skip_predict, as ImageTextDataModule has): give another output_dir"
             )
         finished = manifest is not None and bool(manifest.get("complete"))
-        self._finished_rows = manifest.get("rows") if finished else None
         if finished:
             # a finished export run again: nothing is re-read (Lightning would call the empty stream a mistake)
             warnings.filterwarnings("ignore", message="Total length of .* across ranks is zero")
@@ -264,9 +262,7 @@ class EmbeddingWriter(BasePredictionWriter):
         memory_path = getattr(memory, "path", None) or hparams.get("memory")
         data = getattr(getattr(trainer, "datamodule", None), "hparams", None) or {}
         source = data.get("predict") or data.get("train")
-        if (
-            data.get("predict") is not None
-        ):  # the rows' source by content: another one never resumes these parts
+        if data.get("predict") is not None:  # the rows' source, by content: no other resumes these parts
             pairs = open_source(
                 source,
                 data.get("image_column", "filepath"),
@@ -298,9 +294,11 @@ class EmbeddingWriter(BasePredictionWriter):
         manifest = self._read_manifest()
         if manifest is not None and self._any_parts():
             self._check(manifest.get("plan", {}), plan)
-        if self._finished_rows is not None:  # the same settings and source: nothing left to write
+        if manifest is not None and manifest.get(
+            "complete"
+        ):  # the same settings and source: nothing to write
             rank_zero_info(
-                f"{self.output_dir}: already complete ({self._finished_rows} rows), nothing to redo; delete "
+                f"{self.output_dir}: already complete ({manifest.get('rows')} rows), nothing to redo; delete "
                 "it or give another output_dir to export again"
             )
         if manifest is None or manifest.get("plan") != plan:  # else: left as it is (another rank may be done)

@@ -317,12 +317,7 @@ class RecoModel(nn.Module):
         fusion = self.image_fusion if modality == "image" else self.text_fusion
         embeddings = embeddings.to(self.device, torch.float32)
         return refine_embeddings(
-            fusion,
-            self.retriever,
-            embeddings,
-            modality,
-            mask_retrieved=self.config.mask_retrieved,
-            k=k,
+            fusion, self.retriever, embeddings, modality, mask_retrieved=self.config.mask_retrieved, k=k
         )
 
     # --- encoding raw inputs --------------------------------------------------------------------------

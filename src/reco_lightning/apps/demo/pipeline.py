@@ -388,10 +388,9 @@ def _demo_config(
     if protocol == "strict":
         config["model"]["memory"] = str(layout.memory_seen)
         config["data"]["init_args"]["train"] = str(layout.fusion_train)
-    if PROTOCOLS[
-        protocol
-    ].novelty_gate:  # every run and its test (calibration turns it off: calibrate_weight)
-        config["model"]["known_memory"] = str(PROTOCOLS[protocol].train_memory(layout))
+    chosen = PROTOCOLS[protocol]
+    if chosen.novelty_gate:  # every run and its test (calibration turns it off: calibrate_weight)
+        config["model"]["known_memory"] = str(chosen.train_memory(layout))
     return config
 
 
