@@ -245,6 +245,33 @@ def test_errors_of_ours_are_one_line_on_stderr_with_exit_status_1(tmp_path, caps
         main(["memory", "info", str(tmp_path)])
 
 
+def test_ctrl_c_is_one_line_saying_whether_a_rerun_resumes(tmp_path, capsys, monkeypatch):
+    from reco_lightning.memory import interop
+    from test_memory_interop import make_clip_retrieval
+
+    def stopped(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.delenv("RECO_DEBUG", raising=False)
+    monkeypatch.setattr(interop, "_copy_rows", stopped)  # a real import, stopped in its first part
+    src = make_clip_retrieval(tmp_path / "src")
+    commands = {"stop": lambda argv: stopped()}
+    cases = {
+        ("memory", "import", str(src), "--out", str(tmp_path / "m"), "--backbone", "x"): (
+            "; re-run the same command to resume (its copied parts are kept)"
+        ),
+        ("stop",): "",
+    }
+    for argv, hint in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            main(list(argv), commands)
+        assert exit_info.value.code == 130
+        assert capsys.readouterr().err == f"reco: interrupted{hint}\n"
+    monkeypatch.setenv("RECO_DEBUG", "1")
+    with pytest.raises(KeyboardInterrupt):
+        main(["stop"], commands)
+
+
 def test_a_rejected_setting_is_one_line_naming_it_and_the_help(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("RECO_DEBUG", raising=False)
     typo = tmp_path / "typo.yaml"
@@ -327,7 +354,9 @@ def test_memory_build_prints_rows_and_bad_samples_with_their_first_keys(tmp_path
     keys = json.loads((out / "manifest.json").read_text())["bad_keys"]
     assert len(keys) == 3
     assert capsys.readouterr().out.splitlines()[-1] == (
-        f"memory written to {out}: 8 rows, 3 bad samples skipped (first: {', '.join(keys)})"
+        f"memory written to {out}: 8 rows, 3 bad samples skipped (first: {', '.join(keys)}); warning: 27% of "
+        "the source could not be read (an image missing or unreadable, or an empty caption; relative image "
+        "paths are read from the CSV's own folder)"
     )
 
 

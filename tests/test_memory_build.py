@@ -50,9 +50,12 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, tiny_dir, tiny_backbone):
 def test_existing_memory_and_changed_interrupted_build_are_refused(tmp_path, tiny_dir, tiny_backbone):
     with pytest.raises(RecoMemoryError, match="already exists"):
         build_memory(tiny_dir / "train.csv", tiny_dir / "memory", tiny_backbone)
-    (tmp_path / ".mem.partial").mkdir()
+    (tmp_path / ".mem.partial" / "chunks").mkdir(parents=True)
     (tmp_path / ".mem.partial" / "build.json").write_text('{"source": "elsewhere"}')
-    with pytest.raises(RecoMemoryError, match="interrupted build with other settings"):
+    (tmp_path / ".mem.partial" / "chunks" / "000000.safetensors").write_bytes(b"a finished chunk")
+    with pytest.raises(
+        RecoMemoryError, match=r"interrupted build with other settings \(.*source: 'elsewhere'"
+    ):
         build_memory(tiny_dir / "train.csv", tmp_path / "mem", tiny_backbone, trainer_kwargs=TRAINER)
     # index settings that cannot fit the backbone's dim are refused before any encoding (nothing to resume)
     with pytest.raises(RecoMemoryError, match="m=7 must divide dim"):
@@ -61,6 +64,54 @@ def test_existing_memory_and_changed_interrupted_build_are_refused(tmp_path, tin
             tiny_dir / "train.csv", tmp_path / "ivf", tiny_backbone, backend=bad, trainer_kwargs=TRAINER
         )
     assert not (tmp_path / ".ivf.partial").exists()
+
+
+def test_a_refused_trainer_setting_leaves_nothing_and_an_unstarted_build_is_taken_over(
+    tmp_path, tiny_dir, tiny_backbone
+):
+    lines = (tiny_dir / "train.csv").read_text().splitlines()[:9]
+    (tmp_path / "images").symlink_to(tiny_dir / "images")
+    (tmp_path / "pairs.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(RecoMemoryError, match=r"the Trainer refuses \{'precision': 'fp8'.*Precision 'fp8'"):
+        build_memory(
+            tmp_path / "pairs.csv", tmp_path / "mem", tiny_backbone, precision="fp8", trainer_kwargs=TRAINER
+        )
+    assert not (tmp_path / ".mem.partial").exists()
+    # a build stopped before its first chunk was finished (its plan only): another one takes the folder over
+    (tmp_path / ".mem.partial" / "chunks" / "000000.ranks").mkdir(parents=True)
+    (tmp_path / ".mem.partial" / "build.json").write_text('{"source": "elsewhere"}')
+    out = build_memory(tmp_path / "pairs.csv", tmp_path / "mem", tiny_backbone, trainer_kwargs=TRAINER)
+    assert len(MemoryStore.open(out)) == 8 and not (tmp_path / ".mem.partial").exists()
+
+
+def test_ctrl_c_in_the_encoding_is_a_keyboard_interrupt_that_keeps_the_finished_chunks(
+    tmp_path, tiny_dir, tiny_backbone
+):
+    import signal
+
+    import pytorch_lightning as pl
+
+    class CtrlC(pl.Callback):
+        def on_predict_batch_end(self, trainer, *args, **kwargs):
+            if any((tmp_path / ".m.partial" / "chunks").glob("*.safetensors")):
+                raise KeyboardInterrupt  # in the second chunk, the first one finished
+
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(KeyboardInterrupt):  # not Lightning's exit(1): the CLI then says what was kept
+            build_memory(
+                tiny_dir / "train.csv",
+                tmp_path / "m",
+                tiny_backbone,
+                batch_size=8,
+                chunk_size=16,
+                trainer_kwargs={**TRAINER, "callbacks": [CtrlC()]},
+            )
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert [p.name for p in (tmp_path / ".m.partial" / "chunks").glob("*.safetensors")] == [
+        "000000.safetensors"
+    ]
 
 
 BUILD = """

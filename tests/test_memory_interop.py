@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -187,14 +188,40 @@ def test_killed_import_resumes_to_the_files_of_an_uninterrupted_one(
     }  # fmt: skip
 
 
-def test_resume_with_other_arguments_is_refused(tmp_path, monkeypatch):
+def _interrupt_in_part(monkeypatch, part: int) -> None:
+    """The next import stops (KeyboardInterrupt) while writing part ``part``'s metadata."""
+    real, calls = interop._write_part_meta, []
+
+    def stopped(*args):
+        calls.append(args)
+        if len(calls) == part + 1:
+            raise KeyboardInterrupt("stopped")
+        real(*args)
+
+    monkeypatch.setattr(interop, "_write_part_meta", stopped)
+
+
+def test_resume_with_other_arguments_is_refused_naming_them(tmp_path, monkeypatch):
     src = make_clip_retrieval(tmp_path / "src")
-    monkeypatch.setattr(interop, "_write_part_meta", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    _interrupt_in_part(monkeypatch, 1)  # part 0 copied: something to keep
     with pytest.raises(KeyboardInterrupt):
         import_embeddings(src, tmp_path / "memory", backbone="some/clip")
     monkeypatch.undo()
-    with pytest.raises(RecoMemoryError, match="interrupted import with other arguments"):
+    with pytest.raises(
+        RecoMemoryError, match=r"other arguments or another source \(backbone: 'some/clip' -> 'other/clip'\)"
+    ):
         import_embeddings(src, tmp_path / "memory", backbone="other/clip")
+
+
+def test_an_import_stopped_before_its_first_part_is_taken_over_by_other_arguments(tmp_path, monkeypatch):
+    src = make_clip_retrieval(tmp_path / "src")
+    _interrupt_in_part(monkeypatch, 0)  # nothing copied yet
+    with pytest.raises(KeyboardInterrupt):
+        import_embeddings(src, tmp_path / "memory", backbone="some/clip")
+    monkeypatch.undo()
+    memory = import_embeddings(src, tmp_path / "memory", backbone="other/clip")
+    whole = import_embeddings(src, tmp_path / "whole", backbone="other/clip")
+    assert _files(memory) == _files(whole)
 
 
 def test_export_then_import_round_trips(tmp_path):
@@ -205,8 +232,12 @@ def test_export_then_import_round_trips(tmp_path):
         f"img_emb_{i:04d}.npy" for i in range(3)
     ]
     assert np.load(exported / "img_emb" / "img_emb_0002.npy").shape == (sum(SIZES) - 16, DIM)
-    back = import_embeddings(exported, tmp_path / "back", backbone="some/clip", id_column="id")
+    back = import_embeddings(exported, tmp_path / "back", backbone="some/clip")  # ids and scheme recorded
     a, b = MemoryStore.open(first), MemoryStore.open(back)
+    assert a.manifest["id_scheme"] == b.manifest["id_scheme"] == "column:uid"
+    named = import_embeddings(exported, tmp_path / "named", backbone="some/clip", id_column="id")
+    assert MemoryStore.open(named).manifest["id_scheme"] == "column:id"  # a named column wins
+    np.testing.assert_array_equal(np.asarray(MemoryStore.open(named).ids), np.asarray(a.ids))
     np.testing.assert_array_equal(np.asarray(b.image_embeddings), np.asarray(a.image_embeddings))
     np.testing.assert_array_equal(np.asarray(b.text_embeddings), np.asarray(a.text_embeddings))
     np.testing.assert_array_equal(np.asarray(b.ids), np.asarray(a.ids))
@@ -345,6 +376,13 @@ def test_a_local_backbone_is_verified_by_re_encoding_a_sample(
         import_embeddings(src, tmp_path / "wrong", backbone=other_backbone)
     declared = import_embeddings(src, tmp_path / "declared", backbone=other_backbone, verify=False)
     assert MemoryStore.open(declared, load_indexes=False).fingerprint["declared"]
+    # the same local backbone declared by a relative path: the same backbone (concat accepts the two)
+    relative = os.path.relpath(other_backbone)
+    again = import_embeddings(src, tmp_path / "declared2", backbone=relative, verify=False)
+    assert MemoryStore.open(again, load_indexes=False).fingerprint["name_or_path"] == str(
+        Path(other_backbone).resolve()
+    )
+    MemoryStore.concat([declared, again], tmp_path / "both")
     with pytest.raises(RecoMemoryError, match="cannot verify the backbone .*no/such-clip.* does not exist"):
         import_embeddings(src, tmp_path / "unreachable", backbone=str(tmp_path / "no/such-clip"), verify=True)
 

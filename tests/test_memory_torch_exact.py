@@ -39,3 +39,19 @@ def test_blocked_topk_equals_one_block():
     block_scores, block_ids = exact_topk(queries, rows, 10, block_elements=7 * 64)  # 16 blocks of 64 rows
     torch.testing.assert_close(block_scores, full_scores)
     assert torch.equal(block_ids, full_ids)
+
+
+def test_a_device_torch_cannot_use_is_one_line_when_the_memory_opens(tmp_path, monkeypatch):
+    import pytest
+    import torch
+
+    from reco_lightning.errors import RecoMemoryError
+
+    image = unit(30)
+    kwargs = {"ids": np.arange(30), "captions": [f"c{i}" for i in range(30)], "fingerprint": FP}
+    path = MemoryStore.write(tmp_path / "torch", image, image, backend="torch_exact", **kwargs)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RecoMemoryError, match="torch_exact device 'cuda': torch sees no CUDA device here"):
+        MemoryStore.open(path, search_params={"device": "cuda"})
+    with pytest.raises(RecoMemoryError, match="torch_exact device 'gpu' is not a torch device"):
+        MemoryStore.open(path, search_params={"device": "gpu"})

@@ -270,6 +270,29 @@ class Stop(pl.Callback):
             raise RuntimeError("killed")
 
 
+class CtrlC(Stop):
+    """Ctrl-C after ``after`` batches (Lightning turns it into exit status 1 and ignores SIGINT from then on)."""
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if batch_idx + 1 == self.after:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_says_a_rerun_resumes(tiny_dir, ckpt, tmp_path, capsys):
+    import signal
+
+    out, handler = tmp_path / "emb", signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            predict(tiny_dir, ckpt, out, CtrlC(after=6))
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert f"reco: interrupted; re-run the same command to resume ({out}'s written rows are kept)\n" in (
+        capsys.readouterr().err
+    )
+    assert part_names(out)["metadata"] == ["0000_000000", "0000_000001"]
+
+
 class Count(pl.Callback):
     """Rows that reach predict_step."""
 

@@ -10,7 +10,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "claim_plan", "replace_directory"]
+__all__ = [
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "claim_plan",
+    "plan_diff",
+    "replace_directory",
+]
 
 
 def _umask() -> int:
@@ -64,15 +71,28 @@ def replace_directory(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
     return final
 
 
-def claim_plan(path: str | os.PathLike, plan: dict[str, Any]) -> dict[str, Any] | None:
+def claim_plan(path: str | os.PathLike, plan: dict[str, Any], replace: bool = False) -> dict[str, Any] | None:
     """Record ``plan`` (what a resumable job is doing) at ``path``, unless a plan is there already.
 
     Returns the plan found there when it is another one (the caller refuses to mix two jobs), else None:
-    the job is new, or the same job resuming.
+    the job is new, or the same job resuming. ``replace``: record ``plan`` over any other (the caller
+    checked that the other job left nothing to keep).
     """
     path = Path(path)
-    if path.is_file():
+    if path.is_file() and not replace:
         found = json.loads(path.read_text())
         return None if found == plan else found
     atomic_write_text(path, json.dumps(plan, indent=2))
     return None
+
+
+def plan_diff(found: dict[str, Any], plan: dict[str, Any], width: int = 60) -> str:
+    """What differs between two plans, one line: ``key: found -> plan`` per changed key (long values cut
+    to ``width`` characters), so a refused resume names the argument to restore."""
+
+    def shown(value: Any) -> str:
+        text = repr(value)
+        return text if len(text) <= width else text[: width - 3] + "..."
+
+    changed = [k for k in sorted(set(found) | set(plan)) if found.get(k) != plan.get(k)]
+    return ", ".join(f"{k}: {shown(found.get(k))} -> {shown(plan.get(k))}" for k in changed)

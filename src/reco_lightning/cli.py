@@ -477,12 +477,24 @@ def memory_main(args: Sequence[str]) -> None:
         print(json.dumps({**store.manifest, "bytes": store.nbytes()}, indent=2))
 
 
+#: a build that could not read at least this share of its source says so (a wrong column or image root)
+BAD_SHARE_WARNING = 0.1
+
+
 def build_summary(out: str | os.PathLike) -> str:
-    """One line on a finished build: where, how many rows, how many bad samples and the first of them."""
+    """One line on a finished build: where, how many rows, how many bad samples and the first of them; a
+    warning when a large share of the source was unreadable (likely a wrong column or image folder)."""
     manifest = json.loads((Path(out) / "manifest.json").read_text())
     bad, keys = manifest.get("bad_samples", 0), manifest.get("bad_keys", [])
     first = f" (first: {', '.join(map(str, keys))})" if bad and keys else ""
-    return f"memory written to {out}: {manifest['count']} rows, {bad} bad samples skipped{first}"
+    line = f"memory written to {out}: {manifest['count']} rows, {bad} bad samples skipped{first}"
+    share = bad / max(manifest["count"] + bad, 1)
+    if share >= BAD_SHARE_WARNING:
+        line += (
+            f"; warning: {100 * share:.0f}% of the source could not be read (an image missing or unreadable, "
+            "or an empty caption; relative image paths are read from the CSV's own folder)"
+        )
+    return line
 
 
 def _plain(value: Any) -> Any:
@@ -681,6 +693,11 @@ def main(
             message += f"; it is made by `{maker}`: run that first" if maker else ""
         sys.stderr.write(f"reco: error: {message} (RECO_DEBUG=1 shows the traceback)\n")
         raise SystemExit(1) from None
+    except KeyboardInterrupt:  # Ctrl-C: what was kept, not a traceback
+        if os.environ.get("RECO_DEBUG", "") not in ("", "0"):
+            raise
+        sys.stderr.write(f"reco: interrupted{_resume_hint(sys.argv[1:] if args is None else args)}\n")
+        raise SystemExit(130) from None
     finally:
         _ANNOUNCE_CHECKPOINT.reset(announcing)
 
@@ -691,6 +708,24 @@ def _help_hint(argv: Sequence[str], message: str) -> str:
     if "invalid choice" in message or not words:
         return "; `reco --help` lists the commands"
     return f"; `reco {' '.join(words)} --help` lists the options"
+
+
+#: commands whose re-run resumes an interrupted one (command words -> what it keeps)
+_RESUMABLE = {
+    ("memory", "build"): "its finished chunks",
+    ("memory", "import"): "its copied parts",
+    ("memory", "export"): "its written parts",
+    ("memory", "index"): "an ivfpq_ondisk index's finished shards",
+    ("predict",): "its written rows",
+    ("cache",): "the caches' finished chunks",
+}
+
+
+def _resume_hint(argv: Sequence[str]) -> str:
+    """For a resumable command: re-running it resumes (and what it keeps)."""
+    words = tuple(itertools.takewhile(lambda word: not word.startswith("-"), argv))
+    kept = next((what for command, what in _RESUMABLE.items() if words[: len(command)] == command), None)
+    return f"; re-run the same command to resume ({kept} are kept)" if kept else ""
 
 
 def _take_verbose_flag(argv: list[str]) -> None:

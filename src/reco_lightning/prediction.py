@@ -36,6 +36,7 @@ import hashlib
 import io
 import json
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,15 @@ class EmbeddingWriter(BasePredictionWriter):
 
     def _progress_path(self, rank: int) -> Path:
         return self.output_dir / "progress" / f"rank_{rank:0{_RANK_DIGITS}d}.json"
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        """Ctrl-C: Lightning exits with status 1 after this; say that the rows written so far are kept."""
+        if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
+            sys.stderr.write(
+                f"reco: interrupted; re-run the same command to resume ({self.output_dir}'s written rows are kept)\n"
+            )
 
     # --- setup: resume point ----------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

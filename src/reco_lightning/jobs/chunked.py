@@ -6,7 +6,8 @@ windows of rows; each window is split over the Trainer's ranks, every rank write
 merges the shares in source order into one chunk file, written atomically. Shares and chunks are
 safetensors files (tensors, with the per-row lists and per-chunk values as JSON metadata): reading them
 back never unpickles anything, so a tampered file in a work folder is refused, not run. A re-run with the same plan
-skips finished chunks, so an interrupted build loses at most one chunk of work.
+skips finished chunks, so an interrupted build loses at most one chunk of work; a build that stopped before
+its first chunk was finished is taken over by a re-run with other settings (nothing to keep).
 
 Lightning's predict loop ends without a barrier, so ranks leave ``trainer.predict`` at different times:
 rank 0 merges only after a barrier that every rank reaches once its share is on disk, checks that the
@@ -30,9 +31,10 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
-from reco_lightning.atomic import claim_plan
+from reco_lightning.atomic import claim_plan, plan_diff
 from reco_lightning.data.collate import PairCollator
 from reco_lightning.data.records import PairSource
 from reco_lightning.data.stream import PairStream
@@ -216,27 +218,29 @@ def predict_in_chunks(
     ``plan`` identifies the job; an interrupted job with another plan is refused.
     Returns the chunk files (in order) and the Trainer (for its rank and barrier).
     """
-    chunks_dir = work / "chunks"
-    chunks_dir.mkdir(parents=True, exist_ok=True)
-    previous = claim_plan(work / "build.json", plan)
-    if previous is not None:
-        raise ChunkedJobError(
-            f"{work} holds an interrupted build with other settings ({_diff(previous, plan)}): delete {work} "
-            "to start over, or resume with the original arguments"
+    settings = {"accelerator": "auto", "devices": "auto", **(trainer_kwargs or {})}
+    try:  # before anything is written: a bad setting must not leave a work folder that refuses the fix
+        trainer = pl.Trainer(
+            **{"logger": False, "enable_checkpointing": False, "enable_model_summary": False, **settings}
         )
-    trainer = pl.Trainer(
-        **{
-            "logger": False,
-            "enable_checkpointing": False,
-            "enable_model_summary": False,
-            "accelerator": "auto",
-            "devices": "auto",
-            **(trainer_kwargs or {}),
-        }
-    )
+    except (ValueError, TypeError, MisconfigurationException) as err:
+        shown = {k: settings[k] for k in ("precision", "accelerator", "devices", "strategy") if k in settings}
+        raise ChunkedJobError(f"the Trainer refuses {shown}: {err}") from err
+    chunks_dir = work / "chunks"
     total = len(pairs)
     n_chunks = (total + chunk_size - 1) // chunk_size
     files = [chunks_dir / f"{chunk:06d}{CHUNK_SUFFIX}" for chunk in range(n_chunks)]
+    chunks_dir.mkdir(parents=True, exist_ok=True)
+    previous = claim_plan(work / "build.json", plan)
+    if previous is not None and not any(chunks_dir.glob(f"*{CHUNK_SUFFIX}")):  # nothing finished to keep
+        shutil.rmtree(chunks_dir)  # the other build's unmerged shares
+        chunks_dir.mkdir()
+        previous = claim_plan(work / "build.json", plan, replace=True)
+    if previous is not None:
+        raise ChunkedJobError(
+            f"{work} holds an interrupted build with other settings ({plan_diff(previous, plan)}): delete {work} "
+            "to start over, or resume with the original arguments"
+        )
     for chunk, final in enumerate(files):
         if final.is_file():  # written by rank 0 between two barriers: every rank sees the same files here
             continue
@@ -248,11 +252,16 @@ def predict_in_chunks(
         window = (chunk * chunk_size, min(total, (chunk + 1) * chunk_size))
         writers = [c for c in trainer.callbacks if not isinstance(c, _RankWriter)]
         trainer.callbacks = [*writers, _RankWriter(rank_dir)]
-        trainer.predict(
-            module,
-            datamodule=_ChunkData(pairs, window, batch_size, num_workers, collator),
-            return_predictions=False,
-        )
+        try:
+            trainer.predict(
+                module,
+                datamodule=_ChunkData(pairs, window, batch_size, num_workers, collator),
+                return_predictions=False,
+            )
+        except SystemExit:
+            if trainer.interrupted:  # Lightning turns Ctrl-C into exit(1): the caller says what was kept
+                raise KeyboardInterrupt from None
+            raise
         trainer.strategy.barrier()  # every rank's share is on disk (predict itself ends without a barrier)
         if trainer.global_rank == 0:
             _merge_ranks(rank_dir, final, trainer.world_size, window)
@@ -303,9 +312,3 @@ def clear_work(work: Path) -> None:
     """Remove the chunk files and the plan once their content is assembled into the final layout."""
     shutil.rmtree(work / "chunks")
     (work / "build.json").unlink()
-
-
-def _diff(a: dict[str, Any], b: dict[str, Any]) -> str:
-    return ", ".join(
-        f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
-    )

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from reco_lightning.arrays import RowWriter
-from reco_lightning.atomic import atomic_write, atomic_write_text, claim_plan, replace_directory
+from reco_lightning.atomic import atomic_write, atomic_write_text, claim_plan, plan_diff, replace_directory
 from reco_lightning.errors import RecoMemoryError
 from reco_lightning.hashing import derived_ids
 from reco_lightning.memory.base import DEFAULT_TRAIN_SIZE, backend_from_spec, check_buildable
@@ -51,6 +51,7 @@ NORM_TOLERANCE = 1e-3
 VERIFY_COSINE = 0.99
 _FOLDERS = (("img_emb", ".npy"), ("text_emb", ".npy"), ("metadata", ".parquet"))
 _PROGRESS, _BLOCK = "import_progress.json", 65_536
+_ID_SCHEME_KEY = b"reco_id_scheme"  # an exported part's parquet metadata: the memory's id scheme
 
 
 def _parts(src: Path) -> list[str]:
@@ -79,11 +80,12 @@ def _parts(src: Path) -> list[str]:
 
 def _scan(
     src: Path, id_column: str | None, caption_column: str, key_column: str | None
-) -> tuple[list[dict[str, Any]], int, str]:
-    """Every part's rows, the dim and the key source, checked before anything is written."""
+) -> tuple[list[dict[str, Any]], int, str, str | None]:
+    """Every part's rows, the dim, the key source and the id scheme that :func:`export_memory` recorded in
+    every part (None where a part has none: not our export), checked before anything is written."""
     import pyarrow.parquet as pq
 
-    parts, dim, key_source = [], None, None
+    parts, dim, key_source, schemes = [], None, None, set()
     for suffix in _parts(src):
         img_path, text_path = (
             src / "img_emb" / f"img_emb_{suffix}.npy",
@@ -129,9 +131,11 @@ def _scan(
                 f"{meta_path} keys its rows by {source!r} but the parts before by {key_source!r}: pass --key_column"
             )
         key_source = source
+        recorded = (meta.schema_arrow.metadata or {}).get(_ID_SCHEME_KEY)
+        schemes.add(recorded.decode() if recorded is not None and "id" in columns else None)
         parts.append({"suffix": suffix, "rows": len(img)})
     assert dim is not None and key_source is not None
-    return parts, dim, key_source
+    return parts, dim, key_source, schemes.pop() if len(schemes) == 1 else None
 
 
 def _read_meta(
@@ -235,8 +239,10 @@ def import_embeddings(
     """Make the memory ``out`` from clip-retrieval embeddings in ``src`` encoded by ``backbone``.
 
     ``id_column``: a metadata column of unique integer pair ids (id scheme ``column:<name>``, comparable
-    with sources that declare an id column); else ids are derived from each row's key (``key_column``, else
-    the metadata's ``key`` or ``image_path`` column, else ``<part>:<row>``; id scheme ``import:<that>``).
+    with sources that declare an id column); else, for parts written by :func:`export_memory` (which
+    records the memory's id scheme in each), the exported ids under that scheme (an export re-imported is
+    the same memory); else ids are derived from each row's key (``key_column``, else the metadata's ``key``
+    or ``image_path`` column, else ``<part>:<row>``; id scheme ``import:<that>``).
     Resumable: re-run with the same arguments after a kill.
 
     The backbone (:func:`verify_backbone`): ``verify=None`` re-encodes ``verify_samples`` sampled captions
@@ -249,10 +255,13 @@ def import_embeddings(
     if out.exists() and not overwrite:
         raise RecoMemoryError(f"memory {out} already exists: choose another --out or pass --overwrite")
     check_buildable(backend)
-    parts, dim, key_source = _scan(src, id_column, caption_column, key_column)
+    parts, dim, key_source, exported_scheme = _scan(src, id_column, caption_column, key_column)
     backend_from_spec(backend, dim)  # its settings against the dim, before any row is streamed (as build)
     total = sum(p["rows"] for p in parts)
-    id_scheme = f"column:{id_column}" if id_column is not None else f"import:{key_source}"
+    if id_column is None and exported_scheme is not None:  # our own export: its ids and their scheme back
+        id_column, id_scheme = "id", exported_scheme
+    else:
+        id_scheme = f"column:{id_column}" if id_column is not None else f"import:{key_source}"
     out.parent.mkdir(parents=True, exist_ok=True)
     work = out.parent / f".{out.name}.partial"
     plan = {
@@ -267,10 +276,13 @@ def import_embeddings(
         "train_size": train_size,
     }
     progress = _read_progress(work)
+    if progress is not None and progress.get("plan") != plan and progress.get("parts_done", 0) == 0:
+        progress = None  # the other import copied nothing: nothing to keep
     if progress is not None and progress.get("plan") != plan:
         raise RecoMemoryError(
-            f"{work} holds an interrupted import with other arguments or another source: re-run that import, "
-            "or delete that folder to start over"
+            f"{work} holds an interrupted import with other arguments or another source "
+            f"({plan_diff(progress.get('plan') or {}, plan)}): re-run that import, or delete that folder to "
+            "start over"
         )
     if progress is None:
         shutil.rmtree(work, ignore_errors=True)
@@ -387,7 +399,9 @@ def verify_backbone(
 
     from reco_lightning.encoders import FrozenEncoder
 
-    declared = {"name_or_path": backbone, "dim": dim, "declared": True}
+    # a local directory declared by a relative path or an absolute one is the same backbone: record it absolute
+    named = str(Path(backbone).resolve()) if Path(backbone).is_dir() else backbone
+    declared = {"name_or_path": named, "dim": dim, "declared": True}
     if verify is False or (verify is None and not Path(backbone).is_dir()):
         return declared
     try:
@@ -472,7 +486,8 @@ def _write_part_meta(path: Path, captions: list[str], keys: list[str]) -> None:
 def export_memory(memory_dir: str | os.PathLike, out: str | os.PathLike, part_size: int = 1_000_000) -> Path:
     """Write the memory ``memory_dir`` into ``out`` in clip-retrieval's layout: fp16 parts of ``part_size`` rows.
 
-    Each file is written to a temp name and renamed; a part's metadata (id, caption, key) goes last, so a
+    Each file is written to a temp name and renamed; a part's metadata (id, caption, key, and the memory's
+    id scheme in the parquet metadata, so that importing the parts gives the same ids back) goes last, so a
     part is complete iff its metadata file exists. Resumable: ``out/export.json`` records what is being
     exported while it runs, and a re-run of the same export skips the complete parts (another export into
     that folder is refused). ``out`` must not hold parts of anything else.
@@ -499,6 +514,7 @@ def export_memory(memory_dir: str | os.PathLike, out: str | os.PathLike, part_si
     for folder, _ in _FOLDERS:
         (out / folder).mkdir(parents=True, exist_ok=True)
     meta = pq.ParquetFile(Path(memory_dir) / "metadata.parquet")
+    scheme = store.manifest.get("id_scheme")
     count = len(store)
     n_parts = -(-count // part_size)
     width = max(4, len(str(n_parts - 1)))
@@ -513,6 +529,8 @@ def export_memory(memory_dir: str | os.PathLike, out: str | os.PathLike, part_si
                 lambda tmp, r=rows, a=lo, b=hi: _save_rows(tmp, r, a, b),
             )
         part = _metadata_rows(meta, lo, hi)
+        if scheme is not None:  # an import of this export takes its ids back under the same scheme
+            part = part.replace_schema_metadata({**(part.schema.metadata or {}), _ID_SCHEME_KEY: scheme})
         atomic_write(
             out / "metadata" / f"metadata_{suffix}.parquet", lambda tmp, t=part: pq.write_table(t, tmp)
         )

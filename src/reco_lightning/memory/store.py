@@ -323,7 +323,8 @@ def _warn_declared(found: dict[str, Any], expected: dict[str, Any], what: str) -
         return
     _WARNED_DECLARED.add(what)
     declared, used = found.get("name_or_path"), expected.get("name_or_path")
-    same = "the model's backbone" if declared == used else f"not the model's {used!r}"
+    local = Path(str(used)).is_dir() and Path(str(used)).resolve() == Path(str(declared)).resolve()
+    same = "the model's backbone" if declared == used or local else f"not the model's {used!r}"
     warnings.warn(
         f"{what}'s backbone is declared, not verified: it was imported as encoded by {declared!r} ({same}, "
         f"dim {found.get('dim')}); its rows are used as if they came from the model's backbone",

@@ -85,6 +85,14 @@ class TorchExactBackend(MemoryBackend):
         super().__init__(dim)
         if dtype not in _DTYPES:
             raise RecoMemoryError(f"torch_exact dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        try:
+            kind = torch.device(str(device)).type
+        except RuntimeError as err:
+            raise RecoMemoryError(f"torch_exact device {device!r} is not a torch device ({err})") from err
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise RecoMemoryError(
+                f"torch_exact device {device!r}: torch sees no CUDA device here; search on 'cpu' (the default)"
+            )
         self.device_name, self.dtype_name = str(device), dtype
         self._count = 0
         self._chunks: list[Tensor] = []
