@@ -201,13 +201,21 @@ def test_reco_memory_index_in_stages_with_shards_in_separate_processes(tmp_path)
         "3000",
     ]
     subprocess.run([*RECO, *common, "--stage", "train"], check=True, capture_output=True)
+    # later stages may repeat the settings, or leave them to the train stage's plan
+    later = {0: common, 1: ["memory", "index", str(memory)]}
     shards = [
-        subprocess.Popen([*RECO, *common, "--stage", "shard", "--shard", str(s)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        subprocess.Popen([*RECO, *later[s], "--stage", "shard", "--shard", str(s)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         for s in (0, 1)
     ]  # fmt: skip
     assert [p.wait(timeout=120) for p in shards] == [0, 0]
     assert not (memory / "index_image" / "lists.ivfdata").exists()  # nothing swapped before the merge
-    merged = subprocess.run([*RECO, *common, "--stage", "merge"], check=True, capture_output=True, text=True)
+    other = subprocess.run(
+        [*RECO, *common[:3], "--stage", "merge", "--num_shards", "3"], capture_output=True, text=True
+    )
+    assert other.returncode == 1 and "num_shards: 2 -> 3" in other.stderr  # names what differs
+    merged = subprocess.run(
+        [*RECO, *later[1], "--stage", "merge"], check=True, capture_output=True, text=True
+    )
     assert "stage merge done for image, text" in merged.stdout
     for modality in ("image", "text"):
         assert _files(memory / f"index_{modality}") == _files(reference / f"index_{modality}")

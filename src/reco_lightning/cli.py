@@ -344,7 +344,8 @@ def memory_main(args: Sequence[str]) -> None:
         "--backend",
         type=Any,
         default=None,
-        help="default: 'ivfpq_ondisk' to build, 'autofaiss' (any faiss index) to adopt --image_index/--text_index",
+        help="default: 'ivfpq_ondisk' to build (shard / merge: the train stage's), 'autofaiss' (any faiss index) "
+        "to adopt --image_index/--text_index",
     )
     index.add_argument("--stage", default="all", help="all | train | shard | merge")
     index.add_argument(
@@ -357,7 +358,7 @@ def memory_main(args: Sequence[str]) -> None:
         "--num_shards",
         type=int | None,
         default=None,
-        help="default: one per 2M rows; the same in every stage",
+        help="default: one per 2M rows (shard / merge: the train stage's)",
     )
     index.add_argument("--modality", default="both", help="image | text | both")
     index.add_argument("--train_size", type=int, default=DEFAULT_TRAIN_SIZE)
@@ -454,7 +455,7 @@ def memory_main(args: Sequence[str]) -> None:
     elif sub == "index":
         done = index_memory(
             c.memory,
-            backend=_plain(c.backend or "ivfpq_ondisk"),
+            backend=_plain(c.backend) if c.backend else None,  # shard / merge: the train stage's
             stage=c.stage,
             shard=c.shard,
             num_shards=c.num_shards,

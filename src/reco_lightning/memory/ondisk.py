@@ -33,7 +33,7 @@ import faiss
 import numpy as np
 
 from reco_lightning.arrays import release_pages
-from reco_lightning.atomic import atomic_write, atomic_write_text, claim_plan, replace_directory
+from reco_lightning.atomic import atomic_write, atomic_write_text, claim_plan, plan_diff, replace_directory
 from reco_lightning.errors import RecoMemoryError
 from reco_lightning.memory.base import (
     DEFAULT_TRAIN_SIZE,
@@ -44,14 +44,14 @@ from reco_lightning.memory.base import (
 )
 from reco_lightning.memory.ivfpq import IVFPQBackend
 
-__all__ = ["LISTS_FILE", "SHARD_ROWS", "OnDiskIVFPQBackend", "ShardedIndexBuild"]
+__all__ = ["LISTS_FILE", "PLAN_FILE", "SHARD_ROWS", "OnDiskIVFPQBackend", "ShardedIndexBuild"]
 
 #: The inverted lists' file, beside ``index.faiss``; the index records this name, not a path.
 LISTS_FILE = "lists.ivfdata"
 #: Default rows per shard: a shard's codes are in RAM while it is built (2M x 72 bytes = 144 MB at m = 64).
 SHARD_ROWS = 2_000_000
 _ADD_BLOCK = 65_536
-_PLAN = "plan.json"
+PLAN_FILE = "plan.json"
 
 
 @register_backend("ivfpq_ondisk")
@@ -335,9 +335,10 @@ class ShardedIndexBuild:
     def _claim_work(self) -> None:
         """Create ``work`` with this build's plan, or check the plan found there is this one."""
         self.work.mkdir(parents=True, exist_ok=True)
-        found = claim_plan(self.work / _PLAN, self.plan)
+        found = claim_plan(self.work / PLAN_FILE, self.plan)
         if found is not None:
             raise RecoMemoryError(
-                f"{self.work} holds another index build ({found}); this one is {self.plan}: finish that build "
-                "with its arguments, or delete the folder to start over"
+                f"{self.work} holds another index build ({plan_diff(found, self.plan)}): finish that build with "
+                "its arguments (the shard and merge stages take them from it when --backend and --num_shards "
+                "are left out), or delete the folder to start over"
             )

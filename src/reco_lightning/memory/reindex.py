@@ -9,6 +9,7 @@ directory is swapped in whole, then the manifest records the new backend.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from typing import Any
 from reco_lightning.atomic import replace_directory
 from reco_lightning.errors import RecoMemoryError
 from reco_lightning.memory.base import DEFAULT_TRAIN_SIZE, backend_from_spec, check_buildable
-from reco_lightning.memory.ondisk import OnDiskIVFPQBackend, ShardedIndexBuild
+from reco_lightning.memory.ondisk import PLAN_FILE, OnDiskIVFPQBackend, ShardedIndexBuild
 from reco_lightning.memory.store import MemoryStore, update_manifest
 
 __all__ = ["STAGES", "adopt_index", "index_memory"]
@@ -29,7 +30,7 @@ STAGES = ("all", "train", "shard", "merge")
 
 def index_memory(
     memory_dir: str | os.PathLike,
-    backend: str | dict[str, Any] = "ivfpq_ondisk",
+    backend: str | dict[str, Any] | None = None,
     stage: str = "all",
     shard: int | None = None,
     num_shards: int | None = None,
@@ -44,11 +45,21 @@ def index_memory(
     three here. Work lives in ``<memory>/.index_build/<modality>``; the merge swaps each modality's index
     directory in whole and then records the new backend in the manifest. Other backends build in one step
     (``stage="all"``). Returns what the stage did, for the command's summary.
+
+    ``backend=None``: ``ivfpq_ondisk``, or for the ``shard`` and ``merge`` stages the spec the ``train``
+    stage recorded (with its ``num_shards`` when not given, and its ``train_size`` and ``seed``, which only
+    training reads), so later stages need only the memory and the stage.
     """
     if stage not in STAGES:
         raise RecoMemoryError(f"unknown stage {stage!r}: use one of {list(STAGES)}")
     store = MemoryStore.open(memory_dir, load_indexes=False)
     root = Path(memory_dir)
+    started = _started_plan(root, modalities) if stage in ("shard", "merge") else None
+    if started is not None:
+        backend = started["spec"] if backend is None else backend
+        num_shards = started["num_shards"] if num_shards is None else num_shards
+        train_size, seed = started["train_size"], started["seed"]
+    backend = "ivfpq_ondisk" if backend is None else backend
     dim = store.dim
     check_buildable(backend)
     probe = backend_from_spec(backend, dim)
@@ -95,6 +106,15 @@ def index_memory(
         update_manifest(root, backend=spec)
         shutil.rmtree(root / ".index_build", ignore_errors=True)
     return done
+
+
+def _started_plan(root: Path, modalities: tuple[str, ...]) -> dict[str, Any] | None:
+    """The plan a ``train`` stage recorded under ``root/.index_build`` (the first modality's found), or None."""
+    for modality in modalities:
+        path = root / ".index_build" / modality / PLAN_FILE
+        if path.is_file():
+            return json.loads(path.read_text())
+    return None
 
 
 def adopt_index(
