@@ -51,7 +51,14 @@ unseen and all classes, and seen-only (seen images among the seen classes only);
   the trained strict fusion, and over the tenth-of-the-pairs run (where the added rows are more of the
   same concepts: the gate's failure mode); ``..., gap 0.9``: gated only if the query's best added row
   also beats its best training row by more than the 90th percentile of that gap for training rows
-  (the library's ``novelty_gap``).
+  (the library's ``novelty_gap``); ``..., share quantile Q`` (session 11, the library's
+  ``novelty_share_quantile``): gated only if the query's share of added neighbours also exceeds the Q
+  quantile of the share training rows see around themselves (the memory's base rate); ``one class thinned
+  to a tenth`` (with and without each check): trained on every pair but a tenth of one class's, so the
+  memory at test grew with more rows of one known concept; ``..., ungated read known rows``: the queries the gate
+  lets through read their neighbours from the training memory only, as in training; ``..., prompts
+  frozen``: the class prompts are not refined (does the fusion's cost to the seen classes come from its
+  text side?).
 
 Reference rows that read the test classes' labels (not zero-shot; what the frozen image embeddings can
 give with supervision, so a bound on any fusion of them): ``k-NN label vote (labels)``, the majority
@@ -129,10 +136,20 @@ class Recipe:
     # > 0 (with added_gate): a gated image is its added neighbours' caption mean plus this x its frozen
     # embedding (cosine logits added up): would a known image the gate took for new keep its class?
     added_blend: float = 0.0
+    # "known" (with added_gate): a query the gate lets through reads its neighbours from the training
+    # memory only (the rows it was trained with, as in training); "all": from the whole attached memory
+    ungated_reads: str = "all"
+    # > 0 (with added_gate): a query is gated only if its share of added neighbours also exceeds this
+    # quantile of the share training rows themselves see (their own row skipped): the base rate of added
+    # rows around known concepts, high in a memory grown with more of them, low beside new ones
+    added_share_quantile: float = 0.0
     k: int = 10
     batch_size: int = 256
     scores: str = ""  # "" (the demo's fusion), "tokens", "gate", "weighted" or "trust": see ScoredFusion
     pair_fraction: float = 1.0  # train on this random fraction of the memory's pairs (and retrieve from it)
+    # with pair_fraction < 1: only the pairs of one class (the root's first unseen class) are thinned, so the
+    # memory at test has grown with more rows of that one known concept (the gate's other failure mode)
+    thin_one_class: bool = False
 
 
 #: the strict rows' common base (the demo's strict recipe until session 8) and their two recurring changes
@@ -228,6 +245,52 @@ ROWS: dict[str, Recipe] = {
         )
         for share, gap in ((0.9, 0.5), (0.9, 0.7), (0.9, 0.8), (0.8, 0.9))
     },
+    # the queries the gate lets through read the training memory only, as in training (research, session
+    # 11): does the fusion then keep what the backbone knows (seen-only) without losing the new concepts?
+    "strict, calibrated on seen-only, added-memory gate 0.9, gap 0.9, ungated read known rows": replace(
+        STRICT, skip_rule="keep-only", added_gate=0.9, added_gap=0.9, ungated_reads="known"
+    ),
+    # the share of added neighbours against its base rate around known concepts instead of the score gap
+    # (research, session 11): does it gate more of the look-alikes' new concepts and spare a grown memory?
+    **{
+        f"strict, calibrated on seen-only, added-memory gate {share}, share quantile {q}": replace(
+            STRICT, skip_rule="keep-only", added_gate=share, added_share_quantile=q
+        )
+        for share, q in (
+            (0.5, 0.95),
+            (0.5, 0.98),
+            (0.9, 0.98),
+            (0.9, 0.95),
+            (0.8, 0.95),
+            (0.7, 0.95),
+            (0.9, 0.9),
+        )
+    },
+    **{
+        f"a tenth of the pairs, 50 epochs, added-memory gate {share}, share quantile {q}": Recipe(
+            pair_fraction=0.1, epochs=50, added_gate=share, added_share_quantile=q
+        )
+        for share, q in ((0.5, 0.95), (0.5, 0.98), (0.9, 0.98), (0.7, 0.95), (0.9, 0.9))
+    },
+    # a memory grown with more rows of one known concept: a tenth of one class's pairs in training
+    **{
+        f"one class thinned to a tenth{label}": Recipe(pair_fraction=0.1, thin_one_class=True, **gate)
+        for label, gate in (
+            ("", {}),
+            (", added-memory gate 0.9, gap 0.9", {"added_gate": 0.9, "added_gap": 0.9}),
+            (
+                ", added-memory gate 0.9, share quantile 0.95",
+                {"added_gate": 0.9, "added_share_quantile": 0.95},
+            ),
+        )
+    },
+    # is the fusion's cost to the seen classes on its text side? (research, session 11)
+    "strict, calibrated on seen-only, added-memory gate 0.9, gap 0.9, prompts frozen": replace(
+        STRICT, skip_rule="keep-only", added_gate=0.9, added_gap=0.9, text_side="frozen"
+    ),
+    "a tenth of the pairs, 50 epochs, added-memory gate 0.9, gap 0.9, ungated read known rows": Recipe(
+        pair_fraction=0.1, epochs=50, added_gate=0.9, added_gap=0.9, ungated_reads="known"
+    ),
     # the gated image's answer blended with its frozen embedding (research, session 10): does a known image
     # the gate takes for new keep its class, so that a lower share can gate more of the new ones?
     **{
@@ -401,7 +464,13 @@ def run(
     rows = torch.arange(len(mem_y))
     if recipe.protocol == "strict":
         rows = rows[torch.isin(mem_y, torch.tensor(seen))]
-    if recipe.pair_fraction < 1:
+    if recipe.pair_fraction < 1 and recipe.thin_one_class:
+        thinned = min(set(range(int(mem_y.max()) + 1)) - set(seen))
+        of_class = rows[mem_y[rows] == thinned]
+        draw = torch.randperm(len(of_class), generator=torch.Generator().manual_seed(1234 + seed))
+        kept = of_class[draw[: int(recipe.pair_fraction * len(of_class))]]
+        rows = torch.cat([rows[mem_y[rows] != thinned], kept]).sort().values
+    elif recipe.pair_fraction < 1:
         draw = torch.randperm(len(rows), generator=torch.Generator().manual_seed(1234 + seed))
         rows = rows[draw[: int(recipe.pair_fraction * len(rows))].sort().values]
     source = rows  # the memory training retrieves from
@@ -489,11 +558,26 @@ def run(
             optimizer.step()
             scheduler.step()
             loss_fn.clamp_()
+
+    def read(
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        paired: torch.Tensor,
+        found: torch.Tensor,
+        scores: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The neighbours the fusion reads at test: the whole memory's (``found``, ``scores``), or with
+        ``ungated_reads="known"`` the training memory's (the gate answers its queries from ``found``)."""
+        if recipe.ungated_reads == "all":
+            return paired[found], scores
+        rows, known_scores = neighbours(unit(query), unit(keys[source]), recipe.k)
+        return paired[source[rows]], known_scores
+
     image_fusion.eval(), text_fusion.eval()
     with torch.no_grad():  # test: the all-class memory, no exclusion
         prompts = data["prompts"].reshape(-1, mem_t.shape[1])
         found, scores = neighbours(unit(prompts), unit(mem_t), recipe.k)
-        refined = fuse(text_fusion, prompts, mem_v[found], scores)
+        refined = fuse(text_fusion, prompts, *read(prompts, mem_t, mem_v, found, scores))
         if recipe.text_side == "frozen":
             refined = prompts
         added = torch.ones(len(mem_y), dtype=torch.bool)
@@ -506,7 +590,7 @@ def run(
         for name in (split,) if isinstance(split, str) else split:
             v = data[f"{name}_v"]
             found, scores = neighbours(unit(v), unit(mem_v), recipe.k)
-            fused = fuse(image_fusion, v, mem_t[found], scores)
+            fused = fuse(image_fusion, v, *read(v, mem_v, mem_t, found, scores))
             results[name] = {"skip": skip}
             if recipe.novelty_gate:
                 reference_v, reference_paired = train_v, mem_t[image_rows]
@@ -578,14 +662,36 @@ def added_gate(
 ) -> torch.Tensor:
     """[B] bool: the library's gate (``novelty.novel_queries``) for queries with neighbour ``rows`` [B, k],
     its gap check by :func:`gap_beyond_known` (the same rule over the in-memory embeddings)."""
-    check = None
+    beyond = torch.ones(len(queries), dtype=torch.bool)
     if recipe.added_gap:
-        beyond = gap_beyond_known(queries, keys, added, recipe.added_gap, seed)
+        beyond &= gap_beyond_known(queries, keys, added, recipe.added_gap, seed)
+    if recipe.added_share_quantile:
+        beyond &= share_beyond_known(rows, keys, added, recipe.added_share_quantile, seed)
 
-        def check(candidates: torch.Tensor) -> torch.Tensor:
-            return beyond[candidates]
+    def check(candidates: torch.Tensor) -> torch.Tensor:
+        return beyond[candidates]
 
     return novel_queries(added[rows], valid(rows), recipe.added_gate, check)
+
+
+def share_beyond_known(
+    rows: torch.Tensor, keys: torch.Tensor, added: torch.Tensor, quantile: float, seed: int
+) -> torch.Tensor:
+    """[B] bool: the share of added rows among a query's neighbours ``rows`` [B, k] exceeds ``quantile`` of
+    that share for up to 2,000 training rows (their k nearest in ``keys``, their own row skipped): the
+    base rate around known concepts, measured in the same memory."""
+    known_rows = torch.nonzero(~added).squeeze(1)
+    if len(known_rows) == len(added):  # nothing added: nothing is new
+        return torch.zeros(len(rows), dtype=torch.bool)
+    draw = torch.randperm(len(known_rows), generator=torch.Generator().manual_seed(99 + seed))[:2000]
+    sample = known_rows[draw]
+
+    def itself(start: int, stop: int) -> torch.Tensor:
+        return torch.arange(len(keys))[None, :] == sample[start:stop, None]
+
+    found = neighbours(keys[sample], keys, rows.shape[1], itself)[0]
+    reference = added_share(added[found], valid(found))
+    return added_share(added[rows], valid(rows)) > torch.quantile(reference, quantile)
 
 
 def agreement(query: torch.Tensor, paired: torch.Tensor) -> torch.Tensor:

@@ -316,7 +316,9 @@ def test_novelty_options_reach_the_retriever_and_the_training_memory_leaves_refi
     retriever = gated.require_retriever()
     assert retriever.novelty is not None and not retriever.novelty.added.any()
     assert retriever.novelty.threshold == 0.3
-    assert retriever.novelty.gap is not None  # novelty_gap's default: the training memory is opened too
+    # the defaults' second condition: the base-rate check, not the score gap (which opens the training memory)
+    assert retriever.novelty.share is not None and retriever.novelty.share.quantile == 0.95
+    assert retriever.novelty.gap is None
     assert gated.inference_config().novelty_threshold == 0.3
     assert gated.to_pretrained().config.known_memory == str(tiny_dir / "memory")
     queries = F.normalize(torch.randn(5, gated.backbone.dim), dim=-1)

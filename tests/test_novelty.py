@@ -13,6 +13,7 @@ from reco_lightning.novelty import (
     GapCheck,
     NoveltyError,
     NoveltyGate,
+    ShareCheck,
     added_share,
     known_rows,
     novel_answer,
@@ -174,3 +175,45 @@ def test_gap_check_spares_more_rows_of_a_known_concept_and_gates_a_new_one(tmp_p
     assert gate.threshold("image", "image") == gate._thresholds["image->image"]  # computed once
     with pytest.raises(ValueError, match="novelty_gap"):
         RecoConfig(novelty_gap=1.0)
+
+
+def test_share_check_gates_only_beyond_the_base_rate_of_added_rows_around_known_concepts(tmp_path):
+    """Concept A grown after training, concept B new. A few added rows of A: A's queries see few added
+    neighbours, as its training rows do, B's see only added ones and are gated. Mostly added rows of A: the
+    training rows' own neighbours are often all added, so no share says "new" and nothing is gated (the
+    check's limit, by design: a memory grown tenfold with known concepts is spared whole)."""
+    a_v, a_t = _pairs(0, 1, 60, seed=2)
+    b_v, b_t = _pairs(2, 3, 20, seed=3)
+    ids = np.concatenate([np.arange(60), np.arange(100, 120)])
+    grown = MemoryStore.open(
+        MemoryStore.write(tmp_path / "grown", np.concatenate([a_v, b_v]), np.concatenate([a_t, b_t]), ids=ids)
+    )
+    queries = torch.cat(
+        [torch.from_numpy(_pairs(0, 1, 40, seed=4)[0]), torch.from_numpy(_pairs(2, 3, 10, seed=5)[0])]
+    )
+    net = FusionTransformer(DIM, FusionConfig(num_heads=2)).eval()
+    plain = refine_embeddings(net, Retriever(grown, k=4), queries, "image")
+    for trained_with, threshold in ((50, 0.5), (15, 1.0)):
+        training = MemoryStore.write(
+            tmp_path / f"t{trained_with}", a_v[:trained_with], a_t[:trained_with], ids=np.arange(trained_with)
+        )
+        known = known_rows(np.asarray(grown.ids), training)
+        check = ShareCheck(grown, known, quantile=0.95, k=4)
+        retriever = Retriever(grown, k=4, novelty=NoveltyGate(~known, 0.5, share=check))
+        gated = ~torch.isclose(refine_embeddings(net, retriever, queries, "image"), plain).all(1)
+        assert check.threshold("image", "image") == threshold
+        if trained_with == 50:
+            assert gated[40:].all() and gated[:40].float().mean() < 0.1
+        else:
+            assert not gated.any()
+    with pytest.raises(ValueError, match="novelty_share_quantile"):
+        RecoConfig(novelty_share_quantile=1.0)
+
+
+def test_a_check_turned_off_stays_off_through_an_export_config():
+    config = RecoConfig(novelty_share_quantile=None, novelty_gap=0.9)
+    again = RecoConfig.from_mapping(config.to_json())
+    assert again.novelty_share_quantile is None and again.novelty_gap == 0.9
+    assert (
+        RecoConfig.from_mapping({"k": None}).k == RecoConfig().k
+    )  # a None where none is allowed: the default

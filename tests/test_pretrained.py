@@ -174,8 +174,9 @@ def test_novelty_gate_settings_load_refuse_a_missing_memory_and_reach_the_card(p
     assert config["known_memory"] is None and "novelty gate" not in model_card(config)
     card = model_card({**config, "known_memory": "runs/memory_seen", "novelty_threshold": 0.9})
     assert (
-        "novelty gate | on: queries with at least 0.9 of their neighbours absent from `runs/memory_seen`"
-        in card
+        "novelty gate | on: queries with at least 0.9 of their neighbours absent from `runs/memory_seen` "
+        "(rows added after training), that share above the 0.95 quantile of what training rows see "
+        "(novelty_share_quantile) bypass the fusion" in card
     )
 
 

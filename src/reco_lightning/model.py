@@ -51,8 +51,9 @@ class RecoModule(pl.LightningModule):
         memory: directory of a memory built with this backbone (`reco memory build`); swap it freely
             after training. ``None`` means it is attached in code with :meth:`set_memory`.
         memory_search_params, memory_device, k, search, fusion, fusion_config, refine_image, refine_text,
-            mask_retrieved, known_memory, novelty_threshold, novelty_gap: the inference settings, documented once in
-            :class:`~reco_lightning.pretrained.RecoConfig` (their defaults are its).
+            mask_retrieved, known_memory, novelty_threshold, novelty_share_quantile, novelty_gap: the
+            inference settings, documented once in :class:`~reco_lightning.pretrained.RecoConfig` (their
+            defaults are its).
         near_duplicate_threshold: training excludes memory items at least this similar to the pair.
         near_duplicate_of: "image" (compare candidates' images with the pair's image, for both sides) or
             "query" (compare with the query in its own modality); see Retriever.
@@ -90,6 +91,7 @@ class RecoModule(pl.LightningModule):
         mask_retrieved: bool = D.mask_retrieved,
         known_memory: str | None = D.known_memory,
         novelty_threshold: float = D.novelty_threshold,
+        novelty_share_quantile: float | None = D.novelty_share_quantile,
         novelty_gap: float | None = D.novelty_gap,
     ) -> None:
         super().__init__()

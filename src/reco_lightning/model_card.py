@@ -69,12 +69,19 @@ def model_card(config: Mapping[str, Any], report: Mapping[str, Any] | None = Non
         ),
     ]
     if config.get("known_memory"):
+        checks = [
+            f"that share above the {config[name]} quantile of what training rows see ({name})"
+            if name == "novelty_share_quantile"
+            else f"their best added row closer than training rows are, {config[name]} quantile ({name})"
+            for name in ("novelty_share_quantile", "novelty_gap")
+            if config.get(name) is not None
+        ]
         settings.append(
             (
                 "novelty gate",
                 f"on: queries with at least {config.get('novelty_threshold')} of their neighbours absent from "
-                f"`{config['known_memory']}` (rows added after training) bypass the fusion; pass "
-                "`known_memory=` where that memory lives now, or None to turn it off",
+                f"`{config['known_memory']}` (rows added after training){''.join(f', {c}' for c in checks)} "
+                "bypass the fusion; pass `known_memory=` where that memory lives now, or None to turn it off",
             )
         )
     if memory:
