@@ -67,6 +67,6 @@ def run_ddp_stream(shards: Path, backbone: str, out: Path, timeout: float = 240)
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"DDP data run hung:\n{proc.communicate()[0][-3000:]}")
+        pytest.fail(f"DDP data run hung:\n{proc.communicate()[0][-12000:]}")
     assert proc.returncode == 0, output[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]

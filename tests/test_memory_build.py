@@ -44,7 +44,12 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, tiny_dir, tiny_backbone):
     first_eight = MemoryStore.open(tiny_dir / "memory").ids[:8].tolist()  # the same pairs, built without gaps
     assert len(store) == 8 and store.ids.tolist() == first_eight
     assert "3 bad samples skipped" in store.manifest["source"]
-    assert store.manifest["bad_samples"] == 3 and len(store.manifest["bad_keys"]) == 3
+    assert store.manifest["bad_samples"] == 3
+    assert store.manifest["bad_keys"] == [  # each with why: a user can tell what to fix
+        "pairs.csv:8 (not an image PIL can open)",
+        "pairs.csv:9 (empty caption)",
+        f"pairs.csv:10 (image not found: {tmp_path / 'missing.png'})",
+    ]
 
 
 def test_existing_memory_and_changed_interrupted_build_are_refused(tmp_path, tiny_dir, tiny_backbone):

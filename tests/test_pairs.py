@@ -4,7 +4,8 @@ import torch
 from helpers_data import run_ddp_stream, write_shards
 from reco_lightning.data.collate import PairCollator
 from reco_lightning.data.datamodule import ImageTextDataModule
-from reco_lightning.data.shards import ShardSource
+from reco_lightning.data.records import PairRecord
+from reco_lightning.data.shards import ShardSource, _unusable
 from reco_lightning.data.sources import CsvSource, FolderSource, open_source
 from reco_lightning.data.stream import PairStream, decode
 
@@ -84,19 +85,38 @@ def test_shuffle_is_seeded_and_changes_with_epoch(tmp_path):
     assert sorted(order(0, 1)) == sorted(order(0, 0))
 
 
-def test_bad_samples_are_dropped_and_reported_by_key(tmp_path, tiny_backbone):
-    write_shards(tmp_path, [6], bad={1, 4})
+def test_bad_samples_are_dropped_and_reported_by_key_and_why(tmp_path, tiny_backbone):
+    write_shards(tmp_path, [6], bad={1, 4})  # 1: an empty caption, 4: an image PIL cannot open
     from reco_lightning.encoders import Preprocessor
 
     collator = PairCollator(Preprocessor.from_pretrained(tiny_backbone, max_text_length=16))
     (batch,) = [collator(b) for b in PairStream(open_source(tmp_path, id_column="id"), batch_size=6)]
     assert batch["id"].tolist() == [1000, 1002, 1003, 1005]
-    assert batch["pixel_values"].shape[0] == 4 and len(batch["bad_keys"]) == 2
-    assert all(key.startswith("00000.tar:") for key in batch["bad_keys"])
+    assert batch["pixel_values"].shape[0] == 4
+    assert sorted(batch["bad_keys"]) == [
+        "00000.tar:0000000001 (empty caption)",
+        "00000.tar:0000000004 (not an image PIL can open)",
+    ]
     empty = collator(
-        [(0, r, None) for _, r in open_source(tmp_path).iter_unit(tmp_path / "00000.tar", lambda p: p < 2)]
+        [(0, r, "why") for _, r in open_source(tmp_path).iter_unit(tmp_path / "00000.tar", lambda p: p < 2)]
     )
     assert empty["id"].numel() == 0 and "pixel_values" not in empty and len(empty["bad_keys"]) == 2
+
+
+def test_why_a_pair_is_bad(tmp_path, tiny_dir):
+    """A missing file, a truncated image and a tar member named by a reader each say so (the key is kept)."""
+    image = tiny_dir / "images" / "train_000000.png"
+    (tmp_path / "cut.png").write_bytes(image.read_bytes()[:60])
+    (tmp_path / "pairs.csv").write_text(
+        f"filepath,caption\n{image},a photo\ngone.png,a photo\ncut.png,a photo\n{image},\n"
+    )
+    whys = [decode(r) for r in open_source(tmp_path / "pairs.csv")]
+    assert isinstance(whys[0], dict)
+    assert whys[1] == f"image not found: {tmp_path / 'gone.png'}"
+    assert whys[2].startswith("unreadable image: ") or whys[2] == "not an image PIL can open"
+    assert whys[3] == "empty caption"
+    record = PairRecord(1, "00000.tar:7", "", _unusable("unreadable tar member: boom"))
+    assert decode(record) == "unreadable tar member: boom" and record.key == "00000.tar:7"
 
 
 def test_datamodule_loader_length_matches_what_it_yields(tiny_dir):

@@ -9,7 +9,7 @@ writes its own parts, with no gather, every ``part_size`` rows and at its end::
       metadata/metadata_RRRR_PPPPPP.parquet     one row per embedding row: image_path, caption, id, key, position
       frozen/{img_emb,text_emb,metadata}/...    with write_frozen: the frozen CLIP embeddings, same parts and rows
       progress/rank_RRRR.json                   this rank's parts so far (after each part, and at its end) and the
-                                                keys of its source pairs that could not be read (bad_keys)
+                                                keys of its source pairs that could not be read, each with why (bad_keys)
       manifest.json                             the run's settings; rows, parts and bad samples once every rank
                                                 has finished
 

@@ -3,6 +3,7 @@
 Lightning's ddp launcher re-executes this script for rank 1, so it must be a real file.
 """
 
+import faulthandler
 import json
 import sys
 from pathlib import Path
@@ -47,6 +48,9 @@ class Recorder(pl.LightningModule):
 
 
 if __name__ == "__main__":
+    # a hung epoch prints each rank's Python stacks (both ranks run this file) before the test kills the
+    # run at 240 s: where it hangs is then in the failure, not lost with the processes
+    faulthandler.dump_traceback_later(180, exit=False)
     shards, backbone, out = sys.argv[1:4]
     data = ImageTextDataModule(backbone, train=shards, batch_size=4, num_workers=1, id_column="id")
     trainer = pl.Trainer(

@@ -21,20 +21,20 @@ __all__ = ["PairCollator"]
 
 
 class PairCollator:
-    """A list of samples -> backbone inputs. Bad samples are dropped and their keys passed on."""
+    """A list of samples -> backbone inputs. Bad samples are dropped, their keys and why passed on."""
 
     def __init__(self, preprocessor: Preprocessor) -> None:
         self.preprocessor = preprocessor
 
-    def __call__(self, samples: Sequence[tuple[int, PairRecord, dict[str, Any] | None]]) -> dict[str, Any]:
-        good = [(p, s) for p, _, s in samples if s is not None]
+    def __call__(self, samples: Sequence[tuple[int, PairRecord, dict[str, Any] | str]]) -> dict[str, Any]:
+        good = [(p, s) for p, _, s in samples if isinstance(s, dict)]
         batch: dict[str, Any] = {
             "id": torch.tensor([s["id"] for _, s in good], dtype=torch.long),
             "position": torch.tensor([p for p, _ in good], dtype=torch.long),
             "key": [s["key"] for _, s in good],
             "caption": [s["caption"] for _, s in good],
             "image_path": [s.get("image_path", s["key"]) for _, s in good],
-            "bad_keys": [r.key for _, r, s in samples if s is None],
+            "bad_keys": [f"{r.key} ({s})" for _, r, s in samples if isinstance(s, str)],  # key and why
         }
         if (
             not good

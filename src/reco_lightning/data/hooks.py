@@ -18,7 +18,7 @@ class DataEpochHooks(pl.Callback):
     """Per-epoch duties of streaming data that Lightning does not do for an IterableDataset.
 
     At train epoch start the stream is reshuffled for the new epoch; at each epoch end the bad samples
-    every rank skipped are counted (logged as ``data/bad_samples_<stage>``), reported with their keys,
+    every rank skipped are counted (logged as ``data/bad_samples_<stage>``), reported with their keys and why,
     and listed in full in ``bad_samples_<stage>_epoch<N>.txt`` next to the logs. RecoModule adds this
     callback itself.
     """

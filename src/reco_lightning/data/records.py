@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PairRecord", "PairSource", "content_hash", "listing_digest", "stat_entry"]
+__all__ = ["PairRecord", "PairSource", "UnusablePair", "content_hash", "listing_digest", "stat_entry"]
 
 
 def listing_digest(entries: Sequence[tuple[str, int, int]]) -> str:
@@ -47,6 +47,12 @@ def content_hash(path: Path) -> str:
                 digest.update(block)
         _CONTENT_HASHES[memo] = digest.hexdigest()
     return _CONTENT_HASHES[memo]
+
+
+class UnusablePair(Exception):
+    """Raised by a record's ``load`` when a reader already knows the pair is unusable (a tar member it
+    could not read, the unreadable rest of a damaged shard): the message says why, for the bad-sample
+    report, and the key stays the pair's own."""
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from reco_lightning.data.ids import ID_FROM_SHARD_KEY, derived_id
-from reco_lightning.data.records import PairRecord, PairSource, listing_digest, stat_entry
+from reco_lightning.data.records import PairRecord, PairSource, UnusablePair, listing_digest, stat_entry
 
 __all__ = ["ShardSource"]
 
@@ -105,8 +105,8 @@ class ShardSource(PairSource):
             )
         for missing in range(position, length):
             if keep(missing):
-                key = f"{unit.name}:#{missing} ({damage})"
-                yield missing, PairRecord(derived_id(ID_FROM_SHARD_KEY, key), key, "", lambda: b"")
+                key = f"{unit.name}:#{missing}"
+                yield missing, PairRecord(derived_id(ID_FROM_SHARD_KEY, key), key, "", _unusable(damage))
 
     def _record(
         self, unit: Path, tar: tarfile.TarFile, key: str, members: dict[str, tarfile.TarInfo]
@@ -116,15 +116,25 @@ class ShardSource(PairSource):
         try:
             files = {ext: tar.extractfile(m).read() for ext, m in members.items()}
         except _READ_ERRORS as err:
-            return PairRecord(pair_id, f"{name} (unreadable: {err})", "", lambda: b"")
+            return PairRecord(pair_id, name, "", _unusable(f"unreadable tar member: {err}"))
         caption = files.get("txt", b"").decode("utf-8", errors="replace").strip()
         if self.id_field:
             declared = _json_or_empty(files.get("json")).get(self.id_field)
             if not (isinstance(declared, int) or str(declared).isdigit()):
-                return PairRecord(pair_id, f"{name} (no integer json {self.id_field!r})", "", lambda: b"")
+                why = f"no integer {self.id_field!r} in its .json"
+                return PairRecord(pair_id, name, "", _unusable(why))
             pair_id = int(declared)
         image = next((files[e] for e in ("jpg", "jpeg", "png", "webp") if e in files), b"")
         return PairRecord(pair_id, name, caption, lambda b=image: b)
+
+
+def _unusable(why: str) -> Callable[[], bytes]:
+    """A record's ``load`` for a pair known unusable: raises :class:`UnusablePair` saying ``why``."""
+
+    def load() -> bytes:
+        raise UnusablePair(why)
+
+    return load
 
 
 def _stats_path(shard: Path) -> Path:

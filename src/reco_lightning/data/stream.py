@@ -11,8 +11,9 @@ A prediction stream is ``ordered`` instead (whole batches to workers in turn, so
 the DataLoader in position order) and can start ``after`` a position, where an interrupted run stopped.
 
 Bad samples (undecodable or missing image, empty caption, unreadable tar member, the unreadable rest of a
-truncated shard) never stop training: :func:`decode` returns None for them and the collator drops them,
-passing their keys along in the batch (``bad_keys``) so the main process can count and report them.
+truncated shard) never stop training: :func:`decode` returns why instead of the sample and the collator
+drops them, passing ``"<key> (<why>)"`` along in the batch (``bad_keys``) so the main process can count
+and report them.
 Apart from the readers (which only list pairs) and the collator (which only makes tensors), so the DDP
 contract is written in one place.
 """
@@ -26,11 +27,11 @@ import tarfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import IterableDataset, get_worker_info
 
 from reco_lightning.data.ranks import share
-from reco_lightning.data.records import PairRecord, PairSource
+from reco_lightning.data.records import PairRecord, PairSource, UnusablePair
 
 __all__ = ["PairStream", "decode", "load_rgb"]
 
@@ -42,15 +43,22 @@ def load_rgb(data: str | bytes | Any) -> Image.Image:
         return img.convert("RGB")
 
 
-def decode(record: PairRecord) -> dict[str, Any] | None:
-    """The pair with its image decoded, or None when it is unusable (the caller counts it)."""
-    if not record.caption.strip():
-        return None
+def decode(record: PairRecord) -> dict[str, Any] | str:
+    """The pair with its image decoded, or why it is unusable (a short reason the bad-sample report shows
+    beside the key, so a user can tell missing files from broken images from empty captions)."""
     try:
         data = record.load()
         image = load_rgb(data)
-    except (OSError, ValueError, EOFError, tarfile.TarError, Image.DecompressionBombError):
-        return None
+    except UnusablePair as why:
+        return str(why)
+    except FileNotFoundError as err:
+        return f"image not found: {err.filename or data}"
+    except UnidentifiedImageError:  # its message names a file object's address: not worth showing
+        return "not an image PIL can open"
+    except (OSError, ValueError, EOFError, tarfile.TarError, Image.DecompressionBombError) as err:
+        return f"unreadable image: {err}"
+    if not record.caption.strip():
+        return "empty caption"
     # image_path: the file for file sources, the member key for shards (what clip-retrieval records)
     path = data if isinstance(data, str) else record.key
     return {"image": image, "caption": record.caption, "id": record.id, "key": record.key, "image_path": path}
@@ -59,7 +67,7 @@ def decode(record: PairRecord) -> dict[str, Any] | None:
 class PairStream(IterableDataset):
     """The rank/worker-assigned, shuffled, batched stream of one source (see the module docstring).
 
-    Yields lists of up to ``batch_size`` samples ``(position, record, decoded-or-None)``; the DataLoader
+    Yields lists of up to ``batch_size`` samples ``(position, record, decoded-or-why)``; the DataLoader
     runs with ``batch_size=None`` and the collator turns each list into tensors.
 
     Args:
@@ -173,7 +181,7 @@ class PairStream(IterableDataset):
                     yield base + position, record
             start_of_unit += length
 
-    def __iter__(self) -> Iterator[list[tuple[int, PairRecord, dict[str, Any] | None]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, PairRecord, dict[str, Any] | str]]]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         if info is not None and info.num_workers != self.num_workers:
@@ -184,7 +192,7 @@ class PairStream(IterableDataset):
         if self.shuffle:
             rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker}")
             records = _shuffled(records, self.shuffle_buffer, rng)
-        batch: list[tuple[int, PairRecord, dict[str, Any] | None]] = []
+        batch: list[tuple[int, PairRecord, dict[str, Any] | str]] = []
         for position, record in records:
             batch.append((position, record, decode(record)))
             if len(batch) == self.batch_size:
