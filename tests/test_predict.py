@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -540,7 +541,11 @@ def test_unreadable_pairs_are_named_and_a_run_that_writes_nothing_fails(tiny_dir
         source = f"--data.init_args.predict={tmp_path / name}.csv"
         return ["predict", "--config", str(tmp_path / f"{name}.yaml"), f"--ckpt_path={ckpt}", source]
 
-    with pytest.warns(UserWarning, match=r"1 source pairs could not be read .* e\.g\. some\.csv:4;"):
+    gone = re.escape(str(tmp_path / "gone.png"))
+    with pytest.warns(
+        UserWarning,
+        match=rf"1 source pairs could not be read .* e\.g\. some\.csv:4 \(image not found: {gone}\);",
+    ):
         main(args("some"))
     assert json.loads((tmp_path / "some_emb" / "manifest.json").read_text())["rows"] == 4
     with pytest.raises(SystemExit) as exit_info:
