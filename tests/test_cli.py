@@ -354,7 +354,8 @@ def test_memory_build_prints_rows_and_bad_samples_with_their_first_keys(tmp_path
     keys = json.loads((out / "manifest.json").read_text())["bad_keys"]
     assert len(keys) == 3
     assert capsys.readouterr().out.splitlines()[-1] == (
-        f"memory written to {out}: 8 rows, 3 bad samples skipped (first: {', '.join(keys)}); warning: 27% of "
+        f"memory written to {out}: 8 rows, 3 bad samples skipped (1 not an image PIL can open, 1 empty caption, 1 "
+        f"image not found; first: {', '.join(keys)}); warning: 27% of "
         "the source could not be read (an image missing or unreadable, or an empty caption; relative image "
         "paths are read from the CSV's own folder)"
     )

@@ -141,6 +141,9 @@ def test_memory_build_over_a_truncated_shard_finishes_and_counts_bad_samples(tmp
     assert len(store) == 7  # 5 + the two whole samples of the cut shard
     bad = 4 if stats else 2
     assert f"{bad} bad samples skipped" in store.manifest["source"]
+    # the tally adds up over chunks (of 4 pairs): every bad sample is a shard's damage, none an image's
+    reasons = store.manifest["bad_reasons"]
+    assert sum(reasons.values()) == bad and all("shard" in r or "tar" in r for r in reasons), reasons
 
 
 def test_two_process_ddp_over_a_truncated_shard_and_stale_stats_stays_in_step(tmp_path, tiny_backbone):

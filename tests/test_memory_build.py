@@ -45,6 +45,11 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, tiny_dir, tiny_backbone):
     assert len(store) == 8 and store.ids.tolist() == first_eight
     assert "3 bad samples skipped" in store.manifest["source"]
     assert store.manifest["bad_samples"] == 3
+    assert store.manifest["bad_reasons"] == {
+        "not an image PIL can open": 1,
+        "empty caption": 1,
+        "image not found": 1,
+    }
     assert store.manifest["bad_keys"] == [  # each with why: a user can tell what to fix
         "pairs.csv:8 (not an image PIL can open)",
         "pairs.csv:9 (empty caption)",

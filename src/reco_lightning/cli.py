@@ -487,7 +487,9 @@ def build_summary(out: str | os.PathLike) -> str:
     warning when a large share of the source was unreadable (likely a wrong column or image folder)."""
     manifest = json.loads((Path(out) / "manifest.json").read_text())
     bad, keys = manifest.get("bad_samples", 0), manifest.get("bad_keys", [])
-    first = f" (first: {', '.join(map(str, keys))})" if bad and keys else ""
+    kinds = ", ".join(f"{n} {reason}" for reason, n in manifest.get("bad_reasons", {}).items())
+    details = [part for part in (kinds, f"first: {', '.join(map(str, keys))}" if keys else "") if part]
+    first = f" ({'; '.join(details)})" if bad and details else ""
     line = f"memory written to {out}: {manifest['count']} rows, {bad} bad samples skipped{first}"
     share = bad / max(manifest["count"] + bad, 1)
     if share >= BAD_SHARE_WARNING:

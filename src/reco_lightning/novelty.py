@@ -51,6 +51,7 @@ __all__ = [
     "known_rows",
     "novel_answer",
     "novel_queries",
+    "reference_rows",
 ]
 
 
@@ -77,6 +78,17 @@ def known_rows(memory_ids: np.ndarray, known_memory: str | os.PathLike) -> np.nd
             "as added after training; give the memory the fusion was trained with (same id scheme)"
         )
     return found
+
+
+def reference_rows(
+    memory: MemoryStore, known: np.ndarray, modality: Modality, sample: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``sample`` training rows of ``memory`` (a fixed draw, sorted) and their ``modality`` embeddings:
+    the stand-in queries both checks take their reference quantile from."""
+    candidates = np.flatnonzero(known)
+    rng = np.random.default_rng(0)
+    rows = np.sort(rng.choice(candidates, size=min(sample, len(candidates)), replace=False))
+    return rows, np.asarray(memory.embeddings(modality)[rows], dtype=np.float32)
 
 
 class GapCheck:
@@ -121,10 +133,7 @@ class GapCheck:
         training rows' own ``modality`` embeddings stand in for the queries."""
         key = f"{modality}->{searched}"
         if key not in self._thresholds:
-            candidates = np.flatnonzero(self.known)
-            rng = np.random.default_rng(0)
-            rows = np.sort(rng.choice(candidates, size=min(self.sample, len(candidates)), replace=False))
-            queries = np.asarray(self.memory.embeddings(modality)[rows], dtype=np.float32)
+            rows, queries = reference_rows(self.memory, self.known, modality, self.sample)
             depth = min(self.k + self.margin, len(self.memory))
             scores, found = self.memory.index(searched).search(queries, depth)
             added = (found >= 0) & ~self.known[np.clip(found, 0, None)]
@@ -171,10 +180,7 @@ class ShareCheck:
         """The reference share's ``quantile`` for ``modality`` queries searched in ``searched`` (computed once)."""
         key = f"{modality}->{searched}"
         if key not in self._thresholds:
-            candidates = np.flatnonzero(self.known)
-            rng = np.random.default_rng(0)
-            rows = np.sort(rng.choice(candidates, size=min(self.sample, len(candidates)), replace=False))
-            queries = np.asarray(self.memory.embeddings(modality)[rows], dtype=np.float32)
+            rows, queries = reference_rows(self.memory, self.known, modality, self.sample)
             _, found = self.memory.index(searched).search(queries, min(self.k + 1, len(self.memory)))
             found = np.where(found == rows[:, None], -1, found)  # the row itself is no neighbour
             order = np.argsort(found < 0, axis=1, kind="stable")[:, : self.k]  # the first k others, in order

@@ -35,6 +35,7 @@ class PairCollator:
             "caption": [s["caption"] for _, s in good],
             "image_path": [s.get("image_path", s["key"]) for _, s in good],
             "bad_keys": [f"{r.key} ({s})" for _, r, s in samples if isinstance(s, str)],  # key and why
+            "bad_why": [s for _, _, s in samples if isinstance(s, str)],  # why alone: what tallies count
         }
         if (
             not good

@@ -12,6 +12,7 @@ whatever it is); ``num_workers`` defaults by where the encoder runs (:func:`defa
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,21 @@ from reco_lightning.jobs.chunked import assemble, clear_work, predict_in_chunks
 from reco_lightning.memory.base import DEFAULT_TRAIN_SIZE, backend_from_spec, check_buildable
 from reco_lightning.memory.store import finish_memory, write_metadata
 
-__all__ = ["BAD_KEYS_KEPT", "MAX_DEFAULT_WORKERS", "EncoderModule", "build_memory", "default_num_workers"]
+__all__ = [
+    "BAD_KEYS_KEPT",
+    "MAX_DEFAULT_WORKERS",
+    "EncoderModule",
+    "bad_reason",
+    "build_memory",
+    "default_num_workers",
+]
+
+
+def bad_reason(why: str) -> str:
+    """The kind of a bad sample's why, what a build's tally counts: the text before its first colon
+    (``image not found: /x.jpg`` -> ``image not found``)."""
+    return why.split(":", 1)[0]
+
 
 #: Keys of bad samples recorded in the manifest (and printed by `reco memory build`), so a user can look
 #: at a few of them; the count covers them all.
@@ -94,6 +109,7 @@ class EncoderModule(pl.LightningModule):
             "caption": batch["caption"],
             "bad": len(batch["bad_keys"]),
             "bad_keys": tuple(batch["bad_keys"][:BAD_KEYS_KEPT]),  # a tuple: per chunk, not per row
+            "bad_reasons": tuple(Counter(bad_reason(why) for why in batch["bad_why"]).items()),
             "image": image.half().cpu(),
             "text": text.half().cpu(),
         }
@@ -197,6 +213,9 @@ def _write_memory(
         },
     )
     bad, bad_keys = rest.get("bad", 0), list(rest.get("bad_keys", ())[:BAD_KEYS_KEPT])
+    reasons: Counter[str] = Counter()
+    for reason, count in rest.get("bad_reasons", ()):
+        reasons[reason] += count
     ids = np.load(work / "ids.npy", mmap_mode="r")
     write_metadata(work / "metadata.parquet", np.asarray(ids), rest.get("caption", []), rest.get("key", []))
     del ids
@@ -207,5 +226,11 @@ def _write_memory(
         fingerprint,
         f"{source} ({kept} pairs, {bad} bad samples skipped)",
         train_size,
-        extra={"bad_samples": bad, "bad_keys": bad_keys, "id_scheme": id_scheme, "precision": precision},
+        extra={
+            "bad_samples": bad,
+            "bad_reasons": dict(reasons.most_common()),
+            "bad_keys": bad_keys,
+            "id_scheme": id_scheme,
+            "precision": precision,
+        },
     )
