@@ -777,6 +777,7 @@ def _ddp_child(spec_path: Path) -> None:
     """Rank process of the DDP row (Lightning relaunches this same command for the other ranks)."""
     import_reco()
     _quiet()
+    from reco_lightning.cli import leave_process_group
     from reco_lightning.model import RecoModule
 
     spec = json.loads(spec_path.read_text())
@@ -827,6 +828,7 @@ def _ddp_child(spec_path: Path) -> None:
             "memory": f"{_memory_count(spec['memory']):,} pairs, torch_exact on each rank's own {spec['accelerator']}",
         }
         Path(spec["result"]).write_text(json.dumps(result))
+    leave_process_group()  # else gloo may abort rank 0 at exit (-6) when rank 1 leaves first
 
 
 def _memory_count(directory: str) -> int:

@@ -19,6 +19,7 @@ From a shell, the known-harmless noise of Lightning and transformers is filtered
 from __future__ import annotations
 
 import argparse
+import datetime
 import itertools
 import json
 import os
@@ -41,7 +42,7 @@ from reco_lightning.export import read_checkpoint
 from reco_lightning.model import RecoModule
 from reco_lightning.prediction import DEFAULT_PART_SIZE, EmbeddingWriter
 
-__all__ = ["NoPredictionWriterError", "RecoCLI", "main"]
+__all__ = ["NoPredictionWriterError", "RecoCLI", "leave_process_group", "main"]
 
 
 class SettingsError(RecoError, argparse.ArgumentError):
@@ -685,6 +686,8 @@ def main(
     announcing = _ANNOUNCE_CHECKPOINT.set(args is None if announce is None else announce)
     try:
         _dispatch(args, {**COMMANDS, **(commands or {})})
+        if args is None:  # this process is the command's: its ranks end their process group together
+            leave_process_group()
     except Exception as err:
         if not is_user_error(err) or os.environ.get("RECO_DEBUG", "") not in ("", "0"):
             raise
@@ -703,6 +706,20 @@ def main(
         raise SystemExit(130) from None
     finally:
         _ANNOUNCE_CHECKPOINT.reset(announcing)
+
+
+def leave_process_group(timeout_s: float = 300.0) -> None:
+    """End the torch.distributed group a DDP run left behind, every rank at once, in a process that ends.
+
+    Lightning destroys only NCCL groups at exit. A gloo group left to the interpreter's exit can abort a
+    rank (SIGABRT, exit -6, after a successful run) when its peer exits first and closes their connection,
+    so each rank waits for the others (at most ``timeout_s``: a rank that failed is named, not waited for
+    forever), then destroys the group. No-op outside a gloo group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
+        dist.destroy_process_group()
 
 
 def _help_hint(argv: Sequence[str], message: str) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
+from reco_lightning.cli import leave_process_group
 from reco_lightning.data.datamodule import ImageTextDataModule
 from reco_lightning.data.hooks import DataEpochHooks
 from reco_lightning.losses import gather_with_grad
@@ -65,3 +66,4 @@ if __name__ == "__main__":
         use_distributed_sampler=False,
     )
     trainer.fit(Recorder(out), data)
+    leave_process_group()  # as `reco` does: gloo may abort a rank whose peer exits first
