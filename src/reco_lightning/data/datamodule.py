@@ -249,9 +249,10 @@ class ImageTextDataModule(pl.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """Collect bad-sample keys in the main process (collators run in workers) for the epoch report."""
-        keys = batch.pop("bad_keys", None) if isinstance(batch, dict) else None
-        if isinstance(batch, dict):
-            batch.pop("bad_why", None)  # the keys carry it; only memory builds tally it
+        if not isinstance(batch, dict):
+            return batch
+        keys = batch.pop("bad_keys", None)
+        batch.pop("bad_why", None)  # the keys carry it; only memory builds tally it
         if keys:
             stage = (
                 self.trainer.state.stage.value
