@@ -997,7 +997,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parse(argv)
     if args.ddp_child is not None:
         _ddp_child(args.ddp_child)
-        return {}
+        # result written, group ended: skip the interpreter's finalisation, where gloo's threads can still
+        # abort a rank after a successful run (pytorch/pytorch#179291; tests/test_losses.py measured it)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     args.started = time.perf_counter()
     if str(HERE.parent) not in sys.path:  # sibling benchmark modules (synthetic, train_throughput)
         sys.path.insert(0, str(HERE.parent))
