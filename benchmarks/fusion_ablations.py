@@ -58,7 +58,10 @@ unseen and all classes, and seen-only (seen images among the seen classes only);
   memory at test grew with more rows of one known concept; ``..., ungated read known rows``: the queries the gate
   lets through read their neighbours from the training memory only, as in training; ``..., prompts
   frozen``: the class prompts are not refined (does the fusion's cost to the seen classes come from its
-  text side?).
+  text side?); ``..., local M`` (session 13): gated only if the query's share of added neighbours also
+  exceeds by more than M the mean share its 10 nearest training rows see (a base rate of its own region
+  of the memory, for a memory grown with more rows of one concept). The share's trade-off over the gate's
+  threshold is drawn per split by ``benchmarks/gate_frontier.py`` from these rows' JSON.
 
 Reference rows that read the test classes' labels (not zero-shot; what the frozen image embeddings can
 give with supervision, so a bound on any fusion of them): ``k-NN label vote (labels)``, the majority
@@ -143,6 +146,10 @@ class Recipe:
     # quantile of the share training rows themselves see (their own row skipped): the base rate of added
     # rows around known concepts, high in a memory grown with more of them, low beside new ones
     added_share_quantile: float = 0.0
+    # not None (with added_gate): a query is gated only if its share of added neighbours also exceeds by
+    # more than this the mean share its own 10 nearest training rows see (each its own row skipped): a
+    # concept-local base rate, for a memory grown with more rows of one known concept (research, session 13)
+    added_share_local: float | None = None
     k: int = 10
     batch_size: int = 256
     scores: str = ""  # "" (the demo's fusion), "tokens", "gate", "weighted" or "trust": see ScoredFusion
@@ -270,7 +277,7 @@ ROWS: dict[str, Recipe] = {
         f"a tenth of the pairs, 50 epochs, added-memory gate {share}, share quantile {q}": Recipe(
             pair_fraction=0.1, epochs=50, added_gate=share, added_share_quantile=q
         )
-        for share, q in ((0.5, 0.95), (0.5, 0.98), (0.9, 0.98), (0.7, 0.95), (0.9, 0.9))
+        for share, q in ((0.5, 0.95), (0.5, 0.98), (0.9, 0.98), (0.7, 0.95), (0.9, 0.9), (0.9, 0.95))
     },
     # a memory grown with more rows of one known concept: a tenth of one class's pairs in training
     **{
@@ -283,6 +290,25 @@ ROWS: dict[str, Recipe] = {
                 {"added_gate": 0.9, "added_share_quantile": 0.95},
             ),
         )
+    },
+    # the share's trade-off between new concepts and what the backbone knows, one rule (session 13), and
+    # the base rate taken around the query instead of over the whole memory (research, session 13)
+    **{
+        f"strict, calibrated on seen-only, added-memory gate {share}, share quantile 0.95": replace(
+            STRICT, skip_rule="keep-only", added_gate=share, added_share_quantile=0.95
+        )
+        for share in (0.6, 1.0)
+    },
+    **{
+        f"{name}, added-memory gate 0.9, share quantile 0.95, local {margin}": replace(
+            base, added_gate=0.9, added_share_quantile=0.95, added_share_local=margin
+        )
+        for name, base in (
+            ("strict, calibrated on seen-only", replace(STRICT, skip_rule="keep-only")),
+            ("a tenth of the pairs, 50 epochs", Recipe(pair_fraction=0.1, epochs=50)),
+            ("one class thinned to a tenth", Recipe(pair_fraction=0.1, thin_one_class=True)),
+        )
+        for margin in (0.0, 0.1)
     },
     # is the fusion's cost to the seen classes on its text side? (research, session 11)
     "strict, calibrated on seen-only, added-memory gate 0.9, gap 0.9, prompts frozen": replace(
@@ -667,6 +693,8 @@ def added_gate(
         beyond &= gap_beyond_known(queries, keys, added, recipe.added_gap, seed)
     if recipe.added_share_quantile:
         beyond &= share_beyond_known(rows, keys, added, recipe.added_share_quantile, seed)
+    if recipe.added_share_local is not None:
+        beyond &= share_beyond_local(rows, queries, keys, added, recipe.added_share_local)
 
     def check(candidates: torch.Tensor) -> torch.Tensor:
         return beyond[candidates]
@@ -692,6 +720,25 @@ def share_beyond_known(
     found = neighbours(keys[sample], keys, rows.shape[1], itself)[0]
     reference = added_share(added[found], valid(found))
     return added_share(added[rows], valid(rows)) > torch.quantile(reference, quantile)
+
+
+def share_beyond_local(
+    rows: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor, added: torch.Tensor, margin: float
+) -> torch.Tensor:
+    """[B] bool: the share of added rows among a query's neighbours ``rows`` [B, k] exceeds by more than
+    ``margin`` the mean share that its 10 nearest training rows see around themselves (their k nearest in
+    ``keys``, own row skipped): the base rate of the query's own region of the memory, not the whole's."""
+    known_rows = torch.nonzero(~added).squeeze(1)
+    if len(known_rows) == len(added):  # nothing added: nothing is new
+        return torch.zeros(len(rows), dtype=torch.bool)
+
+    def itself(start: int, stop: int) -> torch.Tensor:
+        return torch.arange(len(keys))[None, :] == known_rows[start:stop, None]
+
+    found = neighbours(keys[known_rows], keys, rows.shape[1], itself)[0]
+    base = added_share(added[found], valid(found))  # each training row's own share
+    nearest = neighbours(queries, keys[known_rows], 10)[0]
+    return added_share(added[rows], valid(rows)) > base[nearest].mean(1) + margin
 
 
 def agreement(query: torch.Tensor, paired: torch.Tensor) -> torch.Tensor:

@@ -146,6 +146,29 @@ def test_the_score_gap_tells_a_new_concept_from_more_rows_of_a_known_one(bench):
     assert not nothing_added.any()
 
 
+def test_the_local_base_rate_spares_a_known_concept_grown_but_not_a_new_one(bench):
+    """Training rows of A (a tenth of them) and C; added rows: the rest of A, and B. A query of A sees
+    mostly added rows, as do its nearest training rows: mostly not beyond its local base rate. A query of
+    B sees only added rows, its nearest training rows (of C) none."""
+    g = torch.Generator().manual_seed(0)
+    a, b, c = torch.eye(16)[:3]  # three concepts apart
+
+    def around(centre: torch.Tensor, count: int) -> torch.Tensor:
+        return F.normalize(centre + 0.1 * torch.randn(count, 16, generator=g), dim=-1)
+
+    keys = torch.cat([around(a, 30), around(c, 300), around(a, 270), around(b, 300)])
+    added = torch.arange(900) >= 330
+    queries = torch.cat([around(a, 50), around(b, 50)])
+    rows = bench.neighbours(queries, keys, 10)[0]
+    novel = bench.share_beyond_local(rows, queries, keys, added, 0.1)
+    assert novel[50:].all()
+    # A's queries: the share alone (>= 0.9) takes most of them for new, the local base rate few
+    by_share = bench.added_share(added[rows[:50]], bench.valid(rows[:50])) >= 0.9
+    assert by_share.float().mean() > 0.6 and novel[:50].float().mean() < 0.3
+    nothing_added = torch.zeros(900, dtype=torch.bool)
+    assert not bench.share_beyond_local(rows, queries, keys, nothing_added, 0.0).any()
+
+
 def test_references_read_the_labels(bench):
     data = synthetic()
     assert bench.label_vote(data, 0, SEEN) == {
