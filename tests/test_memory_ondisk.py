@@ -400,6 +400,15 @@ def test_an_index_built_elsewhere_over_the_memorys_rows_is_adopted_after_checks(
     assert isinstance(adopted.index("text"), AutofaissBackend)
     assert adopted.index("text").search(text[:4], 1)[1][:, 0].tolist() == [0, 1, 2, 3]
     assert isinstance(adopted.index("image"), ExactBackend)  # the other modality is left as it was
+    by_side = adopted.manifest["backend_by_modality"]  # and the manifest names each side's own index
+    assert adopted.manifest["backend"] == by_side["text"]
+    assert by_side["text"]["class_path"].endswith("AutofaissBackend")
+    assert by_side["image"]["class_path"].endswith("ExactBackend")
+    main(["memory", "index", str(memory), "--backend", "exact"])  # both sides alike again: one backend
+    manifest = MemoryStore.open(memory).manifest
+    assert "backend_by_modality" not in manifest and manifest["backend"]["class_path"].endswith(
+        "ExactBackend"
+    )
 
 
 def test_reco_memory_tune_writes_the_fastest_setting_reaching_the_target(tmp_path, capsys, monkeypatch):
@@ -422,6 +431,14 @@ def test_reco_memory_tune_writes_the_fastest_setting_reaching_the_target(tmp_pat
     store = MemoryStore.open(memory)
     assert (store.index("image").nprobe, store.index("image").rerank) == (tuned["nprobe"], tuned["rerank"])
     assert store.manifest["backend"]["tuned"] == tuned
+    # the text side keeps its untuned settings, and the manifest says so: each side's spec while they differ
+    by_side = store.manifest["backend_by_modality"]
+    assert by_side["image"]["tuned"] == tuned and "tuned" not in by_side["text"]
+    main(["memory", "tune", str(memory), "--recall", "0.9", "--queries", "300", "--modality", "text"])
+    capsys.readouterr()
+    text_tuned = json.loads((memory / "index_text" / "backend.json").read_text())["tuned"]
+    by_side = MemoryStore.open(memory).manifest["backend_by_modality"]  # tuned apart: recalls differ
+    assert (by_side["image"]["tuned"], by_side["text"]["tuned"]) == (tuned, text_tuned)
 
     monkeypatch.setattr(tuning, "RERANKS", (0,))  # PQ codes alone cannot reach it
     result = tuning.tune_search(store.index("text"), store.text_embeddings, target=0.99, n_queries=200)

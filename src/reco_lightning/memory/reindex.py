@@ -20,7 +20,7 @@ from reco_lightning.atomic import replace_directory
 from reco_lightning.errors import RecoMemoryError
 from reco_lightning.memory.base import DEFAULT_TRAIN_SIZE, backend_from_spec, check_buildable
 from reco_lightning.memory.ondisk import PLAN_FILE, OnDiskIVFPQBackend, ShardedIndexBuild
-from reco_lightning.memory.store import MemoryStore, update_manifest
+from reco_lightning.memory.store import MemoryStore, record_backend
 
 __all__ = ["STAGES", "adopt_index", "index_memory"]
 
@@ -76,7 +76,7 @@ def index_memory(
                 root, modality, lambda fresh, i=index, r=rows: i.build_saved(r, fresh, train_size, seed)
             )
             spec = index.spec()
-        update_manifest(root, backend=spec)
+        record_backend(root, spec)
         return {"stage": "all", "modalities": list(modalities)}
     done: dict[str, Any] = {"stage": stage, "modalities": list(modalities), "shards": {}}
     builds = {
@@ -103,7 +103,7 @@ def index_memory(
         spec = None
         for modality, build in builds.items():
             spec = build.merge(root / f"index_{modality}").spec()
-        update_manifest(root, backend=spec)
+        record_backend(root, spec)
         shutil.rmtree(root / ".index_build", ignore_errors=True)
     return done
 
@@ -153,7 +153,7 @@ def adopt_index(
             )
         _swap_index(root, modality, index.save)
         spec = index.spec()
-    update_manifest(root, backend=spec)
+    record_backend(root, spec)
     return {"adopted": sorted(indexes), "backend": spec}
 
 

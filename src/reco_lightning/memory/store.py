@@ -403,9 +403,22 @@ def finish_memory(
     atomic_write_text(directory / "manifest.json", json.dumps(manifest, indent=2))
 
 
-def update_manifest(directory: Path, **fields: Any) -> dict[str, Any]:
-    """Rewrite ``directory/manifest.json`` atomically with ``fields`` changed (a re-indexed memory's backend)."""
-    manifest = {**_read_manifest(directory), **fields}
+def record_backend(directory: Path, spec: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite ``directory/manifest.json`` atomically after a re-index, tuning or adoption of one side or both.
+
+    ``backend`` becomes ``spec`` (the one just written; what ``concat`` and ``select`` re-index with by
+    default). While the two sides' indexes differ (one side re-indexed or adopted, or each tuned to its own
+    nprobe), ``backend_by_modality`` holds each side's spec as its index directory records it, so the
+    manifest never describes an index the memory does not have; it is dropped once they agree again."""
+    specs = {
+        modality: recorded_spec(directory / f"index_{modality}")
+        for modality in MODALITIES
+        if (directory / f"index_{modality}" / "backend.json").is_file()
+    }
+    manifest = {k: v for k, v in _read_manifest(directory).items() if k != "backend_by_modality"}
+    manifest["backend"] = spec
+    if len({json.dumps(s, sort_keys=True) for s in specs.values()}) > 1:
+        manifest["backend_by_modality"] = specs
     atomic_write_text(directory / "manifest.json", json.dumps(manifest, indent=2))
     return manifest
 

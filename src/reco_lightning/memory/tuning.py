@@ -25,7 +25,7 @@ from reco_lightning.errors import RecoMemoryError
 from reco_lightning.memory.base import recorded_spec
 from reco_lightning.memory.exact import scan_topk
 from reco_lightning.memory.ivfpq import IVFPQBackend
-from reco_lightning.memory.store import MemoryStore, update_manifest
+from reco_lightning.memory.store import MemoryStore, record_backend
 from reco_lightning.types import MODALITIES
 
 __all__ = ["NPROBES", "RERANKS", "tune_memory", "tune_search"]
@@ -150,5 +150,5 @@ def tune_memory(
         atomic_write_text(path, json.dumps(meta, indent=2))
         spec = recorded_spec(path.parent)
         done[modality] = result
-    update_manifest(root, backend=spec)
+    record_backend(root, spec)
     return done
