@@ -2,7 +2,12 @@ import pytest
 import torch
 
 from reco_lightning.data.zeroshot import ImageFolderClassification
-from reco_lightning.evaluation import ClassificationSet, RetrievalSet, ZeroShotEvaluation
+from reco_lightning.evaluation import (
+    DEFAULT_LEAKAGE_THRESHOLD,
+    ClassificationSet,
+    RetrievalSet,
+    ZeroShotEvaluation,
+)
 from reco_lightning.metrics import classification_metrics
 from reco_lightning.model import RecoModule
 
@@ -134,3 +139,44 @@ def test_retrieval_guards_images_and_captions_and_counts_each_once(module, tiny_
     assert "leak_images" not in rows["reco_text"] and rows["reco_text"]["leak_captions"] == captions
     off, _ = ZeroShotEvaluation(retrieval=sets, settings=["reco"], leakage_threshold=None).evaluate(module)
     assert not any(key.startswith("leak") for key in off.rows[0].metrics)
+
+
+def test_the_images_the_novelty_gate_answers_from_the_added_memory_are_counted(module, tiny_dir, tmp_path):
+    """With ``known_memory`` (here: a memory that lacks every other row of the attached one) the rows whose
+    image side is RECO's report ``gated_images``: the images the gate answered from the added rows, as
+    ``gated_queries`` decides them; rows that do not read RECO's image side, and a model without a gate,
+    report nothing."""
+    import numpy as np
+
+    from reco_lightning.memory.store import MemoryStore
+
+    ids = np.asarray(MemoryStore.open(tiny_dir / "memory", load_indexes=False).ids)
+    known = tmp_path / "known"
+    known.mkdir()
+    np.save(known / "ids.npy", ids[::2])
+    torch.manual_seed(0)
+    gated = RecoModule(
+        backbone=str(tiny_dir / "clip"),
+        memory=str(tiny_dir / "memory"),
+        k=4,
+        fusion_config={"num_heads": 4},
+        known_memory=str(known),
+        novelty_threshold=0.5,
+        novelty_share_quantile=None,  # the share alone: half the memory is added, many images are gated
+    )
+    gated.setup("test")
+    gated.eval()
+    sets = [ClassificationSet("shapes", str(tiny_dir / "zeroshot"), templates="clip_generic")]
+    settings = ["clip", "reco", "reco_image", "reco_text", "lookup"]
+    evaluation = ZeroShotEvaluation(classification=sets, settings=settings, k_sweep=[2])
+    report, _ = evaluation.evaluate(gated)
+    rows = {r.setting: r.metrics for r in report.rows}
+    loader = evaluation._loader(ImageFolderClassification(str(tiny_dir / "zeroshot")), gated)
+    images = torch.cat([gated.backbone.encode_images(inputs) for inputs, _ in loader])
+    found = gated.neighbours(images, "image", leak_threshold=DEFAULT_LEAKAGE_THRESHOLD)
+    expected = int(gated.gated_queries(images, "image", found).sum())
+    assert 0 < expected < len(images)
+    assert rows["reco"]["gated_images"] == rows["reco_image"]["gated_images"] == expected
+    assert all("gated_images" not in rows[s] for s in ("clip", "reco_text", "lookup", "reco@k=2"))
+    plain, _ = ZeroShotEvaluation(classification=sets, settings=["reco"]).evaluate(module)
+    assert "gated_images" not in plain.rows[0].metrics

@@ -125,6 +125,9 @@ class ZeroShotEvaluation(pl.Callback):
             that had such a pair) and ``leak_items`` (pairs excluded). ``None`` turns the guard off. 0.95
             catches resized and re-encoded copies for real CLIPs; a backbone whose image embeddings are
             far more concentrated needs a higher value (the demo uses 0.9999: exact copies).
+
+    A model with a novelty gate (``known_memory``) also reports ``gated_images`` on the classification rows
+    whose image side is RECO's: the images the gate answered from the memory rows added after training.
     """
 
     def __init__(
@@ -267,11 +270,11 @@ class ZeroShotEvaluation(pl.Callback):
         for k in self.k_sweep:
             accumulators[("reco", k)] = _group_accumulators(len(classnames), groups, device)
 
-        leaks = _LeakCount()
+        leaks, gated = _LeakCount(), _GateCount()
         for image_inputs, labels in _progress(self._loader(dataset, pl_module), f"zero-shot {spec.name}"):
             v = pl_module.backbone.encode_images(image_inputs)
             images: dict[tuple[Side, int | None], Tensor] = {("frozen", None): v}
-            image_sides = self._guarded_sides(pl_module, v, "image", leaks)
+            image_sides = self._guarded_sides(pl_module, v, "image", leaks, gated=gated)
             for (setting, k), groups_acc in accumulators.items():
                 image_side, text_side = SETTINGS[setting]
                 image_key = _side_key(image_side, k)
@@ -286,7 +289,9 @@ class ZeroShotEvaluation(pl.Callback):
         for (setting, k), groups_acc in accumulators.items():
             metrics = _group_metrics(groups_acc)
             name = setting if k is None else f"{setting}@k={k}"
-            report.add(spec.name, name, {**metrics, **leaks.metrics(SETTINGS[setting][0])})
+            image_side = SETTINGS[setting][0]
+            gate = gated.metrics() if image_side == "reco" and k is None else {}
+            report.add(spec.name, name, {**metrics, **leaks.metrics(image_side), **gate})
             if k is not None:
                 sweep.setdefault("reco", {})[k] = metrics["top1"]
         if sweep:
@@ -343,11 +348,14 @@ class ZeroShotEvaluation(pl.Callback):
         modality: str,
         leaks: _LeakCount,
         pair_images: Tensor | None = None,
+        gated: _GateCount | None = None,
     ) -> Callable[[Side, int | None], Tensor]:
         """What each side does to a batch of frozen ``modality`` embeddings ``x``, every side reading the
         same neighbours (one search per k), found with the leakage guard (images against themselves,
-        captions against ``pair_images``, their own images); counts what the guard excluded."""
+        captions against ``pair_images``, their own images); counts what the guard excluded and, into
+        ``gated``, the queries RECO's novelty gate answers from the memory added after training."""
         found: dict[int | None, Neighbours] = {}
+        counted: set[int | None] = set()  # the k whose gate decisions are counted already
 
         def side_of(side: Side, k: int | None) -> Tensor:
             if side == "frozen":
@@ -358,6 +366,9 @@ class ZeroShotEvaluation(pl.Callback):
                 )
                 if leaks.counts(k):
                     leaks.add(found[k].excluded)
+            if side == "reco" and k is None and gated is not None and k not in counted:
+                counted.add(k)
+                gated.add(getattr(pl_module, "gated_queries", _no_gate)(x, modality, found[k]))
             return self._apply(pl_module, x, modality, side, found[k])
 
         return side_of
@@ -426,6 +437,30 @@ class _LeakCount:
 
 
 _UNSET = object()
+
+
+class _GateCount:
+    """How many of one evaluation set's images RECO's novelty gate answered from the memory rows added
+    after training (``known_memory``): ``gated_images``, on the rows whose image side is RECO's (at the
+    trained k), and only where the model has a gate: how often the attached memory was trusted over the
+    fusion."""
+
+    def __init__(self) -> None:
+        self.images = 0
+        self.active = False
+
+    def add(self, novel: Tensor | None) -> None:
+        if novel is not None:
+            self.active = True
+            self.images += int(novel.sum())
+
+    def metrics(self) -> dict[str, float]:
+        return {"gated_images": self.images} if self.active else {}
+
+
+def _no_gate(*_: Any) -> None:
+    """A module without :meth:`RecoModule.gated_queries` has no novelty gate."""
+    return None
 
 
 def _side_key(side: Side, k: int | None) -> tuple[Side, int | None]:

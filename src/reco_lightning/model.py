@@ -30,6 +30,7 @@ from reco_lightning.pretrained import (
     BackboneMismatchError,
     RecoConfig,
     RecoModel,
+    gated_queries,
     open_retriever,
     refine_embeddings,
 )
@@ -222,6 +223,13 @@ class RecoModule(pl.LightningModule):
             rows=rows,
             pair_images=pair_images,
         )
+
+    def gated_queries(self, embeddings: Tensor, modality: Modality, neighbours: Neighbours) -> Tensor | None:
+        """[B] bool: which queries :meth:`refine` answers from the memory rows added after training (their
+        ``neighbours`` found already); None without a novelty gate (``known_memory``) or retrieval."""
+        if self.retriever is None or self.hparams.get("mask_retrieved", False):
+            return None
+        return gated_queries(self.retriever, embeddings, modality, neighbours)
 
     def neighbours(
         self,

@@ -41,7 +41,7 @@ from reco_lightning.errors import MissingInputError, RecoError
 from reco_lightning.fusion import FusionConfig, FusionTransformer
 from reco_lightning.memory.store import MemoryStore, check_fingerprint
 from reco_lightning.novelty import GapCheck, NoveltyGate, ShareCheck, known_rows, novel_answer, novel_queries
-from reco_lightning.retrieval import Choice, Retriever
+from reco_lightning.retrieval import Choice, Neighbours, Retriever
 from reco_lightning.types import Modality
 
 __all__ = [
@@ -54,6 +54,7 @@ __all__ = [
     "RecoConfig",
     "RecoModel",
     "ZeroShotClassifier",
+    "gated_queries",
     "open_retriever",
     "refine_embeddings",
 ]
@@ -243,12 +244,26 @@ def refine_embeddings(
     else:
         neighbours = retriever(embeddings, modality, exclude_ids=exclude_ids, k=k, pair_images=pair_images)
     fused = fusion(embeddings, neighbours.embeddings, neighbours.mask)
-    gate = retriever.novelty
-    if gate is None or neighbours.added is None or not bool(neighbours.added.any()):
+    novel = gated_queries(retriever, embeddings, modality, neighbours)
+    if novel is None or not bool(novel.any()):
         return fused
     captions = neighbours.embeddings
     if modality == "image" and retriever.fusion == "uni":  # neighbours are images: the lookup needs captions
         captions = retriever.gather(neighbours.rows, "text", embeddings.device).embeddings  # uni: text's own
+    return novel_answer(fused, embeddings, modality, neighbours.added, neighbours.mask, captions, novel)
+
+
+def gated_queries(
+    retriever: Retriever, embeddings: Tensor, modality: Modality, neighbours: Neighbours
+) -> Tensor | None:
+    """[B] bool: the queries the retriever's novelty gate answers from the rows added after training
+    (:mod:`reco_lightning.novelty`), given their ``neighbours``; None without a gate (``known_memory``
+    unset). What :func:`refine_embeddings` decides, for reports of how often the memory was trusted."""
+    gate = retriever.novelty
+    if gate is None or neighbours.added is None:
+        return None
+    if not bool(neighbours.added.any()):
+        return torch.zeros(len(embeddings), dtype=torch.bool, device=embeddings.device)
     searched, added, mask = retriever.searched_modality(modality), neighbours.added, neighbours.mask
 
     def check(candidates: Tensor) -> Tensor:
@@ -262,8 +277,7 @@ def refine_embeddings(
             ).to(holds.device)
         return holds
 
-    novel = novel_queries(added, mask, gate.threshold, check)
-    return novel_answer(fused, embeddings, modality, neighbours.added, neighbours.mask, captions, novel)
+    return novel_queries(added, mask, gate.threshold, check)
 
 
 # --- the inference model ---------------------------------------------------------------------------------
