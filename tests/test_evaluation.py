@@ -1,3 +1,7 @@
+import json
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -141,19 +145,17 @@ def test_retrieval_guards_images_and_captions_and_counts_each_once(module, tiny_
     assert not any(key.startswith("leak") for key in off.rows[0].metrics)
 
 
-def test_the_images_the_novelty_gate_answers_from_the_added_memory_are_counted(module, tiny_dir, tmp_path):
-    """With ``known_memory`` (here: a memory that lacks every other row of the attached one) the rows whose
-    image side is RECO's report ``gated_images``: the images the gate answered from the added rows, as
-    ``gated_queries`` decides them; rows that do not read RECO's image side, and a model without a gate,
-    report nothing."""
+def _gated_module(tiny_dir, known):
+    """The tiny RECO with a novelty gate whose training memory (``known``) lacks every other row of the
+    attached one: half the memory is added, many queries are gated (the share alone, at 0.5)."""
     import numpy as np
 
     from reco_lightning.memory.store import MemoryStore
 
-    ids = np.asarray(MemoryStore.open(tiny_dir / "memory", load_indexes=False).ids)
-    known = tmp_path / "known"
-    known.mkdir()
-    np.save(known / "ids.npy", ids[::2])
+    if not (known / "ids.npy").is_file():
+        ids = np.asarray(MemoryStore.open(tiny_dir / "memory", load_indexes=False).ids)
+        known.mkdir(exist_ok=True)
+        np.save(known / "ids.npy", ids[::2])
     torch.manual_seed(0)
     gated = RecoModule(
         backbone=str(tiny_dir / "clip"),
@@ -162,21 +164,91 @@ def test_the_images_the_novelty_gate_answers_from_the_added_memory_are_counted(m
         fusion_config={"num_heads": 4},
         known_memory=str(known),
         novelty_threshold=0.5,
-        novelty_share_quantile=None,  # the share alone: half the memory is added, many images are gated
+        novelty_share_quantile=None,
     )
     gated.setup("test")
-    gated.eval()
+    return gated.eval()
+
+
+GATE_SETTINGS = ["clip", "reco", "reco_image", "reco_text", "lookup"]
+
+
+def _gate_evaluation(tiny_dir) -> ZeroShotEvaluation:
     sets = [ClassificationSet("shapes", str(tiny_dir / "zeroshot"), templates="clip_generic")]
-    settings = ["clip", "reco", "reco_image", "reco_text", "lookup"]
-    evaluation = ZeroShotEvaluation(classification=sets, settings=settings, k_sweep=[2])
+    return ZeroShotEvaluation(classification=sets, settings=GATE_SETTINGS, k_sweep=[2], batch_size=8)
+
+
+def test_the_queries_the_novelty_gate_answers_from_the_added_memory_are_counted(module, tiny_dir, tmp_path):
+    """With ``known_memory`` the rows whose image side is RECO's report ``gated_images`` (the images the
+    gate answered from the added rows) and those whose text side is RECO's ``gated_prompts`` (the class
+    prompts it kept frozen), as ``gated_queries`` decides them over the same neighbours; other rows, the
+    k sweep's, and a model without a gate report neither."""
+    from reco_lightning.data.zeroshot import load_templates
+    from reco_lightning.metrics import build_prompts
+    from reco_lightning.pretrained import gated_queries
+
+    gated = _gated_module(tiny_dir, tmp_path / "known")
+    evaluation = _gate_evaluation(tiny_dir)
     report, _ = evaluation.evaluate(gated)
     rows = {r.setting: r.metrics for r in report.rows}
-    loader = evaluation._loader(ImageFolderClassification(str(tiny_dir / "zeroshot")), gated)
-    images = torch.cat([gated.backbone.encode_images(inputs) for inputs, _ in loader])
+    data = ImageFolderClassification(str(tiny_dir / "zeroshot"))
+    images = torch.cat(
+        [gated.backbone.encode_images(inputs) for inputs, _ in evaluation._loader(data, gated)]
+    )
     found = gated.neighbours(images, "image", leak_threshold=DEFAULT_LEAKAGE_THRESHOLD)
-    expected = int(gated.gated_queries(images, "image", found).sum())
+    expected = int(gated_queries(gated.retriever, images, "image", found).sum())
     assert 0 < expected < len(images)
     assert rows["reco"]["gated_images"] == rows["reco_image"]["gated_images"] == expected
+    texts = build_prompts(data.classnames, load_templates("clip_generic"))
+    novel = []
+    for start in range(0, len(texts), 8):  # the evaluation's batches: captions tie, and ties depend on them
+        prompts = gated.backbone.encode_captions(texts[start : start + 8])
+        novel.append(gated_queries(gated.retriever, prompts, "text", gated.neighbours(prompts, "text")))
+    expected = int(torch.cat(novel).sum())
+    assert 0 < expected < len(texts)
+    assert rows["reco"]["gated_prompts"] == rows["reco_text"]["gated_prompts"] == expected
     assert all("gated_images" not in rows[s] for s in ("clip", "reco_text", "lookup", "reco@k=2"))
-    plain, _ = ZeroShotEvaluation(classification=sets, settings=["reco"]).evaluate(module)
-    assert "gated_images" not in plain.rows[0].metrics
+    assert all("gated_prompts" not in rows[s] for s in ("clip", "reco_image", "lookup", "reco@k=2"))
+    plain, _ = ZeroShotEvaluation(classification=evaluation.classification, settings=["reco"]).evaluate(
+        module
+    )
+    assert not any(key.startswith("gated") for key in plain.rows[0].metrics)
+
+
+def _ddp_evaluation_worker(rank: int, store: str, tiny_dir: str, known: str, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        report, _ = _gate_evaluation(Path(tiny_dir)).evaluate(
+            _gated_module(Path(tiny_dir), Path(known)), rank, 2
+        )
+        (Path(out) / f"rank{rank}.json").write_text(json.dumps(report.to_json()))
+        torch.distributed.barrier()
+    finally:
+        torch.distributed.destroy_process_group()
+    os._exit(0)  # gloo can abort a process at interpreter finalisation (see tests/test_losses.py)
+
+
+def test_two_ranks_report_the_counts_of_one_process(tiny_dir, tmp_path):
+    """Under DDP each rank evaluates a share of the images: the accuracies, what the leakage guard excluded
+    and the gated images are the sums over both ranks, equal to one process's report (prompts: each rank's
+    own, all of them)."""
+    import torch.multiprocessing as mp
+
+    known = tmp_path / "known"
+    single, _ = _gate_evaluation(tiny_dir).evaluate(_gated_module(tiny_dir, known))
+    mp.start_processes(
+        _ddp_evaluation_worker,
+        args=(str(tmp_path / "store"), str(tiny_dir), str(known), str(tmp_path)),
+        nprocs=2,
+        start_method="spawn",
+    )
+    want = {(r.dataset, r.setting): r.metrics for r in single.rows}
+    assert want["shapes", "reco"]["gated_images"] > 0 and want["shapes", "reco"]["leak_images"] >= 0
+    for rank in range(2):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        rows = {(r["dataset"], r["setting"]): r["metrics"] for r in got["rows"]}
+        assert rows.keys() == want.keys()
+        for key, metrics in want.items():
+            assert rows[key].keys() == metrics.keys(), key
+            for name, value in metrics.items():
+                assert rows[key][name] == pytest.approx(value, abs=1e-6), (key, name)

@@ -416,6 +416,59 @@ def test_a_side_not_refined_is_written_frozen_and_recorded(tiny_dir, ckpt, expec
         predict(tiny_dir, ckpt, out)  # refined texts into a folder of frozen ones: refused
 
 
+def test_a_novelty_gate_marks_the_rows_it_answered_and_the_manifest_counts_them(
+    tiny_dir, ckpt, tmp_path, caplog
+):
+    """With ``known_memory`` (here lacking every other memory row) each refined side gets a boolean column,
+    ``image_gated`` / ``text_gated``: the rows the gate answered from the rows added after training, as
+    ``refine_and_gate`` decides them for the same batches; the manifest counts them and records the gate,
+    so that a resume without it is refused."""
+    from reco_lightning.memory.store import MemoryStore
+
+    ids = np.asarray(MemoryStore.open(tiny_dir / "memory", load_indexes=False).ids)
+    known = tmp_path / "known"
+    known.mkdir()
+    np.save(known / "ids.npy", ids[::2])
+    gate = {"known_memory": str(known), "novelty_threshold": 0.5, "novelty_share_quantile": None}
+    out = tmp_path / "emb"
+    with caplog.at_level("INFO"):
+        predict(tiny_dir, ckpt, out, **gate)
+    image, text, meta = read_as_clip_retrieval(out)
+    model = RecoModule.load_from_checkpoint(ckpt, map_location="cpu", **gate)
+    model.setup("predict")
+    model.eval()
+    data = ImageTextDataModule(str(tiny_dir / "clip"), predict=str(tiny_dir / "val.csv"), batch_size=BATCH)
+    want: dict = {"image": [], "text": [], "image_emb": [], "text_emb": []}
+    with torch.no_grad():
+        for batch in data.predict_dataloader():
+            for side, frozen in zip(("image", "text"), model.embed(batch), strict=True):
+                refined = model.refine_and_gate(frozen, side)
+                want[side].append(refined.gated)
+                want[f"{side}_emb"].append(refined.embeddings)
+    positions = meta["position"].to_numpy()
+    for side, rows in (("image", image), ("text", text)):
+        flags = torch.cat(want[side]).numpy()[positions]
+        assert meta[f"{side}_gated"].dtype == bool and meta[f"{side}_gated"].tolist() == flags.tolist()
+        assert 0 < flags.sum() < len(flags), side
+        expected = torch.cat(want[f"{side}_emb"]).numpy()[positions]
+        np.testing.assert_allclose(rows.astype(np.float32), expected, rtol=0, atol=2e-3)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["gated"] == {
+        "image": int(meta["image_gated"].sum()),
+        "text": int(meta["text_gated"].sum()),
+    }
+    assert manifest["columns"][-2:] == ["image_gated", "text_gated"]
+    assert manifest["plan"]["novelty"] == {
+        "known_memory": str(known),
+        "threshold": 0.5,
+        "share_quantile": None,
+        "gap": None,
+    }
+    assert f"the novelty gate answered {manifest['gated']['image']} images" in caplog.text
+    with pytest.raises(EmbeddingExportError, match=r"other settings \(novelty "):
+        predict(tiny_dir, ckpt, out)  # the same folder without the gate: refused
+
+
 def test_resume_with_other_part_size_or_world_size_is_refused_in_one_line(
     tiny_dir, ckpt, reference, tmp_path, capsys
 ):

@@ -180,6 +180,44 @@ def test_novelty_gate_settings_load_refuse_a_missing_memory_and_reach_the_card(p
     )
 
 
+def test_return_gated_says_which_queries_the_memory_added_after_training_answered(
+    project, tiny_dir, tmp_path
+):
+    """With ``known_memory`` lacking every other row of the attached memory, ``return_gated`` marks the
+    images answered from the added rows (their embedding is then the mean of those rows' captions, not the
+    fusion's) and the captions kept frozen; the embeddings are those returned without it; without a gate,
+    or not refined, nothing is gated."""
+    from reco_lightning.memory.store import MemoryStore
+
+    ids = np.asarray(MemoryStore.open(tiny_dir / "memory", load_indexes=False).ids)
+    (tmp_path / "known").mkdir()
+    np.save(tmp_path / "known" / "ids.npy", ids[::2])
+    export = project / "runs" / "tiny" / "export"
+    kwargs = {"memory": tiny_dir / "memory", "backbone": tiny_dir / "clip"}
+    gate = {"known_memory": tmp_path / "known", "novelty_threshold": 0.5, "novelty_share_quantile": None}
+    model, plain = (
+        RecoModel.from_pretrained(export, **kwargs, **gate),
+        RecoModel.from_pretrained(export, **kwargs),
+    )
+    images = sorted((tiny_dir / "images").glob("val_*.png"))[:16]
+    embeddings, gated = model.encode_image(images, batch_size=8, return_gated=True)
+    assert torch.equal(embeddings, model.encode_image(images, batch_size=8))
+    assert gated.dtype == torch.bool and gated.shape == (16,) and 0 < int(gated.sum()) < 16
+    fused = plain.encode_image(images, batch_size=8)
+    assert (
+        torch.equal(embeddings[~gated], fused[~gated])
+        and not torch.isclose(embeddings[gated], fused[gated]).all()
+    )
+    captions = ["a photo of a red circle", "a blue square", "green triangle"] * 4
+    texts, kept = model.encode_text(captions, return_gated=True)
+    frozen = model.encode_text(captions, refine=False)
+    assert torch.equal(texts[kept], frozen[kept]) and kept.any()
+    assert not plain.encode_image(images, batch_size=8, return_gated=True).gated.any()
+    assert not model.encode_image(images, refine=False, return_gated=True).gated.any()
+    refined = model.refine(model.encode_image(images[:8], refine=False), "image", return_gated=True)
+    assert torch.equal(refined.gated.cpu(), gated[:8])  # the same batch: ties among neighbours break alike
+
+
 def test_encode_image_inputs_errors_and_frozen_side(project, tiny_dir):
     model = RecoModel.from_pretrained(project / "runs" / "tiny" / "export", backbone=tiny_dir / "clip")
     image = tiny_dir / "images" / "val_000001.png"

@@ -127,7 +127,9 @@ class ZeroShotEvaluation(pl.Callback):
             far more concentrated needs a higher value (the demo uses 0.9999: exact copies).
 
     A model with a novelty gate (``known_memory``) also reports ``gated_images`` on the classification rows
-    whose image side is RECO's: the images the gate answered from the memory rows added after training.
+    whose image side is RECO's (the images the gate answered from the memory rows added after training) and
+    ``gated_prompts`` on those whose text side is (the class prompts it kept frozen). Under DDP each rank
+    reads a share of the images; the image counts are summed over ranks.
     """
 
     def __init__(
@@ -251,6 +253,7 @@ class ZeroShotEvaluation(pl.Callback):
             dataset = Subset(dataset, indices[rank::world])
 
         encode = pl_module.backbone.encode_captions
+        prompts_gated = _GateCount("gated_prompts")
         weights: dict[tuple[Side, int | None], Tensor] = {}
         for setting, k in [(s, None) for s in self.settings] + [("reco", k) for k in self.k_sweep]:
             text_side = SETTINGS[setting][1]
@@ -259,7 +262,7 @@ class ZeroShotEvaluation(pl.Callback):
                 weights[key] = build_class_embeddings(
                     classnames,
                     templates,
-                    self._side(pl_module, encode, "text", text_side, k),
+                    self._side(pl_module, encode, "text", text_side, k, prompts_gated),
                     self.batch_size,
                 )
 
@@ -270,7 +273,7 @@ class ZeroShotEvaluation(pl.Callback):
         for k in self.k_sweep:
             accumulators[("reco", k)] = _group_accumulators(len(classnames), groups, device)
 
-        leaks, gated = _LeakCount(), _GateCount()
+        leaks, gated = _LeakCount(), _GateCount("gated_images")
         for image_inputs, labels in _progress(self._loader(dataset, pl_module), f"zero-shot {spec.name}"):
             v = pl_module.backbone.encode_images(image_inputs)
             images: dict[tuple[Side, int | None], Tensor] = {("frozen", None): v}
@@ -285,12 +288,14 @@ class ZeroShotEvaluation(pl.Callback):
                 for group, acc in groups_acc.items():
                     _update_group(acc, group, groups, scores, labels)
 
+        if world > 1:  # each rank read its share of the images: the counts are the ranks' sum
+            _sum_over_ranks(pl_module.device, leaks, gated)
         sweep: dict[str, dict[int, float]] = {}
         for (setting, k), groups_acc in accumulators.items():
             metrics = _group_metrics(groups_acc)
             name = setting if k is None else f"{setting}@k={k}"
-            image_side = SETTINGS[setting][0]
-            gate = gated.metrics() if image_side == "reco" and k is None else {}
+            image_side, text_side = SETTINGS[setting]
+            gate = {**gated.metrics(image_side, k), **prompts_gated.metrics(text_side, k)}
             report.add(spec.name, name, {**metrics, **leaks.metrics(image_side), **gate})
             if k is not None:
                 sweep.setdefault("reco", {})[k] = metrics["top1"]
@@ -355,7 +360,6 @@ class ZeroShotEvaluation(pl.Callback):
         captions against ``pair_images``, their own images); counts what the guard excluded and, into
         ``gated``, the queries RECO's novelty gate answers from the memory added after training."""
         found: dict[int | None, Neighbours] = {}
-        counted: set[int | None] = set()  # the k whose gate decisions are counted already
 
         def side_of(side: Side, k: int | None) -> Tensor:
             if side == "frozen":
@@ -366,10 +370,8 @@ class ZeroShotEvaluation(pl.Callback):
                 )
                 if leaks.counts(k):
                     leaks.add(found[k].excluded)
-            if side == "reco" and k is None and gated is not None and k not in counted:
-                counted.add(k)
-                gated.add(getattr(pl_module, "gated_queries", _no_gate)(x, modality, found[k]))
-            return self._apply(pl_module, x, modality, side, found[k])
+            counts = gated if side == "reco" and k is None else None  # the trained k's decisions only
+            return self._apply(pl_module, x, modality, side, found[k], counts)
 
         return side_of
 
@@ -380,26 +382,38 @@ class ZeroShotEvaluation(pl.Callback):
         modality: str,
         side: Side,
         k: int | None,
+        gated: _GateCount | None = None,
     ) -> Callable[[Any], Tensor]:
-        """``encode`` followed by what ``side`` does to one modality's embeddings."""
+        """``encode`` followed by what ``side`` does to one modality's embeddings (RECO's gate decisions at
+        the trained k counted into ``gated``)."""
         if side == "frozen":
             return encode
+        counts = gated if side == "reco" and k is None else None
 
         def transformed(x: Any) -> Tensor:
             embeddings = encode(x)
             return self._apply(
-                pl_module, embeddings, modality, side, pl_module.neighbours(embeddings, modality, k=k)
+                pl_module, embeddings, modality, side, pl_module.neighbours(embeddings, modality, k=k), counts
             )
 
         return transformed
 
     def _apply(
-        self, pl_module: pl.LightningModule, x: Tensor, modality: str, side: Side, neighbours: Neighbours
+        self,
+        pl_module: pl.LightningModule,
+        x: Tensor,
+        modality: str,
+        side: Side,
+        neighbours: Neighbours,
+        gated: _GateCount | None = None,
     ) -> Tensor:
         """What a retrieving ``side`` makes of embeddings ``x`` and their ``neighbours`` (the same rows the
-        fusion reads, so every setting compares uses of one retrieval)."""
+        fusion reads, so every setting compares uses of one retrieval); RECO's gate decisions go to ``gated``."""
         if side == "reco":
-            return pl_module.refine(x, modality, rows=neighbours.rows)
+            refined = pl_module.refine_and_gate(x, modality, rows=neighbours.rows)
+            if gated is not None:
+                gated.add(refined.gated)
+            return refined.embeddings
         if side == "lookup":
             return lookup(neighbours, self.lookup_temperature)
         return mix(x, neighbours, self.mix_alpha)
@@ -439,28 +453,41 @@ class _LeakCount:
 _UNSET = object()
 
 
-class _GateCount:
-    """How many of one evaluation set's images RECO's novelty gate answered from the memory rows added
-    after training (``known_memory``): ``gated_images``, on the rows whose image side is RECO's (at the
-    trained k), and only where the model has a gate: how often the attached memory was trusted over the
-    fusion."""
+def _sum_over_ranks(device: torch.device, leaks: _LeakCount, gated: _GateCount) -> None:
+    """Replace one rank's image counts by every rank's sum (each rank reads a share of the images; the
+    accuracies sync through their torchmetrics states). Prompts are not summed: every rank encodes them all."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    counts = [leaks.queries, leaks.items, int(leaks.guarded), gated.count, int(gated.active)]
+    total = torch.tensor(counts, dtype=torch.long, device=device)
+    torch.distributed.all_reduce(total)
+    leaks.queries, leaks.items, leaks.guarded, gated.count, gated.active = (
+        int(total[0]),
+        int(total[1]),
+        bool(total[2]),
+        int(total[3]),
+        bool(total[4]),
+    )
 
-    def __init__(self) -> None:
-        self.images = 0
+
+class _GateCount:
+    """How many of one classification set's queries of one modality RECO's novelty gate answered from the
+    memory rows added after training (``known_memory``), reported as ``key`` on the rows whose side of that
+    modality is RECO's (at the trained k), and only where the model has a gate: how often the attached
+    memory was trusted over the fusion (images) or a class name was new to it (prompts, kept frozen)."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.count = 0
         self.active = False
 
     def add(self, novel: Tensor | None) -> None:
         if novel is not None:
             self.active = True
-            self.images += int(novel.sum())
+            self.count += int(novel.sum())
 
-    def metrics(self) -> dict[str, float]:
-        return {"gated_images": self.images} if self.active else {}
-
-
-def _no_gate(*_: Any) -> None:
-    """A module without :meth:`RecoModule.gated_queries` has no novelty gate."""
-    return None
+    def metrics(self, side: Side, k: int | None) -> dict[str, float]:
+        return {self.key: self.count} if self.active and side == "reco" and k is None else {}
 
 
 def _side_key(side: Side, k: int | None) -> tuple[Side, int | None]:

@@ -30,9 +30,9 @@ from reco_lightning.pretrained import (
     BackboneMismatchError,
     RecoConfig,
     RecoModel,
-    gated_queries,
+    Refined,
     open_retriever,
-    refine_embeddings,
+    refine_and_gate,
 )
 from reco_lightning.retrieval import Choice, NearDuplicateOf, Neighbours, Retriever
 from reco_lightning.types import Modality
@@ -211,8 +211,21 @@ class RecoModule(pl.LightningModule):
         was applied when they were found); ``pair_images``: the
         frozen images of text queries' pairs, for near-duplicate exclusion in training.
         """
+        return self.refine_and_gate(embeddings, modality, exclude_ids, k, rows, pair_images).embeddings
+
+    def refine_and_gate(
+        self,
+        embeddings: Tensor,
+        modality: Modality,
+        exclude_ids: Tensor | None = None,
+        k: int | None = None,
+        rows: Tensor | None = None,
+        pair_images: Tensor | None = None,
+    ) -> Refined:
+        """:meth:`refine` with the novelty gate's decision per query (``gated`` None without a gate): the
+        queries answered from the memory rows added after training (``known_memory``)."""
         fusion = self.image_fusion if modality == "image" else self.text_fusion
-        return refine_embeddings(
+        return refine_and_gate(
             fusion,
             self.retriever,
             embeddings,
@@ -223,13 +236,6 @@ class RecoModule(pl.LightningModule):
             rows=rows,
             pair_images=pair_images,
         )
-
-    def gated_queries(self, embeddings: Tensor, modality: Modality, neighbours: Neighbours) -> Tensor | None:
-        """[B] bool: which queries :meth:`refine` answers from the memory rows added after training (their
-        ``neighbours`` found already); None without a novelty gate (``known_memory``) or retrieval."""
-        if self.retriever is None or self.hparams.get("mask_retrieved", False):
-            return None
-        return gated_queries(self.retriever, embeddings, modality, neighbours)
 
     def neighbours(
         self,
@@ -300,13 +306,20 @@ class RecoModule(pl.LightningModule):
         return [DataEpochHooks()]
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        """Embeddings for downstream use: frozen and, per refine_image/refine_text, refined."""
+        """Embeddings for downstream use: frozen and, per refine_image/refine_text, refined; with a novelty
+        gate, ``image_gated`` / ``text_gated`` [B] bool mark the rows answered from the memory added after
+        training."""
         v, t = self.embed(batch)
         out = {"image_emb": v, "text_emb": t}
-        if self.hparams.refine_image:
-            out["image_emb_refined"] = self.refine(v, "image")
-        if self.hparams.refine_text:
-            out["text_emb_refined"] = self.refine(t, "text")
+        for side, frozen, on in (
+            ("image", v, self.hparams.refine_image),
+            ("text", t, self.hparams.refine_text),
+        ):
+            if on:
+                refined = self.refine_and_gate(frozen, side)
+                out[f"{side}_emb_refined"] = refined.embeddings
+                if refined.gated is not None:
+                    out[f"{side}_gated"] = refined.gated
         if "id" in batch:
             out["id"] = batch["id"]
         return out

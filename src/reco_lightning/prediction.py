@@ -7,6 +7,7 @@ writes its own parts, with no gather, every ``part_size`` rows and at its end::
       img_emb/img_emb_RRRR_PPPPPP.npy           float16 [n, dim], unit rows (refined where the model refines images)
       text_emb/text_emb_RRRR_PPPPPP.npy         float16 [n, dim], unit rows (refined where it refines texts)
       metadata/metadata_RRRR_PPPPPP.parquet     one row per embedding row: image_path, caption, id, key, position
+                                                (and image_gated / text_gated with a novelty gate: below)
       frozen/{img_emb,text_emb,metadata}/...    with write_frozen: the frozen CLIP embeddings, same parts and rows
       progress/rank_RRRR.json                   this rank's parts so far (after each part, and at its end) and the
                                                 keys of its source pairs that could not be read, each with why (bad_keys)
@@ -17,7 +18,10 @@ writes its own parts, with no gather, every ``part_size`` rows and at its end::
 embedding-reader read the parts of a folder in sorted file-name order, and the names sort alike in every
 folder, so row ``i`` of the concatenated ``img_emb`` parts, of the ``text_emb`` parts and of the
 ``metadata`` parts is one pair. A side the model does not refine (``refine_image``/``refine_text`` off) is
-written frozen in the main folder, and the manifest says which sides are refined.
+written frozen in the main folder, and the manifest says which sides are refined. A model with a novelty
+gate (``known_memory``) adds a boolean column per refined side, ``image_gated`` / ``text_gated``: the rows
+answered from the memory rows added after training instead of by the fusion (an image: the mean of its
+added neighbours' captions; a caption: kept frozen); the finished manifest counts them (``gated``).
 
 A part's files are each written to a temp name and renamed, its metadata file last: a part is complete iff
 its metadata file exists. A re-run of the same command resumes: each rank keeps its complete parts,
@@ -26,7 +30,7 @@ removes what a killed run left of the next one, and has the data module skip the
 rank's pairs in position order, so the result is the files of an uninterrupted run (the same rows; a row
 whose retrieved neighbours tie exactly may keep other ones if its query batch differs in size, as a
 memory's exact search breaks ties by batch size). A resume with other settings (world size, part size,
-backbone, memory, k, refined sides, weights) is refused. The ranks exchange no data; they meet once, at
+backbone, memory, k, refined sides, novelty gate, weights) is refused. The ranks exchange no data; they meet once, at
 the end, so that ``reco predict`` returns when every rank is done and the manifest has the totals.
 """
 
@@ -268,6 +272,7 @@ class EmbeddingWriter(BasePredictionWriter):
             "k": hparams.get("k"),
             "mask_retrieved": bool(hparams.get("mask_retrieved", False)),
             "weights_sha256": weights.hexdigest()[:16],
+            "novelty": _novelty_plan(hparams, retriever),
         }
         memory_path = getattr(memory, "path", None) or hparams.get("memory")
         data = getattr(getattr(trainer, "datamodule", None), "hparams", None) or {}
@@ -323,7 +328,7 @@ class EmbeddingWriter(BasePredictionWriter):
                 **info,
                 "layout": layout,
                 "frozen": "frozen" if self.write_frozen else None,  # the same layout under it
-                "columns": list(COLUMNS),
+                "columns": [*COLUMNS, *_gated_columns(plan)],
             }
             atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2) + "\n")
         self._plan = plan
@@ -364,6 +369,12 @@ class EmbeddingWriter(BasePredictionWriter):
                 chunk[key] = _unit_fp16(frozen)
             if self.write_frozen:
                 chunk[f"frozen_{key}"] = _unit_fp16(frozen)
+        for column in _gated_columns(self._plan):
+            if column not in prediction:
+                raise EmbeddingExportError(
+                    f"the model has a novelty gate but predict_step returned no {column} (RecoModule's does)"
+                )
+            chunk[column] = prediction[column].detach().to("cpu", torch.bool).numpy()
         for column in COLUMNS:
             value = batch[column]
             value = value.tolist() if isinstance(value, torch.Tensor) else list(value)
@@ -394,9 +405,9 @@ class EmbeddingWriter(BasePredictionWriter):
         self._buffer = [rest] if self._buffered else []
 
         name = self.part_name(len(self._part_rows))
-        table = pa.table(
-            {c: pa.array(part[c], type=pa.string() if c in _STRINGS else pa.int64()) for c in COLUMNS}
-        )
+        columns = {c: pa.array(part[c], type=pa.string() if c in _STRINGS else pa.int64()) for c in COLUMNS}
+        columns.update({c: pa.array(part[c], type=pa.bool_()) for c in _gated_columns(self._plan)})
+        table = pa.table(columns)
         sink = io.BytesIO()
         pq.write_table(table, sink)
         metadata = sink.getvalue()
@@ -478,8 +489,17 @@ class EmbeddingWriter(BasePredictionWriter):
             bad_samples=sum(r["bad_samples"] for r in ranks),
             ranks=ranks,
         )
+        gated = self._count_gated(manifest.get("plan", {}))
+        if gated:
+            manifest["gated"] = gated
         atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2) + "\n")
         rank_zero_info(f"{self.output_dir}: {manifest['rows']} rows in {manifest['parts']} parts per folder")
+        if gated:
+            counts = ", ".join(f"{n} {side}s" for side, n in gated.items())
+            rank_zero_info(
+                f"{self.output_dir}: the novelty gate answered {counts} of {manifest['rows']} rows from the memory "
+                "rows added after training (metadata columns image_gated / text_gated)"
+            )
         if manifest["bad_samples"]:
             first = bad_keys[:3]
             message = (
@@ -492,6 +512,38 @@ class EmbeddingWriter(BasePredictionWriter):
             if not manifest["rows"]:
                 raise EmbeddingExportError(f"{self.output_dir}: nothing was written: {message}")
             rank_zero_warn(f"{self.output_dir}: {message}; the others are written")
+
+    def _count_gated(self, plan: dict[str, Any]) -> dict[str, int]:
+        """Rows per side that the novelty gate answered, over every rank's parts (their metadata columns)."""
+        import pyarrow.parquet as pq
+
+        columns = _gated_columns(plan)
+        counts = dict.fromkeys(columns, 0)
+        for path in sorted((self.output_dir / "metadata").glob("metadata_*.parquet")):
+            if _PART.match(path.name) and columns:
+                table = pq.read_table(path, columns=columns)
+                for column in columns:
+                    counts[column] += int(np.asarray(table.column(column).to_numpy(), dtype=bool).sum())
+        return {column.removesuffix("_gated"): n for column, n in counts.items()}
+
+
+def _novelty_plan(hparams: Any, retriever: Any) -> dict[str, Any] | None:
+    """The novelty gate's settings, part of what a resume must match; None without a gate."""
+    if getattr(retriever, "novelty", None) is None or hparams.get("mask_retrieved", False):
+        return None
+    return {
+        "known_memory": hparams.get("known_memory"),
+        "threshold": hparams.get("novelty_threshold"),
+        "share_quantile": hparams.get("novelty_share_quantile"),
+        "gap": hparams.get("novelty_gap"),
+    }
+
+
+def _gated_columns(plan: dict[str, Any]) -> list[str]:
+    """The metadata's gate columns: one per refined side, with a novelty gate."""
+    if not plan.get("novelty"):
+        return []
+    return [f"{side}_gated" for side in ("image", "text") if plan.get("refined", {}).get(side)]
 
 
 def _unit_fp16(embeddings: torch.Tensor) -> np.ndarray:

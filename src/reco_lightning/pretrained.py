@@ -30,7 +30,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple, overload
 
 import torch
 from torch import Tensor, nn
@@ -53,9 +53,11 @@ __all__ = [
     "ImageLoadError",
     "RecoConfig",
     "RecoModel",
+    "Refined",
     "ZeroShotClassifier",
     "gated_queries",
     "open_retriever",
+    "refine_and_gate",
     "refine_embeddings",
 ]
 
@@ -204,6 +206,13 @@ def open_retriever(
     )
 
 
+class Refined(NamedTuple):
+    """Refined embeddings and which of them the novelty gate answered from the memory added after training."""
+
+    embeddings: Tensor  # [B, dim]
+    gated: Tensor | None  # [B] bool; None without a gate (``known_memory`` unset) or without retrieval
+
+
 def refine_embeddings(
     fusion: FusionTransformer,
     retriever: Retriever | None,
@@ -216,7 +225,7 @@ def refine_embeddings(
     rows: Tensor | None = None,
     pair_images: Tensor | None = None,
 ) -> Tensor:
-    """RECO-refined embeddings of one modality: retrieve, then fuse.
+    """RECO-refined embeddings of one modality: retrieve, then fuse (:func:`refine_and_gate`'s embeddings).
 
     ``rows`` [B, k] are neighbour rows found already (a feature cache, or an evaluation sharing one
     search between settings) and replace the search; ``exclude_ids`` / ``pair_images``: training's
@@ -224,6 +233,33 @@ def refine_embeddings(
     with a novelty gate (``known_memory``) lets queries whose neighbours were mostly added after training
     bypass the fusion (:mod:`reco_lightning.novelty`).
     """
+    return refine_and_gate(
+        fusion,
+        retriever,
+        embeddings,
+        modality,
+        mask_retrieved=mask_retrieved,
+        exclude_ids=exclude_ids,
+        k=k,
+        rows=rows,
+        pair_images=pair_images,
+    ).embeddings
+
+
+def refine_and_gate(
+    fusion: FusionTransformer,
+    retriever: Retriever | None,
+    embeddings: Tensor,
+    modality: Modality,
+    *,
+    mask_retrieved: bool = False,
+    exclude_ids: Tensor | None = None,
+    k: int | None = None,
+    rows: Tensor | None = None,
+    pair_images: Tensor | None = None,
+) -> Refined:
+    """:func:`refine_embeddings` (same arguments), with the novelty gate's decision for each query: what a
+    report or an export needs to say how often the memory was trusted, without deciding twice."""
     if embeddings.shape[0] == 0 or mask_retrieved:
         # mask_retrieved: one masked token stands for the k retrieved ones (the fusion reads nothing).
         # No rows on this rank: still run the fusion once so every parameter joins the backward pass
@@ -232,7 +268,11 @@ def refine_embeddings(
         query = embeddings if embeddings.shape[0] else embeddings.new_zeros(1, embeddings.shape[1])
         blank = embeddings.new_zeros(count, 1, embeddings.shape[1])
         mask = torch.zeros(count, 1, dtype=torch.bool, device=embeddings.device)
-        return fusion(query, blank, mask)[: embeddings.shape[0]]
+        fused = fusion(query, blank, mask)[: embeddings.shape[0]]
+        gated = None
+        if not mask_retrieved and retriever is not None and retriever.novelty is not None:
+            gated = torch.zeros(0, dtype=torch.bool, device=embeddings.device)
+        return Refined(fused, gated)
     if retriever is None:
         raise RuntimeError(
             "no memory is attached, so nothing can be retrieved: set model.memory (in a config) to a memory "
@@ -246,11 +286,12 @@ def refine_embeddings(
     fused = fusion(embeddings, neighbours.embeddings, neighbours.mask)
     novel = gated_queries(retriever, embeddings, modality, neighbours)
     if novel is None or not bool(novel.any()):
-        return fused
+        return Refined(fused, novel)
     captions = neighbours.embeddings
     if modality == "image" and retriever.fusion == "uni":  # neighbours are images: the lookup needs captions
         captions = retriever.gather(neighbours.rows, "text", embeddings.device).embeddings  # uni: text's own
-    return novel_answer(fused, embeddings, modality, neighbours.added, neighbours.mask, captions, novel)
+    answer = novel_answer(fused, embeddings, modality, neighbours.added, neighbours.mask, captions, novel)
+    return Refined(answer, novel)
 
 
 def gated_queries(
@@ -258,7 +299,7 @@ def gated_queries(
 ) -> Tensor | None:
     """[B] bool: the queries the retriever's novelty gate answers from the rows added after training
     (:mod:`reco_lightning.novelty`), given their ``neighbours``; None without a gate (``known_memory``
-    unset). What :func:`refine_embeddings` decides, for reports of how often the memory was trusted."""
+    unset). What :func:`refine_and_gate` decides."""
     gate = retriever.novelty
     if gate is None or neighbours.added is None:
         return None
@@ -340,16 +381,40 @@ class RecoModel(nn.Module):
         return super().train(False)
 
     # --- refinement of embeddings in hand -------------------------------------------------------------
+    @overload
+    def refine(
+        self,
+        embeddings: Tensor,
+        modality: Modality,
+        k: int | None = None,
+        return_gated: Literal[False] = False,
+    ) -> Tensor: ...
+    @overload
+    def refine(
+        self, embeddings: Tensor, modality: Modality, k: int | None = None, *, return_gated: Literal[True]
+    ) -> Refined: ...
     @torch.inference_mode()
-    def refine(self, embeddings: Tensor, modality: Modality, k: int | None = None) -> Tensor:
-        """Refine frozen, unit-norm embeddings [B, dim] of ``modality`` with the attached memory."""
+    def refine(
+        self, embeddings: Tensor, modality: Modality, k: int | None = None, return_gated: bool = False
+    ) -> Tensor | Refined:
+        """Refine frozen, unit-norm embeddings [B, dim] of ``modality`` with the attached memory.
+
+        ``return_gated``: a :class:`Refined` (embeddings, gated), ``gated`` [B] bool marking the queries the
+        novelty gate answered from the memory rows added after training (all False without a gate)."""
         fusion = self.image_fusion if modality == "image" else self.text_fusion
         embeddings = embeddings.to(self.device, torch.float32)
-        return refine_embeddings(
+        refined = refine_and_gate(
             fusion, self.retriever, embeddings, modality, mask_retrieved=self.config.mask_retrieved, k=k
         )
+        if not return_gated:
+            return refined.embeddings
+        gated = refined.gated
+        if gated is None:
+            gated = torch.zeros(len(embeddings), dtype=torch.bool, device=embeddings.device)
+        return Refined(refined.embeddings, gated)
 
     # --- encoding raw inputs --------------------------------------------------------------------------
+    @overload
     def encode_image(
         self,
         images: Sequence[ImageInput] | Tensor,
@@ -357,17 +422,41 @@ class RecoModel(nn.Module):
         batch_size: int = 64,
         progress: bool | None = None,
         on_error: OnError = "raise",
-    ) -> Tensor:
+        return_gated: Literal[False] = False,
+    ) -> Tensor: ...
+    @overload
+    def encode_image(
+        self,
+        images: Sequence[ImageInput] | Tensor,
+        refine: bool | None = None,
+        batch_size: int = 64,
+        progress: bool | None = None,
+        on_error: OnError = "raise",
+        *,
+        return_gated: Literal[True],
+    ) -> Refined: ...
+    def encode_image(
+        self,
+        images: Sequence[ImageInput] | Tensor,
+        refine: bool | None = None,
+        batch_size: int = 64,
+        progress: bool | None = None,
+        on_error: OnError = "raise",
+        return_gated: bool = False,
+    ) -> Tensor | Refined:
         """Unit-norm image embeddings [N, dim] (float32, on the CPU) of paths, PIL images or pixel tensors.
 
         ``refine``: refine with the memory (default: the side's trained setting, ``config.refine_image``);
         False gives the frozen backbone's embeddings. ``on_error="skip"``: an unreadable image gets a row
         of NaN (rows stay aligned with the inputs) and one warning names every such file; "raise": the
-        first one is an :class:`ImageLoadError` naming it.
+        first one is an :class:`ImageLoadError` naming it. ``return_gated``: a :class:`Refined`
+        (embeddings, gated), ``gated`` [N] bool: the images answered from the memory rows added after
+        training (``known_memory``) instead of by the fusion; False where not refined or not read.
         """
         refine = self.config.refine_image if refine is None else bool(refine)
         count = int(images.shape[0]) if isinstance(images, Tensor) else len(images)
         out = torch.full((count, self.dim), float("nan"))
+        gated = torch.zeros(count, dtype=torch.bool)
         failed: list[str] = []
         for start in self._batches(count, batch_size, progress, "encoding images"):
             chunk = images[start : start + batch_size]
@@ -388,35 +477,71 @@ class RecoModel(nn.Module):
                 inputs = self.backbone.preprocess_images(loaded)
             with self._autocast():
                 frozen = self.backbone.encode_images(inputs)
-            emb = self.refine(frozen, "image") if refine else frozen
-            out[[start + i for i in good]] = emb.float().cpu()
+            rows = [start + i for i in good]
+            if refine:
+                refined = self.refine(frozen, "image", return_gated=True)
+                out[rows], gated[rows] = refined.embeddings.float().cpu(), refined.gated.cpu()
+            else:
+                out[rows] = frozen.float().cpu()
         if failed:
             warnings.warn(
                 f"{len(failed)} image(s) could not be read; their rows are NaN: {', '.join(failed)}",
                 stacklevel=2,
             )
-        return out
+        return Refined(out, gated) if return_gated else out
 
+    @overload
     def encode_text(
         self,
         captions: Sequence[str],
         refine: bool | None = None,
         batch_size: int = 256,
         progress: bool | None = None,
-    ) -> Tensor:
+        return_gated: Literal[False] = False,
+    ) -> Tensor: ...
+    @overload
+    def encode_text(
+        self,
+        captions: Sequence[str],
+        refine: bool | None = None,
+        batch_size: int = 256,
+        progress: bool | None = None,
+        *,
+        return_gated: Literal[True],
+    ) -> Refined: ...
+    def encode_text(
+        self,
+        captions: Sequence[str],
+        refine: bool | None = None,
+        batch_size: int = 256,
+        progress: bool | None = None,
+        return_gated: bool = False,
+    ) -> Tensor | Refined:
         """Unit-norm text embeddings [N, dim] (float32, on the CPU) of ``captions``.
 
         ``refine``: refine with the memory (default: ``config.refine_text``); False: the frozen backbone's.
+        ``return_gated``: a :class:`Refined` (embeddings, gated), ``gated`` [N] bool: the captions the novelty
+        gate kept frozen because their neighbours were mostly added after training (a concept the fusion
+        never saw); False where not refined.
         """
         if isinstance(captions, str):
             raise TypeError("encode_text takes a list of captions; wrap a single one in a list")
         refine = self.config.refine_text if refine is None else bool(refine)
-        chunks = []
+        chunks, gated = [], []
         for start in self._batches(len(captions), batch_size, progress, "encoding captions"):
             with self._autocast():
                 frozen = self.backbone.encode_captions(list(captions[start : start + batch_size]))
-            chunks.append((self.refine(frozen, "text") if refine else frozen).float().cpu())
-        return torch.cat(chunks) if chunks else torch.empty(0, self.dim)
+            if refine:
+                refined = self.refine(frozen, "text", return_gated=True)
+                chunks.append(refined.embeddings.float().cpu())
+                gated.append(refined.gated.cpu())
+            else:
+                chunks.append(frozen.float().cpu())
+                gated.append(torch.zeros(len(frozen), dtype=torch.bool))
+        out = torch.cat(chunks) if chunks else torch.empty(0, self.dim)
+        if not return_gated:
+            return out
+        return Refined(out, torch.cat(gated) if gated else torch.zeros(0, dtype=torch.bool))
 
     def classifier(
         self,
