@@ -1,5 +1,6 @@
-"""The novelty gate's two research scripts: the share's trade-off frontier per split (gate_frontier) and
-the ceiling of label-free novelty signals (gate_signals), on synthetic features and rows."""
+"""The novelty gate's research scripts: the share's trade-off frontier per split (gate_frontier), the
+ceiling of label-free novelty signals (gate_signals) and the answers a gated image can get (gated_answer),
+on synthetic features and rows."""
 
 from __future__ import annotations
 
@@ -92,3 +93,42 @@ def test_signals_on_separated_classes(benches, monkeypatch, tmp_path):
     assert saved["mean"] == summary and set(saved["per_root"]) == {"a", "b"}
     assert summary["logistic, 8 signals (reads labels)"]["2.8"] == 100.0
     assert summary["share of added, k 10"]["2.8"] == 100.0  # deeper shares break the ties
+
+
+def test_vote_counts_the_marked_neighbours_and_breaks_ties_to_the_nearest(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    answer = importlib.import_module("gated_answer")
+    labels = torch.tensor([[1, 2, 2, 1], [3, 1, 1, 3], [0, 1, 2, 3]])
+    counted = torch.tensor([[True, True, True, True], [False, True, False, True], [False] * 4])
+    # a 2-2 tie goes to the nearest counted neighbour; none counted: all count (a 1-1-1-1 tie: the first)
+    assert answer.vote(labels, counted, 4).tolist() == [1, 1, 0]
+
+
+def test_gated_answers_on_separated_classes(monkeypatch, tmp_path):
+    """Well-separated classes, captions that name them: every label-free answer from the added rows gets
+    the unseen classes right, as the label vote over the same rows does; the frozen model never predicts
+    them; gated_answer writes what it prints, per split of the roots."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    answer = importlib.import_module("gated_answer")
+    data = synthetic()
+    numbers = answer.score(data, SEEN, "test")
+    assert set(numbers) == {
+        "caption mean, all neighbours (lookup)",
+        "caption mean, added neighbours (the library's)",
+        "vote of the added neighbours' caption classes",
+        "... smoothed over the image graph",
+        "class means of text-retrieved images",
+        "label vote over the added neighbours (reads labels)",
+        "frozen model (no memory)",
+    }
+    frozen = numbers.pop("frozen model (no memory)")
+    assert frozen["unseen"] < 40  # synthetic images and prompts are not aligned: near chance
+    for name, cells in numbers.items():  # every unseen image is gated (all its neighbours were added)
+        assert cells["unseen"] == 100.0 and cells["seen"] == frozen["seen"], (name, cells)
+        assert cells["all"] == pytest.approx((frozen["seen"] + 100.0) / 2), (name, cells)
+    monkeypatch.setattr(answer, "features", lambda root: data)
+    monkeypatch.setattr(answer, "seen_of", lambda root, default: SEEN)
+    summary = answer.main(["--root", "a", "b", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "gated_answer.json").read_text())
+    assert saved["summary"] == json.loads(json.dumps(summary)) and set(saved["per_root"]) == {"a", "b"}
+    assert set(summary["test"]) == {"mean", saved["per_root"]["a"]["split"]}
