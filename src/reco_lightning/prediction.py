@@ -518,9 +518,11 @@ class EmbeddingWriter(BasePredictionWriter):
         import pyarrow.parquet as pq
 
         columns = _gated_columns(plan)
+        if not columns:
+            return {}
         counts = dict.fromkeys(columns, 0)
         for path in sorted((self.output_dir / "metadata").glob("metadata_*.parquet")):
-            if _PART.match(path.name) and columns:
+            if _PART.match(path.name):
                 table = pq.read_table(path, columns=columns)
                 for column in columns:
                     counts[column] += int(np.asarray(table.column(column).to_numpy(), dtype=bool).sum())
