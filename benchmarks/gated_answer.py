@@ -16,7 +16,10 @@ label-free use of the same rows does better, on each prepared root's frozen feat
 - ``class means of text-retrieved images``: each class prompt retrieves its 50 nearest memory captions;
   a class is the mean of their images and an image takes its nearest class mean (a support set built by
   text retrieval, as training-free adapters do);
-- ``label vote over the added neighbours (reads labels)``: a ceiling for any answer from those rows.
+- ``label vote over the added neighbours (reads labels)``: a ceiling for any answer from those rows;
+- and on the prompt side, with the library's answer for images: a class prompt the same share rule gates
+  (over its 10 nearest memory captions; the library keeps it frozen) replaced by its added neighbours'
+  caption mean, or by the sum of both, so that a class meets its gated images in the same space.
 
 For each answer: ``unseen``, the top-1 of the unseen classes' images when every one of them is answered so
 (the answer's own quality); ``all`` and ``seen``, the top-1 of every image and of the seen ones when the
@@ -76,15 +79,23 @@ def answers(data: dict, seen: tuple[int, ...]) -> dict[str, Answer]:
     prompts = unit(data["prompts"].reshape(-1, mem_t.shape[1]))
     retrieved = neighbours(prompts, mem_t, TEXT_DEPTH)[0].view(count, -1)
     means = unit(torch.stack([mem_v[r].mean(0) for r in retrieved]))
+    found = neighbours(prompts, mem_t, K)[0]
+    prompt_gated = (added[found].float().mean(1) >= SHARE).unsqueeze(1)
+    theirs = caption_mean(mem_t[found], added[found])
+    swapped = torch.where(prompt_gated, theirs, prompts).view_as(data["prompts"])
+    summed = torch.where(prompt_gated, unit(prompts + theirs), prompts).view_as(data["prompts"])
 
-    def by_mean(counted: Callable[[torch.Tensor], torch.Tensor]) -> Answer:
-        return lambda v, rows: (caption_mean(mem_t[rows], counted(rows)) @ classes.t()).argmax(1)
+    def by_mean(counted: Callable[[torch.Tensor], torch.Tensor], weights: torch.Tensor = classes) -> Answer:
+        return lambda v, rows: (caption_mean(mem_t[rows], counted(rows)) @ weights.t()).argmax(1)
+
+    def of_added(rows: torch.Tensor) -> torch.Tensor:
+        return added[rows]
 
     return {
         "caption mean, all neighbours (lookup)": by_mean(
             lambda rows: torch.ones_like(rows, dtype=torch.bool)
         ),
-        "caption mean, added neighbours (the library's)": by_mean(lambda rows: added[rows]),
+        "caption mean, added neighbours (the library's)": by_mean(of_added),
         "vote of the added neighbours' caption classes": lambda v, rows: vote(
             caption_class[rows], added[rows], count
         ),
@@ -92,6 +103,12 @@ def answers(data: dict, seen: tuple[int, ...]) -> dict[str, Answer]:
         "class means of text-retrieved images": lambda v, rows: (v @ means.t()).argmax(1),
         "label vote over the added neighbours (reads labels)": lambda v, rows: vote(
             mem_y[rows], added[rows], count
+        ),
+        "the library's, gated prompts their added captions' mean": by_mean(
+            of_added, class_embeddings_from_prompt_embeddings(swapped)
+        ),
+        "the library's, gated prompts plus that mean": by_mean(
+            of_added, class_embeddings_from_prompt_embeddings(summed)
         ),
     }
 

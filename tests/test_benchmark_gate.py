@@ -119,6 +119,8 @@ def test_gated_answers_on_separated_classes(monkeypatch, tmp_path):
         "... smoothed over the image graph",
         "class means of text-retrieved images",
         "label vote over the added neighbours (reads labels)",
+        "the library's, gated prompts their added captions' mean",
+        "the library's, gated prompts plus that mean",
         "frozen model (no memory)",
     }
     frozen = numbers.pop("frozen model (no memory)")
