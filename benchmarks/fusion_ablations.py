@@ -102,7 +102,7 @@ from reco_lightning.fusion import FusionConfig, FusionTransformer
 from reco_lightning.losses import LossConfig, RecoContrastiveLoss
 from reco_lightning.memory.store import MemoryStore
 from reco_lightning.metrics import build_prompts, class_embeddings_from_prompt_embeddings
-from reco_lightning.novelty import added_share, novel_answer, novel_queries
+from reco_lightning.novelty import CaptionWhitening, added_share, novel_answer, novel_queries
 from reco_lightning.optim import warmup_cosine
 
 
@@ -150,6 +150,10 @@ class Recipe:
     # more than this the mean share its own 10 nearest training rows see (each its own row skipped): a
     # concept-local base rate, for a memory grown with more rows of one known concept (research, session 13)
     added_share_local: float | None = None
+    # > 0 (with added_gate): a gated image's answer (its added neighbours' caption mean) is mapped through
+    # the memory's caption covariance, regularised by this fraction of its largest eigenvalue
+    # (novelty.CaptionWhitening; session 14), before it meets the class prompts
+    added_whiten: float = 0.0
     k: int = 10
     batch_size: int = 256
     scores: str = ""  # "" (the demo's fusion), "tokens", "gate", "weighted" or "trust": see ScoredFusion
@@ -309,6 +313,20 @@ ROWS: dict[str, Recipe] = {
             ("one class thinned to a tenth", Recipe(pair_fraction=0.1, thin_one_class=True)),
         )
         for margin in (0.0, 0.1)
+    },
+    # the gated image's answer whitened by the memory's caption covariance (session 14): does it tell the
+    # new concepts apart where the text tower collapses their names?
+    **{
+        f"{name}, added-memory gate {share}, share quantile 0.95, whitened {ridge}": replace(
+            base, added_gate=share, added_share_quantile=0.95, added_whiten=ridge
+        )
+        for name, base in (
+            ("strict, calibrated on seen-only", replace(STRICT, skip_rule="keep-only")),
+            ("a tenth of the pairs, 50 epochs", Recipe(pair_fraction=0.1, epochs=50)),
+            ("one class thinned to a tenth", Recipe(pair_fraction=0.1, thin_one_class=True)),
+        )
+        for share in (0.9, 1.0)
+        for ridge in (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
     },
     # is the fusion's cost to the seen classes on its text side? (research, session 11)
     "strict, calibrated on seen-only, added-memory gate 0.9, gap 0.9, prompts frozen": replace(
@@ -636,7 +654,12 @@ def run(
             if recipe.added_gate:
                 share = added_share(added[found], valid(found))
                 novel = added_gate(recipe, found, added, unit(v), unit(mem_v), seed)
-                fused = novel_answer(fused, v, "image", added[found], valid(found), mem_t[found], novel)
+                whitening = (
+                    CaptionWhitening(unit(mem_t), recipe.added_whiten) if recipe.added_whiten else None
+                )
+                fused = novel_answer(
+                    fused, v, "image", added[found], valid(found), mem_t[found], novel, whitening
+                )
                 if recipe.added_blend:  # research only (session 10: it costs unseen far more than it saves)
                     blended = unit(fused + recipe.added_blend * unit(v))
                     fused = torch.where(novel.unsqueeze(1), blended, fused)

@@ -8,7 +8,9 @@ from those rows: the mean of their captions, classified against the frozen class
 never learned the unseen class names (docs/results.md, session 10). This script asks whether another
 label-free use of the same rows does better, on each prepared root's frozen features (no training):
 
-- ``caption mean, all neighbours (lookup)`` and ``caption mean, added neighbours (the library's)``;
+- ``caption mean, all neighbours (lookup)`` and ``caption mean, added neighbours (the library's)``, and
+  the latter through the memory's caption covariance (``novelty.CaptionWhitening``, ridge 0.001 and 0.01:
+  the demo's strict protocol sets 0.01);
 - ``vote of the added neighbours' caption classes``: each added neighbour's caption classified against
   the prompts, then a majority vote (ties to the nearest), instead of one mean;
 - ``... smoothed over the image graph``: the same, after each memory row's caption class is replaced once
@@ -43,6 +45,7 @@ import torch.nn.functional as F
 from fusion_ablations import DEFAULT_SEEN_CLASSES, features, neighbours, seen_of, unit
 from reco_lightning.apps.demo.fashion_mnist import split_name
 from reco_lightning.metrics import class_embeddings_from_prompt_embeddings
+from reco_lightning.novelty import CaptionWhitening
 
 K, SHARE, TEXT_DEPTH = 10, 0.9, 50
 SPLITS = ("val", "test")
@@ -91,11 +94,17 @@ def answers(data: dict, seen: tuple[int, ...]) -> dict[str, Answer]:
     def of_added(rows: torch.Tensor) -> torch.Tensor:
         return added[rows]
 
+    def whitened(ridge: float) -> Answer:
+        whitening = CaptionWhitening(mem_t, ridge)
+        return lambda v, rows: (whitening(caption_mean(mem_t[rows], added[rows])) @ classes.t()).argmax(1)
+
     return {
         "caption mean, all neighbours (lookup)": by_mean(
             lambda rows: torch.ones_like(rows, dtype=torch.bool)
         ),
         "caption mean, added neighbours (the library's)": by_mean(of_added),
+        "the same, whitened (ridge 0.001)": whitened(0.001),
+        "the same, whitened (ridge 0.01)": whitened(0.01),
         "vote of the added neighbours' caption classes": lambda v, rows: vote(
             caption_class[rows], added[rows], count
         ),

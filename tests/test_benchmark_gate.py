@@ -115,6 +115,8 @@ def test_gated_answers_on_separated_classes(monkeypatch, tmp_path):
     assert set(numbers) == {
         "caption mean, all neighbours (lookup)",
         "caption mean, added neighbours (the library's)",
+        "the same, whitened (ridge 0.001)",
+        "the same, whitened (ridge 0.01)",
         "vote of the added neighbours' caption classes",
         "... smoothed over the image graph",
         "class means of text-retrieved images",

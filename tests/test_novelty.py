@@ -10,6 +10,7 @@ import torch
 from reco_lightning.fusion import FusionConfig, FusionTransformer
 from reco_lightning.memory import MemoryStore
 from reco_lightning.novelty import (
+    CaptionWhitening,
     GapCheck,
     NoveltyError,
     NoveltyGate,
@@ -138,6 +139,9 @@ def test_config_checks_the_threshold_and_records_the_known_memory_as_a_path(tmp_
         RecoConfig(novelty_threshold=0.0)
     assert RecoConfig(known_memory=tmp_path).known_memory == str(tmp_path)
     assert RecoConfig().known_memory is None and RecoConfig().novelty_threshold == 0.9
+    with pytest.raises(ValueError, match="novelty_whiten"):
+        RecoConfig(novelty_whiten=0.0)
+    assert RecoConfig.from_mapping({"novelty_whiten": None}).novelty_whiten is None  # None turns it off
 
 
 def test_gap_check_spares_more_rows_of_a_known_concept_and_gates_a_new_one(tmp_path):
@@ -217,3 +221,62 @@ def test_a_check_turned_off_stays_off_through_an_export_config():
     assert (
         RecoConfig.from_mapping({"k": None}).k == RecoConfig().k
     )  # a None where none is allowed: the default
+
+
+def test_caption_whitening_weighs_the_directions_captions_share_less():
+    """Captions that share one strong direction (a phrasing, a collapsed region of names) and differ on a
+    weak one: by cosine an answer is nearer the prompt that shares its strong component; whitened, the weak
+    direction that tells the concepts apart decides. The map is (answer - mean) @ inverse, unit rows."""
+    rng = np.random.default_rng(0)
+    shared, concept = rng.standard_normal(400) * 3.0, np.sign(rng.standard_normal(400)) * 0.3
+    captions = np.zeros((400, DIM), dtype=np.float32)
+    captions[:, 0], captions[:, 1] = shared, concept
+    captions[:, 2:] = 0.05 * rng.standard_normal((400, DIM - 2))
+    whitening = CaptionWhitening(captions, ridge=1e-3)
+    answer = torch.zeros(1, DIM)
+    answer[0, 0], answer[0, 1] = -2.0, 0.3  # of concept +1, with a large negative shared component
+    prompts = torch.zeros(2, DIM)
+    prompts[0, 0], prompts[0, 1] = 2.0, 0.3  # concept +1, the other end of the shared direction
+    prompts[1, 0], prompts[1, 1] = -2.0, -0.3  # concept -1, the answer's end of it
+    prompts = torch.nn.functional.normalize(prompts, dim=-1)
+    plain = torch.nn.functional.normalize(answer, dim=-1) @ prompts.T
+    whitened = whitening(answer) @ prompts.T
+    assert plain.argmax().item() == 1 and whitened.argmax().item() == 0
+    x = captions.astype(np.float64)
+    cov = np.cov((x - x.mean(0)).T)
+    inverse = np.linalg.inv(cov + 1e-3 * np.linalg.eigvalsh(cov).max() * np.eye(DIM))
+    expected = (answer.numpy()[0] - x.mean(0)) @ inverse
+    assert np.allclose(whitening(answer)[0].numpy(), expected / np.linalg.norm(expected), atol=1e-4)
+    assert torch.allclose(whitening(answer).norm(dim=-1), torch.ones(1))
+    with pytest.raises(ValueError, match="ridge > 0"):
+        CaptionWhitening(captions, ridge=0.0)
+
+
+def test_refine_whitens_the_gated_images_answer_only(memories):
+    """With ``whitening`` on the gate, a gated image is its added neighbours' caption mean through it; an
+    image the gate lets through and a gated text are as without it."""
+    old, grown = memories
+    torch.manual_seed(0)
+    net = FusionTransformer(DIM, FusionConfig(num_heads=2))
+    net.eval()
+    store = MemoryStore.open(grown)
+    known = known_rows(np.asarray(store.ids), old)
+    whitening = CaptionWhitening.of_memory(store, ridge=1e-2)
+    queries = torch.from_numpy(unit(np.eye(DIM, dtype=np.float32)[[0, 2]] + 0.05))
+
+    def retriever(white: CaptionWhitening | None) -> Retriever:
+        return Retriever(store, k=4, novelty=NoveltyGate(~known, 0.5, whitening=white))
+
+    plain = refine_embeddings(net, retriever(None), queries, "image")
+    white = refine_embeddings(net, retriever(whitening), queries, "image")
+    assert torch.equal(white[0], plain[0])  # not gated: the fusion's answer
+    assert torch.allclose(white[1], whitening(plain[1:])[0], atol=1e-6)  # gated: the mean, whitened
+    assert not torch.allclose(white[1], plain[1])
+    captions = torch.from_numpy(unit(np.eye(DIM, dtype=np.float32)[[1, 3]] + 0.05))
+    assert torch.equal(
+        refine_embeddings(net, retriever(whitening), captions, "text"),
+        refine_embeddings(net, retriever(None), captions, "text"),
+    )
+    assert np.array_equal(
+        whitening.mean.numpy(), CaptionWhitening.of_memory(store, 1e-2, sample=100).mean.numpy()
+    )

@@ -463,6 +463,7 @@ def test_a_novelty_gate_marks_the_rows_it_answered_and_the_manifest_counts_them(
         "threshold": 0.5,
         "share_quantile": None,
         "gap": None,
+        "whiten": None,
     }
     assert f"the novelty gate answered {manifest['gated']['image']} images" in caplog.text
     with pytest.raises(EmbeddingExportError, match=r"other settings \(novelty "):

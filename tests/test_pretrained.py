@@ -178,6 +178,13 @@ def test_novelty_gate_settings_load_refuse_a_missing_memory_and_reach_the_card(p
         "(rows added after training), that share above the 0.95 quantile of what training rows see "
         "(novelty_share_quantile) bypass the fusion" in card
     )
+    assert "caption covariance" not in card  # novelty_whiten off
+    whitened = model_card({**config, "known_memory": "runs/memory_seen", "novelty_whiten": 0.01})
+    assert (
+        "bypass the fusion (an image: its added neighbours' caption mean through the memory's caption "
+        in whitened
+    )
+    assert "ridge 0.01, novelty_whiten)" in whitened
 
 
 def test_return_gated_says_which_queries_the_memory_added_after_training_answered(

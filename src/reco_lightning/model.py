@@ -52,7 +52,8 @@ class RecoModule(pl.LightningModule):
         memory: directory of a memory built with this backbone (`reco memory build`); swap it freely
             after training. ``None`` means it is attached in code with :meth:`set_memory`.
         memory_search_params, memory_device, k, search, fusion, fusion_config, refine_image, refine_text,
-            mask_retrieved, known_memory, novelty_threshold, novelty_share_quantile, novelty_gap: the
+            mask_retrieved, known_memory, novelty_threshold, novelty_share_quantile, novelty_gap,
+            novelty_whiten: the
             inference settings, documented once in :class:`~reco_lightning.pretrained.RecoConfig` (their
             defaults are its).
         near_duplicate_threshold: training excludes memory items at least this similar to the pair.
@@ -94,6 +95,7 @@ class RecoModule(pl.LightningModule):
         novelty_threshold: float = D.novelty_threshold,
         novelty_share_quantile: float | None = D.novelty_share_quantile,
         novelty_gap: float | None = D.novelty_gap,
+        novelty_whiten: float | None = D.novelty_whiten,
     ) -> None:
         super().__init__()
         fusion_config, loss_config = FusionConfig.coerce(fusion_config), LossConfig.coerce(loss_config)

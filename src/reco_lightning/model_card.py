@@ -76,12 +76,19 @@ def model_card(config: Mapping[str, Any], report: Mapping[str, Any] | None = Non
             for name in ("novelty_share_quantile", "novelty_gap")
             if config.get(name) is not None
         ]
+        whitened = (
+            f" (an image: its added neighbours' caption mean through the memory's caption covariance, ridge "
+            f"{config['novelty_whiten']}, novelty_whiten)"
+            if config.get("novelty_whiten") is not None
+            else ""
+        )
         settings.append(
             (
                 "novelty gate",
                 f"on: queries with at least {config.get('novelty_threshold')} of their neighbours absent from "
                 f"`{config['known_memory']}` (rows added after training){''.join(f', {c}' for c in checks)} "
-                "bypass the fusion; pass `known_memory=` where that memory lives now, or None to turn it off",
+                f"bypass the fusion{whitened}; pass `known_memory=` where that memory lives now, or None to turn "
+                "it off",
             )
         )
     if memory:

@@ -538,6 +538,7 @@ def _novelty_plan(hparams: Any, retriever: Any) -> dict[str, Any] | None:
         "threshold": hparams.get("novelty_threshold"),
         "share_quantile": hparams.get("novelty_share_quantile"),
         "gap": hparams.get("novelty_gap"),
+        "whiten": hparams.get("novelty_whiten"),
     }
 
 

@@ -266,6 +266,9 @@ class Protocol:
     #: mostly rows added since, closer than the training memory's, bypasses the fusion
     #: (reco_lightning.novelty). Where the protocol adds new concepts; the open protocol adds none
     novelty_gate: bool = False
+    #: with the gate, a gated image's answer goes through the memory's caption covariance with this ridge
+    #: (``novelty_whiten``; chosen on the validation split of 9 roots, session 14: docs/results.md)
+    novelty_whiten: float | None = None
 
     def train_pairs(self, layout: DemoLayout) -> Path:
         return layout.memory_pairs if self.name == "open" else layout.fusion_train
@@ -276,7 +279,9 @@ class Protocol:
 
 PROTOCOLS: dict[str, Protocol] = {
     "open": Protocol("open", rule="max", metric="top1"),
-    "strict": Protocol("strict", rule="keep", metric="top1_seen_only", novelty_gate=True),
+    "strict": Protocol(
+        "strict", rule="keep", metric="top1_seen_only", novelty_gate=True, novelty_whiten=0.01
+    ),
 }
 DEFAULT_PROTOCOL = "open"
 CALIBRATION_TOLERANCE = 0.5
@@ -391,6 +396,7 @@ def _demo_config(
     chosen = PROTOCOLS[protocol]
     if chosen.novelty_gate:  # every run and its test (calibration turns it off: calibrate_weight)
         config["model"]["known_memory"] = str(chosen.train_memory(layout))
+        config["model"]["novelty_whiten"] = chosen.novelty_whiten
     return config
 
 
