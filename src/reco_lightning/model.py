@@ -53,9 +53,8 @@ class RecoModule(pl.LightningModule):
             after training. ``None`` means it is attached in code with :meth:`set_memory`.
         memory_search_params, memory_device, k, search, fusion, fusion_config, refine_image, refine_text,
             mask_retrieved, known_memory, novelty_threshold, novelty_share_quantile, novelty_gap,
-            novelty_whiten: the
-            inference settings, documented once in :class:`~reco_lightning.pretrained.RecoConfig` (their
-            defaults are its).
+            novelty_whiten: the inference settings, documented once in
+            :class:`~reco_lightning.pretrained.RecoConfig` (their defaults are its).
         near_duplicate_threshold: training excludes memory items at least this similar to the pair.
         near_duplicate_of: "image" (compare candidates' images with the pair's image, for both sides) or
             "query" (compare with the query in its own modality); see Retriever.

@@ -263,7 +263,7 @@ class Protocol:
     rule: str
     metric: str
     #: the memory the fusion trained with is named at test (``known_memory``): a query whose neighbours are
-    #: mostly rows added since, closer than the training memory's, bypasses the fusion
+    #: mostly rows added since, more of them than the training rows see, bypasses the fusion
     #: (reco_lightning.novelty). Where the protocol adds new concepts; the open protocol adds none
     novelty_gate: bool = False
     #: with the gate, a gated image's answer goes through the memory's caption covariance with this ridge
