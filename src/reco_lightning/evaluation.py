@@ -370,7 +370,7 @@ class ZeroShotEvaluation(pl.Callback):
                 )
                 if leaks.counts(k):
                     leaks.add(found[k].excluded)
-            counts = gated if side == "reco" and k is None else None  # the trained k's decisions only
+            counts = gated if _GateCount.counts(side, k) else None
             return self._apply(pl_module, x, modality, side, found[k], counts)
 
         return side_of
@@ -388,7 +388,7 @@ class ZeroShotEvaluation(pl.Callback):
         the trained k counted into ``gated``)."""
         if side == "frozen":
             return encode
-        counts = gated if side == "reco" and k is None else None
+        counts = gated if _GateCount.counts(side, k) else None
 
         def transformed(x: Any) -> Tensor:
             embeddings = encode(x)
@@ -481,13 +481,18 @@ class _GateCount:
         self.count = 0
         self.active = False
 
+    @staticmethod
+    def counts(side: Side, k: int | None) -> bool:
+        """Whether ``side`` at ``k`` is counted and reported: RECO's own decisions, at the trained k."""
+        return side == "reco" and k is None
+
     def add(self, novel: Tensor | None) -> None:
         if novel is not None:
             self.active = True
             self.count += int(novel.sum())
 
     def metrics(self, side: Side, k: int | None) -> dict[str, float]:
-        return {self.key: self.count} if self.active and side == "reco" and k is None else {}
+        return {self.key: self.count} if self.active and self.counts(side, k) else {}
 
 
 def _side_key(side: Side, k: int | None) -> tuple[Side, int | None]:

@@ -552,21 +552,18 @@ class RecoModel(nn.Module):
         if isinstance(captions, str):
             raise TypeError("encode_text takes a list of captions; wrap a single one in a list")
         refine = self.config.refine_text if refine is None else bool(refine)
-        chunks, gated = [], []
+        out = torch.empty(len(captions), self.dim)
+        gated = torch.zeros(len(captions), dtype=torch.bool)
         for start in self._batches(len(captions), batch_size, progress, "encoding captions"):
             with self._autocast():
                 frozen = self.backbone.encode_captions(list(captions[start : start + batch_size]))
+            rows = slice(start, start + len(frozen))
             if refine:
                 refined = self.refine(frozen, "text", return_gated=True)
-                chunks.append(refined.embeddings.float().cpu())
-                gated.append(refined.gated.cpu())
+                out[rows], gated[rows] = refined.embeddings.float().cpu(), refined.gated.cpu()
             else:
-                chunks.append(frozen.float().cpu())
-                gated.append(torch.zeros(len(frozen), dtype=torch.bool))
-        out = torch.cat(chunks) if chunks else torch.empty(0, self.dim)
-        if not return_gated:
-            return out
-        return Refined(out, torch.cat(gated) if gated else torch.zeros(0, dtype=torch.bool))
+                out[rows] = frozen.float().cpu()
+        return Refined(out, gated) if return_gated else out
 
     def classifier(
         self,
