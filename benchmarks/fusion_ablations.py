@@ -61,7 +61,14 @@ unseen and all classes, and seen-only (seen images among the seen classes only);
   text side?); ``..., local M`` (session 13): gated only if the query's share of added neighbours also
   exceeds by more than M the mean share its 10 nearest training rows see (a base rate of its own region
   of the memory, for a memory grown with more rows of one concept). The share's trade-off over the gate's
-  threshold is drawn per split by ``benchmarks/gate_frontier.py`` from these rows' JSON.
+  threshold is drawn per split by ``benchmarks/gate_frontier.py`` from these rows' JSON. ``..., whitened
+  R`` (session 14): a gated image's answer through the memory's caption covariance at ridge R;
+  ``..., answer all`` (session 15): that answer from all its neighbours' captions, not the added ones;
+- the whitened lookup (session 15): ``lookup, whitened R``, the training-free lookup through the memory's
+  caption covariance (the zero-shot evaluation's ``lookup_whitened``); ``..., whitened lookup mix W``: a
+  trained row's image logits plus W x the whitened lookup's (against the frozen prompts); ``..., whitened
+  lookup mixed into the embedding W``: the image's embedding normalize(fused + W x whitened lookup), met
+  by the fused prompts (what a model's encode_image could return).
 
 Reference rows that read the test classes' labels (not zero-shot; what the frozen image embeddings can
 give with supervision, so a bound on any fusion of them): ``k-NN label vote (labels)``, the majority
@@ -102,8 +109,9 @@ from reco_lightning.fusion import FusionConfig, FusionTransformer
 from reco_lightning.losses import LossConfig, RecoContrastiveLoss
 from reco_lightning.memory.store import MemoryStore
 from reco_lightning.metrics import build_prompts, class_embeddings_from_prompt_embeddings
-from reco_lightning.novelty import CaptionWhitening, added_share, novel_answer, novel_queries
+from reco_lightning.novelty import added_share, novel_answer, novel_queries
 from reco_lightning.optim import warmup_cosine
+from reco_lightning.whitening import MemoryWhitening
 
 
 @dataclass(frozen=True)
@@ -152,8 +160,19 @@ class Recipe:
     added_share_local: float | None = None
     # > 0 (with added_gate): a gated image's answer (its added neighbours' caption mean) is mapped through
     # the memory's caption covariance, regularised by this fraction of its largest eigenvalue
-    # (novelty.CaptionWhitening; session 14), before it meets the class prompts
+    # (whitening.MemoryWhitening; session 14), before it meets the class prompts
     added_whiten: float = 0.0
+    # "all" (with added_gate): a gated image's answer is the caption mean of all its valid neighbours, not
+    # only the added ones (a known image the gate took for new keeps its one training neighbour's vote)
+    added_answer: str = "added"
+    # > 0: at test, every image's logits also get this x its whitened lookup's (the caption mean of its k
+    # neighbours through the memory's caption covariance, ridge ``lookup_whiten``, against the frozen
+    # prompts): the training-free ``lookup, whitened`` row added to the fusion's answer (session 15)
+    lookup_mix: float = 0.0
+    lookup_whiten: float = 1e-3
+    # "embedding": the image's embedding becomes normalize(fused + lookup_mix x whitened lookup), met by the
+    # fused prompts (what an encode_image could return) instead of logits added against the frozen prompts
+    lookup_mix_space: str = "logits"
     k: int = 10
     batch_size: int = 256
     scores: str = ""  # "" (the demo's fusion), "tokens", "gate", "weighted" or "trust": see ScoredFusion
@@ -327,6 +346,62 @@ ROWS: dict[str, Recipe] = {
         )
         for share in (0.9, 1.0)
         for ridge in (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+    },
+    # session 15: the whitened lookup as the training-free answer it is (rows ``lookup, whitened R``) and
+    # with the fusion: added to the open protocol's answer, and the strict gate's answer read from all the
+    # gated image's neighbours, at lower shares (a gated known image then keeps its training neighbour)
+    **{
+        f"{name}, whitened lookup mix {weight}": replace(base, lookup_mix=weight)
+        for name, base in (
+            ("reco", Recipe()),
+            ("control", Recipe(mask=True)),
+            ("strict, calibrated on seen-only", replace(STRICT, skip_rule="keep-only")),
+            (
+                "strict, calibrated on seen-only, added-memory gate 0.9, share quantile 0.95, whitened 0.01",
+                replace(
+                    STRICT,
+                    skip_rule="keep-only",
+                    added_gate=0.9,
+                    added_share_quantile=0.95,
+                    added_whiten=0.01,
+                ),
+            ),
+        )
+        for weight in (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+    },
+    **{
+        f"{name}, whitened lookup mixed into the embedding {weight}": replace(
+            base, lookup_mix=weight, lookup_mix_space="embedding"
+        )
+        for name, base in (
+            ("reco", Recipe()),
+            ("strict, calibrated on seen-only", replace(STRICT, skip_rule="keep-only")),
+            (
+                "strict, calibrated on seen-only, added-memory gate 0.9, share quantile 0.95, whitened 0.01",
+                replace(
+                    STRICT,
+                    skip_rule="keep-only",
+                    added_gate=0.9,
+                    added_share_quantile=0.95,
+                    added_whiten=0.01,
+                ),
+            ),
+        )
+        for weight in (1.0, 2.0, 4.0, 8.0)
+    },
+    **{
+        f"strict, calibrated on seen-only, added-memory gate {share}, share quantile 0.95, whitened {ridge}"
+        f"{', answer all' if answer == 'all' else ''}": replace(
+            STRICT,
+            skip_rule="keep-only",
+            added_gate=share,
+            added_share_quantile=0.95,
+            added_whiten=ridge,
+            added_answer=answer,
+        )
+        for share in (0.5, 0.7, 0.9)
+        for ridge in (3e-3, 1e-2)
+        for answer in ("added", "all")
     },
     # is the fusion's cost to the seen classes on its text side? (research, session 11)
     "strict, calibrated on seen-only, added-memory gate 0.9, gap 0.9, prompts frozen": replace(
@@ -654,11 +729,14 @@ def run(
             if recipe.added_gate:
                 share = added_share(added[found], valid(found))
                 novel = added_gate(recipe, found, added, unit(v), unit(mem_v), seed)
-                whitening = (
-                    CaptionWhitening(unit(mem_t), recipe.added_whiten) if recipe.added_whiten else None
+                whitening = MemoryWhitening(unit(mem_t), recipe.added_whiten) if recipe.added_whiten else None
+                answered = (
+                    added[found]
+                    if recipe.added_answer == "added"
+                    else torch.ones_like(found, dtype=torch.bool)
                 )
                 fused = novel_answer(
-                    fused, v, "image", added[found], valid(found), mem_t[found], novel, whitening
+                    fused, v, "image", answered, valid(found), mem_t[found], novel, whitening
                 )
                 if recipe.added_blend:  # research only (session 10: it costs unseen far more than it saves)
                     blended = unit(fused + recipe.added_blend * unit(v))
@@ -667,7 +745,12 @@ def run(
                 results[name]["judged_novel_seen"] = 100 * novel[~is_unseen].float().mean().item()
                 results[name]["judged_novel_unseen"] = 100 * novel[is_unseen].float().mean().item()
                 results[name]["novelty_auroc"] = auroc(share, is_unseen)
-            results[name].update(top1(fused @ classes.t(), data[f"{name}_y"], seen))
+            if recipe.lookup_mix and recipe.lookup_mix_space == "embedding":
+                fused = unit(fused + recipe.lookup_mix * whitened_answer(data, found, recipe.lookup_whiten))
+            logits = fused @ classes.t()
+            if recipe.lookup_mix and recipe.lookup_mix_space == "logits":
+                logits = logits + recipe.lookup_mix * whitened_lookup(data, found, recipe.lookup_whiten)
+            results[name].update(top1(logits, data[f"{name}_y"], seen))
     return results[split] if isinstance(split, str) else results
 
 
@@ -804,11 +887,27 @@ def training_free(data: dict, seen: tuple[int, ...], split: str, side: str, k: i
     if side == "lookup":
         classes = class_embeddings_from_prompt_embeddings(data["prompts"])
         return top1(unit(image_mean) @ classes.t(), data[f"{split}_y"], seen)
+    if side.startswith("lookup whitened"):
+        return top1(whitened_lookup(data, image_rows, float(side.split()[-1])), data[f"{split}_y"], seen)
     alpha = 0.0 if side == "frozen" else calibrate_skip(data, seen, side.split()[1], k)
     text_rows, _ = neighbours(unit(prompts), unit(data["mem_t"]), k)
     refined = unit(prompts + alpha * data["mem_v"][text_rows].mean(1))
     classes = class_embeddings_from_prompt_embeddings(refined.view_as(data["prompts"]))
     return {**top1(unit(v + alpha * image_mean) @ classes.t(), data[f"{split}_y"], seen), "skip": alpha}
+
+
+def whitened_lookup(data: dict, rows: torch.Tensor, ridge: float) -> torch.Tensor:
+    """[B, classes] logits of the images whose k nearest memory images are ``rows`` [B, k]: their captions'
+    mean through the memory's caption covariance (``whitening.MemoryWhitening``, label-free) against the
+    frozen class prompts (session 15: on the stand-in's collapsed text tower, the lookup's shared caption
+    directions outweigh the few that tell the classes apart)."""
+    return whitened_answer(data, rows, ridge) @ class_embeddings_from_prompt_embeddings(data["prompts"]).t()
+
+
+def whitened_answer(data: dict, rows: torch.Tensor, ridge: float) -> torch.Tensor:
+    """[B, dim] unit rows: the caption mean of memory ``rows`` [B, k] through the memory's caption covariance."""
+    captions = unit(data["mem_t"])
+    return MemoryWhitening(captions, ridge)(unit(captions[rows].mean(1)))
 
 
 def top1(logits: torch.Tensor, labels: torch.Tensor, seen: tuple[int, ...]) -> dict[str, float]:
@@ -865,6 +964,7 @@ TRAINING_FREE = {
     "mix, strict rule": "mix keep",
     "mix, strict rule on seen-only": "mix keep-only",
     "mix, open rule, weights to 10": "mix wide-max",
+    **{f"lookup, whitened {ridge}": f"lookup whitened {ridge}" for ridge in (1e-3, 3e-3, 1e-2)},
 }
 METRICS = ("seen", "seen_only", "unseen", "all")
 

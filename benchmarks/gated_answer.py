@@ -9,7 +9,7 @@ never learned the unseen class names (docs/results.md, session 10). This script 
 label-free use of the same rows does better, on each prepared root's frozen features (no training):
 
 - ``caption mean, all neighbours (lookup)`` and ``caption mean, added neighbours (the library's)``, and
-  the latter through the memory's caption covariance (``novelty.CaptionWhitening``, ridge 0.001 and 0.01:
+  the latter through the memory's caption covariance (``whitening.MemoryWhitening``, ridge 0.001 and 0.01:
   the demo's strict protocol sets 0.01);
 - ``vote of the added neighbours' caption classes``: each added neighbour's caption classified against
   the prompts, then a majority vote (ties to the nearest), instead of one mean;
@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from fusion_ablations import DEFAULT_SEEN_CLASSES, features, neighbours, seen_of, unit
 from reco_lightning.apps.demo.fashion_mnist import split_name
 from reco_lightning.metrics import class_embeddings_from_prompt_embeddings
-from reco_lightning.novelty import CaptionWhitening
+from reco_lightning.whitening import MemoryWhitening
 
 K, SHARE, TEXT_DEPTH = 10, 0.9, 50
 SPLITS = ("val", "test")
@@ -95,7 +95,7 @@ def answers(data: dict, seen: tuple[int, ...]) -> dict[str, Answer]:
         return added[rows]
 
     def whitened(ridge: float) -> Answer:
-        whitening = CaptionWhitening(mem_t, ridge)
+        whitening = MemoryWhitening(mem_t, ridge)
         return lambda v, rows: (whitening(caption_mean(mem_t[rows], added[rows])) @ classes.t()).argmax(1)
 
     return {

@@ -26,7 +26,8 @@ LAYERS: list[tuple[str, ...]] = [
         "console",
     ),  # foundation: no torch models, no Lightning
     ("encoders", "fusion", "losses", "metrics", "tiny_clip", "memory"),  # components
-    ("retrieval", "baselines", "novelty"),  # memory + embeddings -> neighbours (and what is new in them)
+    # memory + embeddings -> neighbours (and what is new in them, and the memory's whitening of answers)
+    ("retrieval", "baselines", "novelty", "whitening"),
     ("data",),  # sources -> shards/records -> stream -> collate -> datamodule; feature cache reader
     ("jobs",),  # resumable multi-device predict jobs that write to disk (memory build, feature cache)
     (
@@ -40,7 +41,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("apps",),  # the demo, the tiny setup, the `reco` script: on top, imported by nothing below
 ]
 NO_LIGHTNING = ("errors", "console", "types", "atomic", "arrays", "optim", "hashing", "encoders", "fusion", "losses", "metrics",
-                "memory", "retrieval", "baselines", "novelty", "model_card", "pretrained", "export")  # fmt: skip
+                "memory", "retrieval", "baselines", "novelty", "whitening", "model_card", "pretrained", "export")  # fmt: skip
 
 
 def _modules() -> dict[str, Path]:

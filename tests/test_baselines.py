@@ -165,3 +165,29 @@ def test_calibration_reads_the_neighbours_the_evaluation_reads(module, tiny_dir)
         leakage_threshold_of(yaml.safe_load((configs / "tiny.yaml").read_text())) == DEFAULT_LEAKAGE_THRESHOLD
     )
     assert leakage_threshold_of({}) == DEFAULT_LEAKAGE_THRESHOLD
+
+
+def test_whitened_lookup_row_is_the_lookup_through_the_memorys_caption_covariance(module, tiny_dir):
+    """``lookup_whitened``: each image's lookup (the guard's neighbours' caption mean) sent through
+    :class:`MemoryWhitening` of the attached memory's captions at ``lookup_whiten``, against the frozen
+    prompts; equal to the hand computation, and another answer than the plain lookup's."""
+    from reco_lightning.data.zeroshot import ImageFolderClassification, load_templates
+    from reco_lightning.metrics import build_class_embeddings, classification_metrics
+    from reco_lightning.whitening import MemoryWhitening
+
+    evaluation = ZeroShotEvaluation(
+        classification=[_shapes(tiny_dir)], settings=["lookup", "lookup_whitened"], lookup_whiten=0.01
+    )
+    rows = {r.setting: r.metrics for r in evaluation.evaluate(module)[0].rows}
+    data = ImageFolderClassification(tiny_dir / "zeroshot")
+    images, labels = zip(*[data[i] for i in range(len(data))], strict=True)
+    clip = module.backbone
+    v = clip.encode_images(clip.preprocess_images(images))
+    frozen = build_class_embeddings(data.classnames, load_templates("clip_generic"), clip.encode_captions)
+    looked = lookup(module.neighbours(v, "image", leak_threshold=evaluation.leakage_threshold))
+    whitened = MemoryWhitening.of_memory(module.retriever.memory, 0.01, "text")(looked)
+    assert not torch.allclose(whitened, looked)
+    expected = classification_metrics(whitened @ frozen.t(), torch.tensor(labels))
+    assert rows["lookup_whitened"]["top1"] == pytest.approx(expected["top1"])
+    assert rows["lookup_whitened"]["top5"] == pytest.approx(expected["top5"])
+    assert rows["lookup_whitened"]["leak_images"] == rows["lookup"]["leak_images"]

@@ -77,6 +77,8 @@ def test_training_free_rows(bench):
     # the lookup (an image's neighbours' captions against the prompts) reads the right classes
     assert bench.training_free(data, SEEN, "test", "frozen")["all"] < 40
     assert bench.training_free(data, SEEN, "test", "lookup")["all"] > 95
+    # whitened by the memory's captions, the lookup is the library's lookup_whitened: still right here
+    assert bench.training_free(data, SEEN, "test", "lookup whitened 0.001")["all"] > 95
     # the strict rule never costs the seen classes more than its tolerance on val
     alpha = bench.calibrate_skip(data, SEEN, "keep")
     chosen = bench.training_free(data, SEEN, "val", "mix keep")

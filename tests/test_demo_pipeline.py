@@ -29,7 +29,8 @@ def test_open_protocol_slice_produces_every_row(tmp_path):
         extra=["--trainer.max_epochs=2", "--trainer.enable_progress_bar=false"],
     )
     rows = result["top1"]
-    expected = ["clip", "lookup", "mix", "control", "reco", MEMORY_FRACTION_ROW, LABEL_VOTE_ROW, PROBE_ROW]
+    expected = ["clip", "lookup", "lookup, whitened", "mix", "control", "reco", MEMORY_FRACTION_ROW]
+    expected += [LABEL_VOTE_ROW, PROBE_ROW]
     assert list(rows) == expected
     assert all(set(m) == {"seen", "seen_only", "unseen", "all", "seen_to_unseen"} for m in rows.values())
     clip, reco = rows["clip"], rows["reco"]

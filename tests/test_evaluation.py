@@ -94,6 +94,8 @@ def test_bad_configuration_is_refused(tiny_dir, module):
         ZeroShotEvaluation(classification=[ClassificationSet("x", "y")], settings=["clip", "best"])
     with pytest.raises(ValueError, match="at least one classification or retrieval set"):
         ZeroShotEvaluation()
+    with pytest.raises(ValueError, match="lookup_whiten is a ridge > 0"):
+        ZeroShotEvaluation(classification=[ClassificationSet("x", "y")], lookup_whiten=0.0)
     bad = ZeroShotEvaluation(
         classification=[
             ClassificationSet("s", str(tiny_dir / "zeroshot"), class_groups={"g": ["purple hexagon"]})

@@ -10,7 +10,6 @@ import torch
 from reco_lightning.fusion import FusionConfig, FusionTransformer
 from reco_lightning.memory import MemoryStore
 from reco_lightning.novelty import (
-    CaptionWhitening,
     GapCheck,
     NoveltyError,
     NoveltyGate,
@@ -22,6 +21,7 @@ from reco_lightning.novelty import (
 )
 from reco_lightning.pretrained import RecoConfig, refine_embeddings
 from reco_lightning.retrieval import Retriever
+from reco_lightning.whitening import MemoryWhitening
 
 DIM = 8
 
@@ -223,35 +223,6 @@ def test_a_check_turned_off_stays_off_through_an_export_config():
     )  # a None where none is allowed: the default
 
 
-def test_caption_whitening_weighs_the_directions_captions_share_less():
-    """Captions that share one strong direction (a phrasing, a collapsed region of names) and differ on a
-    weak one: by cosine an answer is nearer the prompt that shares its strong component; whitened, the weak
-    direction that tells the concepts apart decides. The map is (answer - mean) @ inverse, unit rows."""
-    rng = np.random.default_rng(0)
-    shared, concept = rng.standard_normal(400) * 3.0, np.sign(rng.standard_normal(400)) * 0.3
-    captions = np.zeros((400, DIM), dtype=np.float32)
-    captions[:, 0], captions[:, 1] = shared, concept
-    captions[:, 2:] = 0.05 * rng.standard_normal((400, DIM - 2))
-    whitening = CaptionWhitening(captions, ridge=1e-3)
-    answer = torch.zeros(1, DIM)
-    answer[0, 0], answer[0, 1] = -2.0, 0.3  # of concept +1, with a large negative shared component
-    prompts = torch.zeros(2, DIM)
-    prompts[0, 0], prompts[0, 1] = 2.0, 0.3  # concept +1, the other end of the shared direction
-    prompts[1, 0], prompts[1, 1] = -2.0, -0.3  # concept -1, the answer's end of it
-    prompts = torch.nn.functional.normalize(prompts, dim=-1)
-    plain = torch.nn.functional.normalize(answer, dim=-1) @ prompts.T
-    whitened = whitening(answer) @ prompts.T
-    assert plain.argmax().item() == 1 and whitened.argmax().item() == 0
-    x = captions.astype(np.float64)
-    cov = np.cov((x - x.mean(0)).T)
-    inverse = np.linalg.inv(cov + 1e-3 * np.linalg.eigvalsh(cov).max() * np.eye(DIM))
-    expected = (answer.numpy()[0] - x.mean(0)) @ inverse
-    assert np.allclose(whitening(answer)[0].numpy(), expected / np.linalg.norm(expected), atol=1e-4)
-    assert torch.allclose(whitening(answer).norm(dim=-1), torch.ones(1))
-    with pytest.raises(ValueError, match="ridge > 0"):
-        CaptionWhitening(captions, ridge=0.0)
-
-
 def test_refine_whitens_the_gated_images_answer_only(memories):
     """With ``whitening`` on the gate, a gated image is its added neighbours' caption mean through it; an
     image the gate lets through and a gated text are as without it."""
@@ -261,10 +232,10 @@ def test_refine_whitens_the_gated_images_answer_only(memories):
     net.eval()
     store = MemoryStore.open(grown)
     known = known_rows(np.asarray(store.ids), old)
-    whitening = CaptionWhitening.of_memory(store, ridge=1e-2)
+    whitening = MemoryWhitening.of_memory(store, ridge=1e-2)
     queries = torch.from_numpy(unit(np.eye(DIM, dtype=np.float32)[[0, 2]] + 0.05))
 
-    def retriever(white: CaptionWhitening | None) -> Retriever:
+    def retriever(white: MemoryWhitening | None) -> Retriever:
         return Retriever(store, k=4, novelty=NoveltyGate(~known, 0.5, whitening=white))
 
     plain = refine_embeddings(net, retriever(None), queries, "image")
@@ -278,5 +249,5 @@ def test_refine_whitens_the_gated_images_answer_only(memories):
         refine_embeddings(net, retriever(None), captions, "text"),
     )
     assert np.array_equal(
-        whitening.mean.numpy(), CaptionWhitening.of_memory(store, 1e-2, sample=100).mean.numpy()
+        whitening.mean.numpy(), MemoryWhitening.of_memory(store, 1e-2, sample=100).mean.numpy()
     )

@@ -10,6 +10,9 @@ fusion modality, same exclusion), so a report row compares the fusion, nothing e
   the neighbours' captions.
 - :func:`mix`: ``normalize(query + alpha * mean of neighbours)``, RECO's untrained starting point with
   the retrieval weight ``alpha`` (calibrated on validation data, see :mod:`reco_lightning.calibration`).
+
+The zero-shot evaluation's ``lookup_whitened`` row is :func:`lookup` through the memory's covariance
+(:mod:`reco_lightning.whitening`): on the demo's stand-in backbones a far stronger vote (docs/results.md).
 """
 
 from __future__ import annotations

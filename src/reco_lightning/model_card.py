@@ -146,6 +146,7 @@ def model_card(config: Mapping[str, Any], report: Mapping[str, Any] | None = Non
                 ("clip", "the frozen backbone"),
                 ("reco", "this fusion"),
                 ("lookup", "training-free retrieval over the same memory"),
+                ("lookup_whitened", "the same, whitened by the memory's captions"),
                 ("mix", "training-free retrieval over the same memory"),
             )
             if name in shown

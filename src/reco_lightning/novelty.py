@@ -29,9 +29,10 @@ measured there gates more new concepts at the same cost to the known ones. docs/
 
 A gated image's caption mean meets the class prompts by cosine, which weighs the directions all captions
 share (phrasings; on a text tower that never learned the new names, the region they collapse into) as
-much as those that tell concepts apart. :class:`CaptionWhitening` (``novelty_whiten``, off by default)
-sends it through the memory's caption covariance first: on the demo's strict protocol +2.3 all-class at
-ridge 0.01 (validation, 9 stand-in backbones; a sharp optimum), the demo's setting since session 14.
+much as those that tell concepts apart. :class:`~reco_lightning.whitening.MemoryWhitening`
+(``novelty_whiten``, off by default) sends it through the memory's caption covariance first: on the
+demo's strict protocol +2.3 all-class at ridge 0.01 (validation, 9 stand-in backbones; a sharp optimum),
+the demo's setting since session 14.
 """
 
 from __future__ import annotations
@@ -49,9 +50,9 @@ from torch import Tensor
 from reco_lightning.errors import RecoError
 from reco_lightning.memory.store import MemoryStore
 from reco_lightning.types import Modality
+from reco_lightning.whitening import MemoryWhitening
 
 __all__ = [
-    "CaptionWhitening",
     "GapCheck",
     "NoveltyError",
     "NoveltyGate",
@@ -206,53 +207,6 @@ class ShareCheck:
         return added_share(added, mask) > self.threshold(modality, searched)
 
 
-class CaptionWhitening:
-    """The attached memory's caption statistics, through which a gated image's answer meets the classes.
-
-    A gated image is its added neighbours' caption mean, compared with class prompts by cosine. Captions
-    share strong directions (phrasings, and on a text tower that never learned a concept's name, one
-    collapsed region for all such names), which a cosine weighs as much as the few directions that tell
-    concepts apart. The answer is therefore mapped to ``normalize((answer - mean) @ inverse)``, ``inverse``
-    = (covariance + ``ridge`` x its largest eigenvalue)^-1 of up to ``sample`` captions of the memory (a
-    fixed draw): its inner product with a prompt is the whitened one, so shared directions count for less.
-    Label-free and computed once per memory. docs/results.md, session 14.
-    """
-
-    def __init__(self, captions: np.ndarray | Tensor, ridge: float) -> None:
-        if not ridge > 0:
-            raise ValueError(
-                f"novelty_whiten is a ridge > 0 (a fraction of the largest eigenvalue), got {ridge}"
-            )
-        x = torch.as_tensor(np.asarray(captions, dtype=np.float64))
-        if x.ndim != 2 or len(x) < 2:
-            raise ValueError(
-                f"caption whitening needs at least 2 captions [N, D], got shape {tuple(x.shape)}"
-            )
-        self.ridge = float(ridge)
-        self.mean = x.mean(0)
-        values, vectors = torch.linalg.eigh(torch.cov((x - self.mean).T))
-        values = values.clamp(min=0.0)
-        inverse = (
-            vectors @ torch.diag(1.0 / (values + self.ridge * values.max().clamp(min=1e-12))) @ vectors.T
-        )
-        self.mean, self.inverse = self.mean.float(), inverse.float()
-
-    @classmethod
-    def of_memory(cls, memory: MemoryStore, ridge: float, sample: int = 50_000) -> CaptionWhitening:
-        """From up to ``sample`` of ``memory``'s caption embeddings (a fixed draw, sorted)."""
-        rng = np.random.default_rng(0)
-        rows = np.sort(rng.choice(len(memory), size=min(sample, len(memory)), replace=False))
-        return cls(np.asarray(memory.embeddings("text")[rows], dtype=np.float32), ridge)
-
-    def __call__(self, answer: Tensor) -> Tensor:
-        """[B, D] unit rows: ``answer`` [B, D] centred and multiplied by the regularised inverse covariance."""
-        mean, inverse = (
-            self.mean.to(answer.device, answer.dtype),
-            self.inverse.to(answer.device, answer.dtype),
-        )
-        return F.normalize((answer - mean) @ inverse, dim=-1)
-
-
 @dataclass(frozen=True)
 class NoveltyGate:
     """The gate of one attached memory, held by its Retriever (built once, in ``open_retriever``).
@@ -265,7 +219,7 @@ class NoveltyGate:
     threshold: float
     gap: GapCheck | None = None
     share: ShareCheck | None = None
-    whitening: CaptionWhitening | None = None
+    whitening: MemoryWhitening | None = None
 
 
 def added_share(added: Tensor, mask: Tensor) -> Tensor:
@@ -300,7 +254,7 @@ def novel_answer(
 ) -> Tensor:
     """``fused`` [B, D] where ``novel`` [B] is False; where True, an image query becomes the unit mean of its
     added neighbours' captions (``captions`` [B, k, D], the neighbours' paired text embeddings; mapped by
-    ``whitening`` when given, :class:`CaptionWhitening`), a text query its frozen ``query``."""
+    ``whitening`` when given, :class:`~reco_lightning.whitening.MemoryWhitening`), a text query its frozen ``query``."""
     if not bool(novel.any()):
         return fused
     if modality == "image":

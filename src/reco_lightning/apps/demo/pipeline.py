@@ -445,8 +445,9 @@ def train_and_test(
     return json.loads(next(test_dir.rglob("zeroshot_report.json")).read_text())
 
 
-#: report rows of a demo run, in table order
-BASELINES = ("clip", "lookup", "mix")
+#: report rows of a demo run, in table order (a setting's row name where it differs)
+BASELINES = ("clip", "lookup", "lookup_whitened", "mix")
+ROW_NAMES = {"lookup_whitened": "lookup, whitened"}
 HEADLINE = "reco"
 MEMORY_FRACTION_ROW = "reco, trained with 10% of the memory"
 
@@ -467,7 +468,8 @@ def _metrics(row: dict[str, Any]) -> dict[str, float]:
 
 
 def summarise(reports: dict[str, dict], dataset: str = "fashion_mnist_test") -> dict[str, dict[str, float]]:
-    """{"clip", "lookup", "mix", "control", "reco", grid rows...: {seen, unseen, all, seen_to_unseen}}
+    """{"clip", "lookup", "lookup, whitened", "mix", "control", "reco", grid rows...: {seen, unseen, all,
+    seen_to_unseen}}
     (top-1 in percent) from the test reports of one protocol's runs (keyed by run name)."""
     rows: dict[str, dict[str, float]] = {}
     headline = _grid_row(*GRID[0])
@@ -476,11 +478,11 @@ def summarise(reports: dict[str, dict], dataset: str = "fashion_mnist_test") -> 
         if run == headline:
             for setting in BASELINES:
                 if setting in by_setting:
-                    rows[setting] = _metrics(by_setting[setting])
+                    rows[ROW_NAMES.get(setting, setting)] = _metrics(by_setting[setting])
             rows[HEADLINE] = _metrics(by_setting["reco"])
         else:
             rows[run] = _metrics(by_setting["reco"])
-    order = [*BASELINES, "control", HEADLINE]
+    order = [*(ROW_NAMES.get(s, s) for s in BASELINES), "control", HEADLINE]
     return {name: rows[name] for name in [*order, *sorted(set(rows) - set(order))] if name in rows}
 
 
