@@ -184,6 +184,13 @@ class Recipe:
 
 #: the strict rows' common base (the demo's strict recipe until session 8) and their two recurring changes
 STRICT = Recipe(protocol="strict", skip_rule="keep")
+#: the demo's strict recipe since session 14 (skip on seen-only, the gate with its whitened answer)
+STRICT_GATED_NAME = (
+    "strict, calibrated on seen-only, added-memory gate 0.9, share quantile 0.95, whitened 0.01"
+)
+STRICT_GATED = replace(
+    STRICT, skip_rule="keep-only", added_gate=0.9, added_share_quantile=0.95, added_whiten=0.01
+)
 SHUFFLE = {"query_dropout": 0.5, "corruption": "shuffle"}  # half the training queries another pair's
 TRUST_ONLY = {"scores": "trust", "branch": False}  # the learned per-query weights, no transformer branch
 GATE_OVER_FROZEN = Recipe(protocol="strict", epochs=0, skip=0.0, text_side="frozen")  # nothing trained
@@ -356,16 +363,7 @@ ROWS: dict[str, Recipe] = {
             ("reco", Recipe()),
             ("control", Recipe(mask=True)),
             ("strict, calibrated on seen-only", replace(STRICT, skip_rule="keep-only")),
-            (
-                "strict, calibrated on seen-only, added-memory gate 0.9, share quantile 0.95, whitened 0.01",
-                replace(
-                    STRICT,
-                    skip_rule="keep-only",
-                    added_gate=0.9,
-                    added_share_quantile=0.95,
-                    added_whiten=0.01,
-                ),
-            ),
+            (STRICT_GATED_NAME, STRICT_GATED),
         )
         for weight in (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
     },
@@ -376,16 +374,7 @@ ROWS: dict[str, Recipe] = {
         for name, base in (
             ("reco", Recipe()),
             ("strict, calibrated on seen-only", replace(STRICT, skip_rule="keep-only")),
-            (
-                "strict, calibrated on seen-only, added-memory gate 0.9, share quantile 0.95, whitened 0.01",
-                replace(
-                    STRICT,
-                    skip_rule="keep-only",
-                    added_gate=0.9,
-                    added_share_quantile=0.95,
-                    added_whiten=0.01,
-                ),
-            ),
+            (STRICT_GATED_NAME, STRICT_GATED),
         )
         for weight in (1.0, 2.0, 4.0, 8.0)
     },
