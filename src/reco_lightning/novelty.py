@@ -254,7 +254,8 @@ def novel_answer(
 ) -> Tensor:
     """``fused`` [B, D] where ``novel`` [B] is False; where True, an image query becomes the unit mean of its
     added neighbours' captions (``captions`` [B, k, D], the neighbours' paired text embeddings; mapped by
-    ``whitening`` when given, :class:`~reco_lightning.whitening.MemoryWhitening`), a text query its frozen ``query``."""
+    ``whitening`` when given, :class:`~reco_lightning.whitening.MemoryWhitening`), a text query its frozen
+    ``query``."""
     if not bool(novel.any()):
         return fused
     if modality == "image":

@@ -57,7 +57,7 @@ class MemoryWhitening:
         return cls(np.asarray(memory.embeddings(modality)[rows], dtype=np.float32), ridge)
 
     def __call__(self, answer: Tensor) -> Tensor:
-        """[B, D] unit rows: ``answer`` [B, D] centred and multiplied by the regularised inverse covariance."""
+        """[B, D] unit rows: ``answer`` [B, D] centred, times the regularised inverse covariance."""
         mean, inverse = (
             self.mean.to(answer.device, answer.dtype),
             self.inverse.to(answer.device, answer.dtype),
