@@ -26,8 +26,8 @@ LAYERS: list[tuple[str, ...]] = [
         "console",
     ),  # foundation: no torch models, no Lightning
     ("encoders", "fusion", "losses", "metrics", "tiny_clip", "memory"),  # components
-    # memory + embeddings -> neighbours (and what is new in them, and the memory's whitening of answers)
-    ("retrieval", "baselines", "novelty", "whitening"),
+    # memory + embeddings -> neighbours (and what is new in them, the memory's whitening of answers, its vote)
+    ("retrieval", "baselines", "novelty", "whitening", "vote"),
     ("data",),  # sources -> shards/records -> stream -> collate -> datamodule; feature cache reader
     ("jobs",),  # resumable multi-device predict jobs that write to disk (memory build, feature cache)
     (
@@ -41,7 +41,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("apps",),  # the demo, the tiny setup, the `reco` script: on top, imported by nothing below
 ]
 NO_LIGHTNING = ("errors", "console", "types", "atomic", "arrays", "optim", "hashing", "encoders", "fusion", "losses", "metrics",
-                "memory", "retrieval", "baselines", "novelty", "whitening", "model_card", "pretrained", "export")  # fmt: skip
+                "memory", "retrieval", "baselines", "novelty", "whitening", "vote", "model_card", "pretrained",
+                "export")  # fmt: skip
 
 
 def _modules() -> dict[str, Path]:

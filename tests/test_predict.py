@@ -470,6 +470,28 @@ def test_a_novelty_gate_marks_the_rows_it_answered_and_the_manifest_counts_them(
         predict(tiny_dir, ckpt, out)  # the same folder without the gate: refused
 
 
+def test_a_vote_writes_two_blocks_and_a_resume_with_another_weight_is_refused(
+    tiny_dir, ckpt, expected, tmp_path
+):
+    """``vote_weight``: both refined sides written as [n, 2 x 32], unit rows whose first block is the fusion's
+    (scaled by 1 / sqrt(1 + W)) and a text's second its frozen self; the manifest records the vote, so a
+    resume with another weight is refused."""
+    out = tmp_path / "emb"
+    predict(tiny_dir, ckpt, out, vote_weight=3.0)
+    image, text, meta = read_as_clip_retrieval(out)
+    assert image.shape == text.shape == (len(meta), 64)
+    np.testing.assert_allclose(np.linalg.norm(image.astype(np.float32), axis=1), 1, atol=2e-3)
+    positions = meta["position"].to_numpy()
+    for rows, side in ((image, "image"), (text, "text")):
+        want = expected[f"{side}_refined"][positions] / 2.0  # 1 / sqrt(1 + 3)
+        np.testing.assert_allclose(rows[:, :32].astype(np.float32), want, rtol=0, atol=2e-3)
+    frozen_text = expected["text"][positions] * (3.0**0.5 / 2.0)
+    np.testing.assert_allclose(text[:, 32:].astype(np.float32), frozen_text, rtol=0, atol=2e-3)
+    assert json.loads((out / "manifest.json").read_text())["plan"]["vote"] == {"weight": 3.0, "whiten": 0.001}
+    with pytest.raises(EmbeddingExportError, match=r"other settings \(vote "):
+        predict(tiny_dir, ckpt, out, vote_weight=2.0)
+
+
 def test_resume_with_other_part_size_or_world_size_is_refused_in_one_line(
     tiny_dir, ckpt, reference, tmp_path, capsys
 ):

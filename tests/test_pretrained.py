@@ -252,6 +252,62 @@ def test_encode_image_inputs_errors_and_frozen_side(project, tiny_dir):
     assert classify.predict(model.encode_image([image])) == classify.predict([image])
 
 
+def test_a_vote_doubles_the_refined_dimension_and_reaches_the_classifier_export_and_card(
+    project, tiny_dir, tmp_path
+):
+    """``vote_weight`` (an override at load, or saved): refined embeddings [N, 2 x 32] whose first block is
+    the fusion's, the classifier's scores are the fusion's plus W x the vote's over 1 + W, a frozen side
+    meets a refined one lifted, and an export keeps the setting and says so in its card."""
+    export = project / "runs" / "tiny" / "export"
+    kwargs = {"memory": tiny_dir / "memory", "backbone": tiny_dir / "clip"}
+    plain = RecoModel.from_pretrained(export, **kwargs)
+    voted = RecoModel.from_pretrained(export, **kwargs, vote_weight=3.0)
+    assert plain.vote is None and voted.vote.weight == 3.0
+    assert (plain.embedding_dim, voted.embedding_dim, voted.dim) == (32, 64, 32)
+    images = sorted((tiny_dir / "images").glob("val_*.png"))[:8]
+    fused, joined = plain.encode_image(images), voted.encode_image(images)
+    assert joined.shape == (8, 64)
+    torch.testing.assert_close(joined[:, :32], fused / 2.0)  # 1 / sqrt(1 + 3)
+    assert voted.encode_image(images, refine=False).shape == (8, 32)
+    names, templates = ["red circle", "blue square", "green triangle"], ["a photo of a {c}.", "a {c}."]
+    classes, frozen_classes = (
+        plain.classifier(names, templates),
+        plain.classifier(names, templates, refine=False),
+    )
+    vote_block = joined[:, 32:] / (3.0**0.5 / 2.0)
+    expected = (
+        plain.logit_scale
+        * (fused @ classes.weights.t() + 3.0 * vote_block @ frozen_classes.weights.t())
+        / 4.0
+    )
+    classify = voted.classifier(names, templates)
+    assert classify.weights.shape == (3, 64)
+    torch.testing.assert_close(classify.logits(images), expected, atol=1e-4, rtol=1e-4)
+    frozen_images = voted.encode_image(images, refine=False)
+    torch.testing.assert_close(  # a frozen image lifted: the fusion's and the vote's blocks both see it
+        classify.logits(frozen_images),
+        plain.logit_scale
+        * (frozen_images @ classes.weights.t() + 3.0 * frozen_images @ frozen_classes.weights.t())
+        / 4.0,
+        atol=1e-4,
+        rtol=1e-4,
+    )
+    rows = _predict(project, [(str(images[0]), "a red circle")], "voted_predict", "--model.vote_weight=3.0")
+    assert rows["img_emb"].shape == rows["text_emb"].shape == (1, 64)  # reco predict writes both blocks
+    np.testing.assert_allclose(rows["img_emb"].astype(np.float32), joined[:1].numpy(), atol=2e-3)
+    np.testing.assert_allclose(
+        rows["text_emb"].astype(np.float32), voted.encode_text(["a red circle"]).numpy(), atol=2e-3
+    )
+    saved = voted.save_pretrained(tmp_path / "voted")
+    assert json.loads((saved / "config.json").read_text())["vote_weight"] == 3.0
+    assert (
+        "| memory's vote | on: refined embeddings carry the whitened k-NN lookup"
+        in (saved / "README.md").read_text()
+    )
+    assert RecoModel.from_pretrained(saved, **kwargs).embedding_dim == 64
+    assert RecoModel.from_pretrained(saved, **kwargs, vote_weight=0.0).embedding_dim == 32
+
+
 def test_wrong_backbone_memory_or_files_are_refused_in_one_line(project, tiny_dir, other_backbone, tmp_path):
     export = project / "runs" / "tiny" / "export"
     with pytest.raises(BackboneMismatchError, match="pass backbone= the one it was trained on"):

@@ -103,6 +103,8 @@ INFERENCE_SETTINGS = (
     "k",
     "refine_image",
     "refine_text",
+    "vote_weight",  # the memory's vote: no trained weights, chosen per deployment (reco_lightning.vote)
+    "vote_whiten",
 )
 
 

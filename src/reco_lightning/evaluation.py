@@ -34,6 +34,7 @@ from reco_lightning.metrics import (
     retrieval_metrics,
 )
 from reco_lightning.retrieval import Neighbours
+from reco_lightning.vote import MemoryVote
 from reco_lightning.whitening import MemoryWhitening
 
 __all__ = [
@@ -44,7 +45,7 @@ __all__ = [
     "grouped_classification_metrics",
 ]
 
-Side = Literal["frozen", "reco", "lookup", "lookup_whitened", "mix"]
+Side = Literal["frozen", "reco", "reco_without_vote", "lookup", "lookup_whitened", "mix"]
 
 #: ZeroShotEvaluation's leakage guard by default (cosine of memory image to evaluated image; see the class)
 DEFAULT_LEAKAGE_THRESHOLD = 0.95
@@ -56,6 +57,7 @@ SETTINGS: dict[str, tuple[Side, Side]] = {
     "reco": ("reco", "reco"),
     "reco_image": ("reco", "frozen"),
     "reco_text": ("frozen", "reco"),
+    "reco_without_vote": ("reco_without_vote", "reco_without_vote"),
     "lookup": ("lookup", "frozen"),
     "lookup_whitened": ("lookup_whitened", "frozen"),
     "mix": ("mix", "mix"),
@@ -114,6 +116,10 @@ class ZeroShotEvaluation(pl.Callback):
             "lookup_whitened" is the lookup sent through the memory's covariance of what it averages (its
             captions for images: :class:`~reco_lightning.whitening.MemoryWhitening`, label-free), so the
             directions all captions share count for less than those that tell classes apart.
+            "reco_without_vote": for a model with a vote (``vote_weight`` > 0, :mod:`reco_lightning.vote`),
+            RECO's fusion (and gate) alone, what the vote adds to (not reported for a model without a vote:
+            it would repeat "reco"). With a vote every other side meets the vote's two-block space lifted
+            (``MemoryVote.lift``: their own similarities unchanged).
         mix_alpha: the "mix" baseline's retrieval weight (calibrate it: `reco calibrate`).
         lookup_temperature: None: "lookup" averages its neighbours uniformly; a float: softmax(score /
             temperature) weights.
@@ -228,6 +234,11 @@ class ZeroShotEvaluation(pl.Callback):
             pl_module.train(was_training)
         return report, {name: series for name, series in sweep.items() if series}
 
+    def _settings(self, pl_module: pl.LightningModule) -> list[str]:
+        """The settings reported for this model: "reco_without_vote" only where there is a vote."""
+        voting = _voter(pl_module) is not None
+        return [s for s in self.settings if voting or s != "reco_without_vote"]
+
     def _loader(self, dataset: Dataset, pl_module: pl.LightningModule) -> DataLoader:
         backbone = pl_module.backbone
 
@@ -266,10 +277,13 @@ class ZeroShotEvaluation(pl.Callback):
                 indices = [indices[int(i * step)] for i in range(self.limit_images)]
             dataset = Subset(dataset, indices[rank::world])
 
+        voter = _voter(pl_module)
         encode = pl_module.backbone.encode_captions
         prompts_gated = _GateCount("gated_prompts")
         weights: dict[tuple[Side, int | None], Tensor] = {}
-        for setting, k in [(s, None) for s in self.settings] + [("reco", k) for k in self.k_sweep]:
+        for setting, k in [(s, None) for s in self._settings(pl_module)] + [
+            ("reco", k) for k in self.k_sweep
+        ]:
             text_side = SETTINGS[setting][1]
             key = _side_key(text_side, k)
             if key not in weights:
@@ -278,11 +292,12 @@ class ZeroShotEvaluation(pl.Callback):
                     templates,
                     self._side(pl_module, encode, "text", text_side, k, prompts_gated),
                     self.batch_size,
+                    blocks=1 if voter is None else 2,
                 )
 
         accumulators: dict[tuple[str, int | None], dict[str, ZeroShotClassificationAccumulator]] = {}
         device = pl_module.device
-        for setting in self.settings:
+        for setting in self._settings(pl_module):
             accumulators[(setting, None)] = _group_accumulators(len(classnames), groups, device)
         for k in self.k_sweep:
             accumulators[("reco", k)] = _group_accumulators(len(classnames), groups, device)
@@ -290,7 +305,7 @@ class ZeroShotEvaluation(pl.Callback):
         leaks, gated = _LeakCount(), _GateCount("gated_images")
         for image_inputs, labels in _progress(self._loader(dataset, pl_module), f"zero-shot {spec.name}"):
             v = pl_module.backbone.encode_images(image_inputs)
-            images: dict[tuple[Side, int | None], Tensor] = {("frozen", None): v}
+            images: dict[tuple[Side, int | None], Tensor] = {("frozen", None): _lifted(voter, "frozen", v)}
             image_sides = self._guarded_sides(pl_module, v, "image", leaks, gated=gated)
             for (setting, k), groups_acc in accumulators.items():
                 image_side, text_side = SETTINGS[setting]
@@ -342,7 +357,9 @@ class ZeroShotEvaluation(pl.Callback):
         leaks = {"image": _LeakCount(), "text": _LeakCount("leak_captions", "leak_caption_items")}
         sides: dict[tuple[str, Side], Tensor] = {}
         for modality, frozen, refs in (("image", images, None), ("text", texts, pair_images)):
-            needed = list(dict.fromkeys(SETTINGS[s][0 if modality == "image" else 1] for s in self.settings))
+            needed = list(
+                dict.fromkeys(SETTINGS[s][0 if modality == "image" else 1] for s in self._settings(pl_module))
+            )
             chunks: dict[Side, list[Tensor]] = {side: [] for side in needed}
             for start in range(0, len(frozen), self.batch_size):
                 batch = slice(start, start + self.batch_size)
@@ -352,7 +369,7 @@ class ZeroShotEvaluation(pl.Callback):
                 for side in needed:  # one search per batch, whatever the sides
                     chunks[side].append(of(side, None))
             sides.update({(modality, side): torch.cat(parts) for side, parts in chunks.items()})
-        for setting in self.settings:
+        for setting in self._settings(pl_module):
             image_side, text_side = SETTINGS[setting]
             metrics = retrieval_metrics(
                 sides[("image", image_side)], sides[("text", text_side)], dataset.text_to_image
@@ -377,7 +394,7 @@ class ZeroShotEvaluation(pl.Callback):
 
         def side_of(side: Side, k: int | None) -> Tensor:
             if side == "frozen":
-                return x
+                return _lifted(_voter(pl_module), side, x)
             if k not in found:
                 found[k] = pl_module.neighbours(
                     x, modality, k=k, leak_threshold=self.leakage_threshold, leak_images=pair_images
@@ -401,7 +418,8 @@ class ZeroShotEvaluation(pl.Callback):
         """``encode`` followed by what ``side`` does to one modality's embeddings (RECO's gate decisions at
         the trained k counted into ``gated``)."""
         if side == "frozen":
-            return encode
+            voter = _voter(pl_module)
+            return encode if voter is None else lambda x: voter.lift(encode(x))
         counts = gated if _GateCount.counts(side, k) else None
 
         def transformed(x: Any) -> Tensor:
@@ -422,17 +440,22 @@ class ZeroShotEvaluation(pl.Callback):
         gated: _GateCount | None = None,
     ) -> Tensor:
         """What a retrieving ``side`` makes of embeddings ``x`` and their ``neighbours`` (the same rows the
-        fusion reads, so every setting compares uses of one retrieval); RECO's gate decisions go to ``gated``."""
+        fusion reads, so every setting compares uses of one retrieval); RECO's gate decisions go to ``gated``.
+        With a vote, every side but RECO's own is lifted into its two-block space."""
         if side == "reco":
-            refined = pl_module.refine_and_gate(x, modality, rows=neighbours.rows)
+            refined = pl_module.refine_and_gate(x, modality, rows=neighbours.rows, vote=True)
             if gated is not None:
                 gated.add(refined.gated)
             return refined.embeddings
-        if side == "lookup":
-            return lookup(neighbours, self.lookup_temperature)
-        if side == "lookup_whitened":
-            return self._whitening_of(pl_module, modality)(lookup(neighbours, self.lookup_temperature))
-        return mix(x, neighbours, self.mix_alpha)
+        if side == "reco_without_vote":
+            out = pl_module.refine_and_gate(x, modality, rows=neighbours.rows).embeddings
+        elif side == "lookup":
+            out = lookup(neighbours, self.lookup_temperature)
+        elif side == "lookup_whitened":
+            out = self._whitening_of(pl_module, modality)(lookup(neighbours, self.lookup_temperature))
+        else:
+            out = mix(x, neighbours, self.mix_alpha)
+        return _lifted(_voter(pl_module), side, out)
 
     def _whitening_of(self, pl_module: pl.LightningModule, modality: str) -> MemoryWhitening:
         """The attached memory's whitening of what ``modality`` queries' neighbours carry (built once per
@@ -523,6 +546,17 @@ class _GateCount:
 
     def metrics(self, side: Side, k: int | None) -> dict[str, float]:
         return {self.key: self.count} if self.active and self.counts(side, k) else {}
+
+
+def _voter(pl_module: pl.LightningModule) -> MemoryVote | None:
+    """The attached memory's vote (``vote_weight`` > 0), else None."""
+    retriever = getattr(pl_module, "retriever", None)
+    return None if retriever is None else retriever.vote
+
+
+def _lifted(voter: MemoryVote | None, side: Side, x: Tensor) -> Tensor:
+    """``x`` of ``side`` in the vote's two-block space (RECO's own side is there already)."""
+    return x if voter is None or side == "reco" else voter.lift(x)
 
 
 def _side_key(side: Side, k: int | None) -> tuple[Side, int | None]:

@@ -69,13 +69,16 @@ def build_prompts(classnames: Sequence[str], templates: Sequence[str]) -> list[s
 
 
 def class_embeddings_from_prompt_embeddings(
-    prompt_emb: Tensor, num_classes: int | None = None, num_templates: int | None = None
+    prompt_emb: Tensor, num_classes: int | None = None, num_templates: int | None = None, blocks: int = 1
 ) -> Tensor:
     """Reduce prompt embeddings to one classifier row per class, the CLIP way.
 
     Each prompt embedding is L2-normalised (so no template dominates the average), averaged over templates,
     and the mean renormalised. Accepts ``[C, T, D]`` or class-major ``[C*T, D]`` (the order of
     :func:`build_prompts`). The average runs in float32 at least; the result has the input dtype.
+    ``blocks`` > 1: embeddings made of that many equal blocks (a vote's, :mod:`reco_lightning.vote`) are
+    averaged block by block, each block keeping its share of the norm, so a class scores against an image
+    as the sum of its blocks' class scores.
     """
     if prompt_emb.ndim == 3:
         c, t, _ = prompt_emb.shape
@@ -96,8 +99,15 @@ def class_embeddings_from_prompt_embeddings(
     else:
         raise ValueError(f"prompt_emb must be [C*T, D] or [C, T, D], got shape {tuple(prompt_emb.shape)}")
     work = grouped.float() if grouped.dtype in (torch.float16, torch.bfloat16) else grouped
-    mean = F.normalize(work, dim=-1).mean(dim=1)
-    return F.normalize(mean, dim=-1).to(prompt_emb.dtype)
+    if blocks == 1:
+        return F.normalize(F.normalize(work, dim=-1).mean(dim=1), dim=-1).to(prompt_emb.dtype)
+    if blocks < 1 or work.shape[-1] % blocks:
+        raise ValueError(f"blocks={blocks} must divide the embedding dim {work.shape[-1]}")
+    parts = []
+    for part in F.normalize(work, dim=-1).chunk(blocks, dim=-1):
+        share = part.norm(dim=-1).mean(dim=1, keepdim=True)  # [C, 1] the block's share of a prompt's norm
+        parts.append(F.normalize(F.normalize(part, dim=-1).mean(dim=1), dim=-1) * share)
+    return F.normalize(torch.cat(parts, dim=-1), dim=-1).to(prompt_emb.dtype)
 
 
 def build_class_embeddings(
@@ -105,8 +115,10 @@ def build_class_embeddings(
     templates: Sequence[str],
     encode_texts: Callable[[list[str]], Tensor],
     batch_size: int = 256,
+    blocks: int = 1,
 ) -> Tensor:
-    """Zero-shot classifier weights ``[C, D]``: encode every prompt, then reduce per class.
+    """Zero-shot classifier weights ``[C, D]``: encode every prompt, then reduce per class (``blocks``:
+    see :func:`class_embeddings_from_prompt_embeddings`).
 
     Prompts of all classes are encoded together in chunks of ``batch_size`` (a chunk may span classes), so
     1000 classes x 80 templates costs 313 encoder calls instead of 1000 tiny ones.
@@ -123,7 +135,7 @@ def build_class_embeddings(
                 f"encode_texts returned shape {tuple(emb.shape)} for {len(batch)} prompts; expected [{len(batch)}, D]"
             )
         chunks.append(emb)
-    return class_embeddings_from_prompt_embeddings(torch.cat(chunks), len(classnames), len(templates))
+    return class_embeddings_from_prompt_embeddings(torch.cat(chunks), len(classnames), len(templates), blocks)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ class RecoModule(pl.LightningModule):
             after training. ``None`` means it is attached in code with :meth:`set_memory`.
         memory_search_params, memory_device, k, search, fusion, fusion_config, refine_image, refine_text,
             mask_retrieved, known_memory, novelty_threshold, novelty_share_quantile, novelty_gap,
-            novelty_whiten: the inference settings, documented once in
+            novelty_whiten, vote_weight, vote_whiten: the inference settings, documented once in
             :class:`~reco_lightning.pretrained.RecoConfig` (their defaults are its).
         near_duplicate_threshold: training excludes memory items at least this similar to the pair.
         near_duplicate_of: "image" (compare candidates' images with the pair's image, for both sides) or
@@ -95,6 +95,8 @@ class RecoModule(pl.LightningModule):
         novelty_share_quantile: float | None = D.novelty_share_quantile,
         novelty_gap: float | None = D.novelty_gap,
         novelty_whiten: float | None = D.novelty_whiten,
+        vote_weight: float = D.vote_weight,
+        vote_whiten: float = D.vote_whiten,
     ) -> None:
         super().__init__()
         fusion_config, loss_config = FusionConfig.coerce(fusion_config), LossConfig.coerce(loss_config)
@@ -222,9 +224,11 @@ class RecoModule(pl.LightningModule):
         k: int | None = None,
         rows: Tensor | None = None,
         pair_images: Tensor | None = None,
+        vote: bool = False,
     ) -> Refined:
         """:meth:`refine` with the novelty gate's decision per query (``gated`` None without a gate): the
-        queries answered from the memory rows added after training (``known_memory``)."""
+        queries answered from the memory rows added after training (``known_memory``). ``vote``
+        (inference, never training): carry the memory's vote as a second block (``vote_weight`` > 0)."""
         fusion = self.image_fusion if modality == "image" else self.text_fusion
         return refine_and_gate(
             fusion,
@@ -236,6 +240,7 @@ class RecoModule(pl.LightningModule):
             k=k,
             rows=rows,
             pair_images=pair_images,
+            vote=vote,
         )
 
     def neighbours(
@@ -307,8 +312,9 @@ class RecoModule(pl.LightningModule):
         return [DataEpochHooks()]
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        """Embeddings for downstream use: frozen and, per refine_image/refine_text, refined; with a novelty
-        gate, ``image_gated`` / ``text_gated`` [B] bool mark the rows answered from the memory added after
+        """Embeddings for downstream use: frozen and, per refine_image/refine_text, refined (with a vote,
+        ``vote_weight`` > 0: two blocks, twice the backbone's dimension); with a novelty gate,
+        ``image_gated`` / ``text_gated`` [B] bool mark the rows answered from the memory added after
         training."""
         v, t = self.embed(batch)
         out = {"image_emb": v, "text_emb": t}
@@ -317,7 +323,7 @@ class RecoModule(pl.LightningModule):
             ("text", t, self.hparams.refine_text),
         ):
             if on:
-                refined = self.refine_and_gate(frozen, side)
+                refined = self.refine_and_gate(frozen, side, vote=True)
                 out[f"{side}_emb_refined"] = refined.embeddings
                 if refined.gated is not None:
                     out[f"{side}_gated"] = refined.gated

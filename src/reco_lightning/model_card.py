@@ -91,6 +91,16 @@ def model_card(config: Mapping[str, Any], report: Mapping[str, Any] | None = Non
                 "it off",
             )
         )
+    if config.get("vote_weight"):
+        settings.append(
+            (
+                "memory's vote",
+                f"on: refined embeddings carry the whitened k-NN lookup of the neighbours' captions (ridge "
+                f"{config.get('vote_whiten')}) as a second block, weight {config['vote_weight']} (vote_weight): "
+                f"refined embeddings have dim {2 * int(backbone.get('dim') or 0)}, twice the backbone's; "
+                "`vote_weight=0` turns it off",
+            )
+        )
     if memory:
         settings.append(
             (
@@ -144,7 +154,8 @@ def model_card(config: Mapping[str, Any], report: Mapping[str, Any] | None = Non
             (name, meaning)
             for name, meaning in (
                 ("clip", "the frozen backbone"),
-                ("reco", "this fusion"),
+                ("reco", "this fusion (with the memory's vote where it has one)"),
+                ("reco_without_vote", "this fusion without the memory's vote"),
                 ("lookup", "training-free retrieval over the same memory"),
                 ("lookup_whitened", "the same, whitened by the memory's captions"),
                 ("mix", "training-free retrieval over the same memory"),

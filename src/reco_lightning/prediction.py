@@ -22,6 +22,8 @@ written frozen in the main folder, and the manifest says which sides are refined
 gate (``known_memory``) adds a boolean column per refined side, ``image_gated`` / ``text_gated``: the rows
 answered from the memory rows added after training instead of by the fusion (an image: the mean of its
 added neighbours' captions; a caption: kept frozen); the finished manifest counts them (``gated``).
+A model with a vote (``vote_weight`` > 0, :mod:`reco_lightning.vote`) writes its refined sides as two
+blocks, ``[n, 2 dim]``; a side written frozen meets them after ``MemoryVote.lift``.
 
 A part's files are each written to a temp name and renamed, its metadata file last: a part is complete iff
 its metadata file exists. A re-run of the same command resumes: each rank keeps its complete parts,
@@ -273,6 +275,7 @@ class EmbeddingWriter(BasePredictionWriter):
             "mask_retrieved": bool(hparams.get("mask_retrieved", False)),
             "weights_sha256": weights.hexdigest()[:16],
             "novelty": _novelty_plan(hparams, retriever),
+            "vote": _vote_plan(retriever),
         }
         memory_path = getattr(memory, "path", None) or hparams.get("memory")
         data = getattr(getattr(trainer, "datamodule", None), "hparams", None) or {}
@@ -540,6 +543,13 @@ def _novelty_plan(hparams: Any, retriever: Any) -> dict[str, Any] | None:
         "gap": hparams.get("novelty_gap"),
         "whiten": hparams.get("novelty_whiten"),
     }
+
+
+def _vote_plan(retriever: Any) -> dict[str, float] | None:
+    """The memory's vote (its weight and ridge: they set what the refined rows are and their width), part
+    of what a resume must match; None without a vote."""
+    vote = getattr(retriever, "vote", None)
+    return None if vote is None else {"weight": vote.weight, "whiten": vote.whitening.ridge}
 
 
 def _gated_columns(plan: dict[str, Any]) -> list[str]:

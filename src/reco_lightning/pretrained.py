@@ -50,6 +50,7 @@ from reco_lightning.novelty import (
 )
 from reco_lightning.retrieval import Choice, Neighbours, Retriever
 from reco_lightning.types import Modality
+from reco_lightning.vote import MemoryVote
 from reco_lightning.whitening import MemoryWhitening
 
 __all__ = [
@@ -128,9 +129,18 @@ class RecoConfig:
             largest eigenvalue, before it meets the class prompts
             (:class:`~reco_lightning.whitening.MemoryWhitening`): directions all captions share count for
             less than those that tell concepts apart. None (the default): the plain caption mean. The
-            demo's strict protocol sets 0.01, chosen on its validation split (+2.3 all-class over 9 stand-in
+            demo's strict protocol set 0.01 (sessions 14-15), chosen on its validation split (+2.3 all-class over 9 stand-in
             backbones, a sharp optimum: 0.003 and 0.03 gain 0.4 and 0.2, 0.001 and 0.1 lose 5 and 6;
             docs/results.md): tune it on held-out data for another backbone.
+        vote_weight: W > 0: at inference every refined embedding also carries the memory's vote, the
+            whitened k-NN lookup of its neighbours' captions, as a second block (:mod:`reco_lightning.vote`):
+            a refined image is ``[fused, sqrt(W) x vote] / sqrt(1 + W)``, a refined text ``[fused, sqrt(W)
+            x frozen] / sqrt(1 + W)``, so their cosine is the fusion's plus W times the vote's score, over
+            1 + W. The refined dimension doubles (``RecoModel.embedding_dim``). Training never votes.
+            0 (the default): no vote, refined embeddings have the backbone's dimension. The demo's
+            protocols set it from their validation split (docs/results.md); tune it on held-out data.
+        vote_whiten: the vote's whitening ridge (a fraction of the caption covariance's largest eigenvalue;
+            0.001 on the demo's validation split, as the evaluation's ``lookup_whiten``).
     """
 
     k: int = 10
@@ -147,6 +157,8 @@ class RecoConfig:
     novelty_share_quantile: float | None = 0.95
     novelty_gap: float | None = None
     novelty_whiten: float | None = None
+    vote_weight: float = 0.0
+    vote_whiten: float = 1e-3
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fusion_config", FusionConfig.coerce(self.fusion_config))
@@ -167,6 +179,10 @@ class RecoConfig:
                 raise ValueError(f"{name} is a quantile in [0, 1) or None, got {value}")
         if self.novelty_whiten is not None and not float(self.novelty_whiten) > 0.0:
             raise ValueError(f"novelty_whiten is a ridge > 0 or None, got {self.novelty_whiten}")
+        if not float(self.vote_weight) >= 0.0:
+            raise ValueError(f"vote_weight is a weight >= 0 (0: no vote), got {self.vote_weight}")
+        if not float(self.vote_whiten) > 0.0:
+            raise ValueError(f"vote_whiten is a ridge > 0, got {self.vote_whiten}")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RecoConfig:
@@ -223,8 +239,17 @@ def open_retriever(
         if config.novelty_whiten is not None:
             whitening = MemoryWhitening.of_memory(memory, config.novelty_whiten)
         novelty = NoveltyGate(~known, config.novelty_threshold, gap, share, whitening)
+    vote = None
+    if config.vote_weight > 0:
+        vote = MemoryVote.of_memory(memory, config.vote_weight, config.vote_whiten)
     return Retriever(
-        memory, k=config.k, search=config.search, fusion=config.fusion, novelty=novelty, **retriever_kwargs
+        memory,
+        k=config.k,
+        search=config.search,
+        fusion=config.fusion,
+        novelty=novelty,
+        vote=vote,
+        **retriever_kwargs,
     )
 
 
@@ -246,6 +271,7 @@ def refine_embeddings(
     k: int | None = None,
     rows: Tensor | None = None,
     pair_images: Tensor | None = None,
+    vote: bool = False,
 ) -> Tensor:
     """RECO-refined embeddings of one modality: retrieve, then fuse (:func:`refine_and_gate`'s embeddings).
 
@@ -253,7 +279,8 @@ def refine_embeddings(
     search between settings) and replace the search; ``exclude_ids`` / ``pair_images``: training's
     exclusion of a pair's own row and its near-duplicates; ``k`` overrides the trained k. A retriever
     with a novelty gate (``known_memory``) lets queries whose neighbours were mostly added after training
-    bypass the fusion (:mod:`reco_lightning.novelty`).
+    bypass the fusion (:mod:`reco_lightning.novelty`). ``vote`` (inference): with a retriever that has a
+    vote (``vote_weight``), the result carries it as a second block (:mod:`reco_lightning.vote`).
     """
     return refine_and_gate(
         fusion,
@@ -265,6 +292,7 @@ def refine_embeddings(
         k=k,
         rows=rows,
         pair_images=pair_images,
+        vote=vote,
     ).embeddings
 
 
@@ -279,9 +307,11 @@ def refine_and_gate(
     k: int | None = None,
     rows: Tensor | None = None,
     pair_images: Tensor | None = None,
+    vote: bool = False,
 ) -> Refined:
     """:func:`refine_embeddings` (same arguments), with the novelty gate's decision for each query: what a
     report or an export needs to say how often the memory was trusted, without deciding twice."""
+    voter = retriever.vote if vote and retriever is not None else None
     if embeddings.shape[0] == 0 or mask_retrieved:
         # mask_retrieved: one masked token stands for the k retrieved ones (the fusion reads nothing).
         # No rows on this rank: still run the fusion once so every parameter joins the backward pass
@@ -294,29 +324,68 @@ def refine_and_gate(
         gated = None
         if not mask_retrieved and retriever is not None and retriever.novelty is not None:
             gated = torch.zeros(0, dtype=torch.bool, device=embeddings.device)
-        return Refined(fused, gated)
+        if voter is None:
+            return Refined(fused, gated)
+        if embeddings.shape[0] == 0:
+            return Refined(voter.lift(fused), gated)
+        # the control with a vote: the fusion read nothing, the vote reads the memory
+        neighbours = _neighbours(retriever, embeddings, modality, rows, exclude_ids, k, pair_images)
+        return Refined(_with_vote(voter, retriever, embeddings, modality, fused, neighbours), gated)
     if retriever is None:
         raise RuntimeError(
             "no memory is attached, so nothing can be retrieved: set model.memory (in a config) to a memory "
             "directory, pass RecoModel.from_pretrained(..., memory=PATH), or call set_memory(PATH); build one "
             "with `reco memory build`"
         )
-    if rows is not None:
-        neighbours = retriever.gather(rows, modality, embeddings.device)
-    else:
-        neighbours = retriever(embeddings, modality, exclude_ids=exclude_ids, k=k, pair_images=pair_images)
+    neighbours = _neighbours(retriever, embeddings, modality, rows, exclude_ids, k, pair_images)
     fused = fusion(embeddings, neighbours.embeddings, neighbours.mask)
     novel = gated_queries(retriever, embeddings, modality, neighbours)
-    if novel is None or not bool(novel.any()):
-        return Refined(fused, novel)
-    captions = neighbours.embeddings
+    if novel is not None and bool(novel.any()):
+        whitening = None if retriever.novelty is None else retriever.novelty.whitening
+        captions = _captions(retriever, embeddings, modality, neighbours)
+        fused = novel_answer(
+            fused, embeddings, modality, neighbours.added, neighbours.mask, captions, novel, whitening
+        )
+    if voter is not None:
+        fused = _with_vote(voter, retriever, embeddings, modality, fused, neighbours)
+    return Refined(fused, novel)
+
+
+def _neighbours(
+    retriever: Retriever,
+    embeddings: Tensor,
+    modality: Modality,
+    rows: Tensor | None,
+    exclude_ids: Tensor | None,
+    k: int | None,
+    pair_images: Tensor | None,
+) -> Neighbours:
+    """The neighbours of ``embeddings``: gathered from ``rows`` found already, else searched."""
+    if rows is not None:
+        return retriever.gather(rows, modality, embeddings.device)
+    return retriever(embeddings, modality, exclude_ids=exclude_ids, k=k, pair_images=pair_images)
+
+
+def _captions(retriever: Retriever, embeddings: Tensor, modality: Modality, neighbours: Neighbours) -> Tensor:
+    """[B, k, D] what the neighbours carry, as captions for image queries (an image's lookup reads them)."""
     if modality == "image" and retriever.fusion == "uni":  # neighbours are images: the lookup needs captions
-        captions = retriever.gather(neighbours.rows, "text", embeddings.device).embeddings  # uni: text's own
-    whitening = None if retriever.novelty is None else retriever.novelty.whitening
-    answer = novel_answer(
-        fused, embeddings, modality, neighbours.added, neighbours.mask, captions, novel, whitening
-    )
-    return Refined(answer, novel)
+        return retriever.gather(neighbours.rows, "text", embeddings.device).embeddings  # uni: text's own
+    return neighbours.embeddings
+
+
+def _with_vote(
+    voter: MemoryVote,
+    retriever: Retriever,
+    embeddings: Tensor,
+    modality: Modality,
+    refined: Tensor,
+    neighbours: Neighbours,
+) -> Tensor:
+    """[B, 2D]: ``refined`` joined by the vote block (an image's whitened lookup, a text's frozen self)."""
+    if modality == "text":
+        return voter.join(refined, embeddings)
+    captions = _captions(retriever, embeddings, modality, neighbours)
+    return voter.join(refined, voter.image_block(captions, neighbours.mask))
 
 
 def gated_queries(
@@ -399,7 +468,19 @@ class RecoModel(nn.Module):
 
     @property
     def dim(self) -> int:
+        """The backbone's dimension: frozen embeddings' (refined ones: :attr:`embedding_dim`)."""
         return self.backbone.dim
+
+    @property
+    def embedding_dim(self) -> int:
+        """The refined embeddings' dimension: twice the backbone's when the attached memory votes
+        (``vote_weight`` > 0: :mod:`reco_lightning.vote`), else the backbone's."""
+        return self.dim * (2 if self.vote is not None else 1)
+
+    @property
+    def vote(self) -> MemoryVote | None:
+        """The attached memory's vote (``vote_weight`` > 0 and a memory attached), else None."""
+        return None if self.retriever is None else self.retriever.vote
 
     def train(self, mode: bool = True) -> RecoModel:
         """Inference only: the model stays in eval mode (train the fusions with RecoModule)."""
@@ -422,14 +503,21 @@ class RecoModel(nn.Module):
     def refine(
         self, embeddings: Tensor, modality: Modality, k: int | None = None, return_gated: bool = False
     ) -> Tensor | Refined:
-        """Refine frozen, unit-norm embeddings [B, dim] of ``modality`` with the attached memory.
+        """Refine frozen, unit-norm embeddings [B, dim] of ``modality`` with the attached memory; [B,
+        2 dim] with a vote (:attr:`embedding_dim`).
 
         ``return_gated``: a :class:`Refined` (embeddings, gated), ``gated`` [B] bool marking the queries the
         novelty gate answered from the memory rows added after training (all False without a gate)."""
         fusion = self.image_fusion if modality == "image" else self.text_fusion
         embeddings = embeddings.to(self.device, torch.float32)
         refined = refine_and_gate(
-            fusion, self.retriever, embeddings, modality, mask_retrieved=self.config.mask_retrieved, k=k
+            fusion,
+            self.retriever,
+            embeddings,
+            modality,
+            mask_retrieved=self.config.mask_retrieved,
+            k=k,
+            vote=True,
         )
         if not return_gated:
             return refined.embeddings
@@ -469,7 +557,8 @@ class RecoModel(nn.Module):
         on_error: OnError = "raise",
         return_gated: bool = False,
     ) -> Tensor | Refined:
-        """Unit-norm image embeddings [N, dim] (float32, on the CPU) of paths, PIL images or pixel tensors.
+        """Unit-norm image embeddings [N, dim] (float32, on the CPU) of paths, PIL images or pixel tensors
+        ([N, 2 dim] refined with a vote: :attr:`embedding_dim`).
 
         ``refine``: refine with the memory (default: the side's trained setting, ``config.refine_image``);
         False gives the frozen backbone's embeddings. ``on_error="skip"``: an unreadable image gets a row
@@ -480,7 +569,7 @@ class RecoModel(nn.Module):
         """
         refine = self.config.refine_image if refine is None else bool(refine)
         count = int(images.shape[0]) if isinstance(images, Tensor) else len(images)
-        out = torch.full((count, self.dim), float("nan"))
+        out = torch.full((count, self.embedding_dim if refine else self.dim), float("nan"))
         gated = torch.zeros(count, dtype=torch.bool)
         failed: list[str] = []
         for start in self._batches(count, batch_size, progress, "encoding images"):
@@ -542,7 +631,8 @@ class RecoModel(nn.Module):
         progress: bool | None = None,
         return_gated: bool = False,
     ) -> Tensor | Refined:
-        """Unit-norm text embeddings [N, dim] (float32, on the CPU) of ``captions``.
+        """Unit-norm text embeddings [N, dim] (float32, on the CPU) of ``captions`` ([N, 2 dim] refined with
+        a vote: :attr:`embedding_dim`).
 
         ``refine``: refine with the memory (default: ``config.refine_text``); False: the frozen backbone's.
         ``return_gated``: a :class:`Refined` (embeddings, gated), ``gated`` [N] bool: the captions the novelty
@@ -552,7 +642,7 @@ class RecoModel(nn.Module):
         if isinstance(captions, str):
             raise TypeError("encode_text takes a list of captions; wrap a single one in a list")
         refine = self.config.refine_text if refine is None else bool(refine)
-        out = torch.empty(len(captions), self.dim)
+        out = torch.empty(len(captions), self.embedding_dim if refine else self.dim)
         gated = torch.zeros(len(captions), dtype=torch.bool)
         for start in self._batches(len(captions), batch_size, progress, "encoding captions"):
             with self._autocast():
@@ -574,17 +664,20 @@ class RecoModel(nn.Module):
     ) -> ZeroShotClassifier:
         """A zero-shot classifier over ``classnames``: each class is the mean of its prompts' embeddings
         (``templates``: a shipped template set's name, a file, or a list of strings with ``{c}`` where the class name goes), refined as
-        ``refine`` says (default: ``config.refine_text``), as the package's evaluation builds it."""
+        ``refine`` says (default: ``config.refine_text``), as the package's evaluation builds it (with a
+        vote, each block averaged on its own)."""
         from reco_lightning.data.zeroshot import load_templates
         from reco_lightning.metrics import build_class_embeddings
 
         if isinstance(templates, str | os.PathLike):
             templates = load_templates(templates)
+        refine = self.config.refine_text if refine is None else bool(refine)
         weights = build_class_embeddings(
             list(classnames),
             list(templates),
             lambda prompts: self.encode_text(prompts, refine=refine, batch_size=batch_size, progress=False),
             batch_size,
+            blocks=2 if refine and self.vote is not None else 1,
         )
         return ZeroShotClassifier(self, list(classnames), weights)
 
@@ -761,9 +854,16 @@ class ZeroShotClassifier:
     def logits(
         self, images: Sequence[ImageInput] | Tensor, refine: bool | None = None, **kwargs: Any
     ) -> Tensor:
-        """Scaled cosine similarities [N, C] of images (or image embeddings [N, dim]) to the classes."""
-        embeddings = self._embeddings(images, refine, **kwargs)
-        return float(self.model.logit_scale) * embeddings @ self.weights.t()
+        """Scaled cosine similarities [N, C] of images (or image embeddings [N, dim]) to the classes; with
+        a vote, a frozen side (images or classes) meets a refined one lifted into the vote's space."""
+        embeddings, weights = self._embeddings(images, refine, **kwargs), self.weights
+        vote = self.model.vote
+        if vote is not None and embeddings.shape[1] != weights.shape[1]:
+            if embeddings.shape[1] == self.model.dim:
+                embeddings = vote.lift(embeddings)
+            else:
+                weights = vote.lift(weights)
+        return float(self.model.logit_scale) * embeddings @ weights.t()
 
     def predict(
         self, images: Sequence[ImageInput] | Tensor, refine: bool | None = None, **kwargs: Any
@@ -774,9 +874,13 @@ class ZeroShotClassifier:
     def _embeddings(
         self, images: Sequence[ImageInput] | Tensor, refine: bool | None, **kwargs: Any
     ) -> Tensor:
-        if isinstance(images, Tensor) and images.ndim == 2 and images.shape[1] == self.weights.shape[1]:
+        if isinstance(images, Tensor) and images.ndim == 2 and images.shape[1] in self._widths():
             return images.float().cpu()  # embeddings already
         return self.model.encode_image(images, refine=refine, **kwargs)
+
+    def _widths(self) -> tuple[int, ...]:
+        """The embedding widths this classifier takes: the backbone's, and the vote's two blocks."""
+        return (self.model.dim, self.model.embedding_dim)
 
 
 def _load_image(item: ImageInput) -> Any:

@@ -20,6 +20,7 @@ from reco_lightning.types import Modality
 
 if TYPE_CHECKING:
     from reco_lightning.novelty import NoveltyGate
+    from reco_lightning.vote import MemoryVote
 
 __all__ = ["Neighbours", "Retriever", "other_modality"]
 
@@ -78,6 +79,8 @@ class Retriever:
         novelty: the novelty gate of this memory (:class:`~reco_lightning.novelty.NoveltyGate`, built by
             ``open_retriever`` from ``known_memory``); given, every result marks its neighbours added after
             training (``Neighbours.added``) and refinement gates on them.
+        vote: the memory's vote (:class:`~reco_lightning.vote.MemoryVote`, built by ``open_retriever`` from
+            ``vote_weight``); given, inference's refined embeddings carry it as a second block.
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class Retriever:
         max_candidates: int = 1024,
         near_duplicate_of: NearDuplicateOf = "image",
         novelty: NoveltyGate | None = None,
+        vote: MemoryVote | None = None,
     ) -> None:
         if search not in ("uni", "cross") or fusion not in ("uni", "cross"):
             raise ValueError(
@@ -109,7 +113,7 @@ class Retriever:
             raise ValueError(
                 f"novelty.added must be a bool per memory row ({len(memory)}), got shape {np.shape(novelty.added)}"
             )
-        self.novelty = novelty
+        self.novelty, self.vote = novelty, vote
 
     def searched_modality(self, query_modality: Modality) -> Modality:
         return query_modality if self.search == "uni" else other_modality(query_modality)
