@@ -6,9 +6,11 @@
 Each (split, seed) draws its own index sets and pre-trains its own stand-in backbone (cached, shared by
 both protocols); each protocol then calibrates its weights on the validation split and trains RECO, the
 control and (default protocol) the other three search/fusion settings and RECO trained with 10% of the
-memory. Rows: ``clip`` (frozen), ``lookup`` and ``mix`` (training-free, same neighbours), ``control``
-(same fusion and recipe, retrieval masked), ``reco`` (uni-search + cross-fusion) and the others, and (since
-session 7) the two label-reading references, ceilings rather than peers (apps.demo.probes).
+memory. Rows: ``clip`` (frozen), ``lookup``, ``lookup, whitened`` and ``mix`` (training-free, same
+neighbours), ``control`` (same fusion and recipe, retrieval masked), ``reco`` (uni-search + cross-fusion,
+with the memory's vote since session 16) and the others, with a vote ``control with the vote`` and ``reco
+without the vote``, and (since session 7) the two label-reading references, ceilings rather than peers
+(apps.demo.probes).
 
 Writes DIR/demo_accuracy.json:
 ``{"default": {"protocol", "split"}, "seeds", "seconds", "protocols": {P: {"splits": {S: {ROW: {"seen":

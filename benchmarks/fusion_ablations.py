@@ -167,7 +167,8 @@ class Recipe:
     added_answer: str = "added"
     # > 0: at test, every image's logits also get this x its whitened lookup's (the caption mean of its k
     # neighbours through the memory's caption covariance, ridge ``lookup_whiten``, against the frozen
-    # prompts): the training-free ``lookup, whitened`` row added to the fusion's answer (session 15)
+    # prompts): the training-free ``lookup, whitened`` row added to the fusion's answer (session 15; the
+    # library's ``vote_weight`` computes exactly this, session 16)
     lookup_mix: float = 0.0
     lookup_whiten: float = 1e-3
     # "embedding": the image's embedding becomes normalize(fused + lookup_mix x whitened lookup), met by the
@@ -365,7 +366,7 @@ ROWS: dict[str, Recipe] = {
             ("strict, calibrated on seen-only", replace(STRICT, skip_rule="keep-only")),
             (STRICT_GATED_NAME, STRICT_GATED),
         )
-        for weight in (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+        for weight in (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
     },
     **{
         f"{name}, whitened lookup mixed into the embedding {weight}": replace(

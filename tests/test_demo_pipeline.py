@@ -15,7 +15,12 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_open_protocol_slice_produces_every_row(tmp_path):
-    from reco_lightning.apps.demo.pipeline import MEMORY_FRACTION_ROW, run_demo
+    from reco_lightning.apps.demo.pipeline import (
+        CONTROL_VOTED,
+        MEMORY_FRACTION_ROW,
+        RECO_WITHOUT_VOTE,
+        run_demo,
+    )
     from reco_lightning.apps.demo.probes import LABEL_VOTE_ROW, PROBE_ROW
     from reco_lightning.calibration import choose
     from reco_lightning.data.features import open_feature_cache
@@ -29,7 +34,17 @@ def test_open_protocol_slice_produces_every_row(tmp_path):
         extra=["--trainer.max_epochs=2", "--trainer.enable_progress_bar=false"],
     )
     rows = result["top1"]
-    expected = ["clip", "lookup", "lookup, whitened", "mix", "control", "reco", MEMORY_FRACTION_ROW]
+    expected = [
+        "clip",
+        "lookup",
+        "lookup, whitened",
+        "mix",
+        "control",
+        CONTROL_VOTED,
+        RECO_WITHOUT_VOTE,
+        "reco",
+    ]
+    expected += [MEMORY_FRACTION_ROW]
     expected += [LABEL_VOTE_ROW, PROBE_ROW]
     assert list(rows) == expected
     assert all(set(m) == {"seen", "seen_only", "unseen", "all", "seen_to_unseen"} for m in rows.values())

@@ -109,11 +109,11 @@ def test_strict_protocol_config_trains_on_seen_pairs_and_memory(tmp_path: Path):
     callbacks = {c["class_path"].rsplit(".", 1)[1]: c["init_args"] for c in config["trainer"]["callbacks"]}
     assert callbacks["ModelCheckpoint"]["monitor"].endswith("/reco/top1_seen_only")
     assert callbacks["ZeroShotEvaluation"]["mix_alpha"] == 0.3
-    assert config["model"]["known_memory"] == str(layout.memory_seen)  # the novelty gate: strict only
-    assert config["model"]["novelty_whiten"] == 0.01  # its answer whitened (session 14)
+    assert config["model"]["vote_weight"] == 16.0  # the strict protocol's vote (session 16)
+    assert "known_memory" not in config["model"]  # the novelty gate is no longer its default
     open_config = yaml.safe_load(run_config(layout).read_text())
     assert open_config["model"]["memory"] == str(layout.memory_all)
-    assert "known_memory" not in open_config["model"] and "novelty_whiten" not in open_config["model"]
+    assert open_config["model"]["vote_weight"] == 4.0 and "known_memory" not in open_config["model"]
     assert open_config["data"]["init_args"]["train"] == str(layout.memory_pairs)
 
 
