@@ -171,6 +171,9 @@ class Recipe:
     # library's ``vote_weight`` computes exactly this, session 16)
     lookup_mix: float = 0.0
     lookup_whiten: float = 1e-3
+    # > 0: the vote reads this many nearest memory images instead of the fusion's k (session 16: does a
+    # wider vote carry more? the library's vote reads the fusion's k)
+    lookup_k: int = 0
     # "embedding": the image's embedding becomes normalize(fused + lookup_mix x whitened lookup), met by the
     # fused prompts (what an encode_image could return) instead of logits added against the frozen prompts
     lookup_mix_space: str = "logits"
@@ -367,6 +370,15 @@ ROWS: dict[str, Recipe] = {
             (STRICT_GATED_NAME, STRICT_GATED),
         )
         for weight in (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+    },
+    # session 16: the vote read from more neighbours than the fusion's 10
+    **{
+        f"{name}, whitened lookup mix {weight}, vote k {k}": replace(base, lookup_mix=weight, lookup_k=k)
+        for name, base, weight in (
+            ("reco", Recipe(), 4.0),
+            ("strict, calibrated on seen-only", replace(STRICT, skip_rule="keep-only"), 16.0),
+        )
+        for k in (20, 40)
     },
     **{
         f"{name}, whitened lookup mixed into the embedding {weight}": replace(
@@ -739,7 +751,10 @@ def run(
                 fused = unit(fused + recipe.lookup_mix * whitened_answer(data, found, recipe.lookup_whiten))
             logits = fused @ classes.t()
             if recipe.lookup_mix and recipe.lookup_mix_space == "logits":
-                logits = logits + recipe.lookup_mix * whitened_lookup(data, found, recipe.lookup_whiten)
+                voters = (
+                    found if not recipe.lookup_k else neighbours(unit(v), unit(mem_v), recipe.lookup_k)[0]
+                )
+                logits = logits + recipe.lookup_mix * whitened_lookup(data, voters, recipe.lookup_whiten)
             results[name].update(top1(logits, data[f"{name}_y"], seen))
     return results[split] if isinstance(split, str) else results
 

@@ -76,19 +76,23 @@ def test_class_embeddings_average_each_block_on_its_own():
     assert torch.equal(plain, F.normalize(F.normalize(first, dim=-1).mean(1), dim=-1))
 
 
-@pytest.fixture(scope="module")
-def module(tiny_dir):
+def _module(tiny_dir, **settings) -> RecoModule:
+    """An untrained RECO over the tiny memory (the same fusion weights for the same settings)."""
     torch.manual_seed(0)
     m = RecoModule(
         backbone=str(tiny_dir / "clip"),
         memory=str(tiny_dir / "memory"),
         k=4,
         fusion_config={"num_heads": 4, "residual": True, "retrieved_skip": 0.5},
-        vote_weight=2.0,
-        vote_whiten=0.01,
+        **settings,
     )
     m.setup("test")
     return m.eval()
+
+
+@pytest.fixture(scope="module")
+def module(tiny_dir):
+    return _module(tiny_dir, vote_weight=2.0, vote_whiten=0.01)
 
 
 def test_refine_votes_only_when_asked_and_the_control_votes_with_the_memory(module, tiny_dir):
@@ -133,14 +137,8 @@ def test_evaluation_reports_reco_with_the_vote_and_without_and_every_other_row_u
         batch_size=16,
     )
     rows = {(r.dataset, r.setting): r.metrics for r in evaluation.evaluate(module)[0].rows}
-    plain = RecoModule(
-        backbone=str(tiny_dir / "clip"),
-        memory=str(tiny_dir / "memory"),
-        k=4,
-        fusion_config={"num_heads": 4, "residual": True, "retrieved_skip": 0.5},
-    )
+    plain = _module(tiny_dir)
     plain.load_state_dict(module.state_dict())
-    plain.setup("test")
     unvoted = {
         (r.dataset, r.setting): r.metrics
         for r in ZeroShotEvaluation(classification=[spec], settings=settings, batch_size=16)
@@ -178,15 +176,7 @@ def test_calibrating_the_fusions_weight_scores_the_fusion_without_the_vote(tiny_
     spec = ClassificationSet("shapes", str(tiny_dir / "zeroshot"), templates="clip_generic")
     found = []
     for vote in (2.0, 0.0):
-        torch.manual_seed(0)
-        model = RecoModule(
-            backbone=str(tiny_dir / "clip"),
-            memory=str(tiny_dir / "memory"),
-            k=4,
-            fusion_config={"num_heads": 4, "residual": True},
-            vote_weight=vote,
-        )
-        model.setup("test")
+        model = _module(tiny_dir, vote_weight=vote)
         assert (model.retriever.vote is None) == (vote == 0.0)
-        found.append(calibrate(model.eval(), spec, RETRIEVED_SKIP, values=(0.2, 0.9), batch_size=16))
+        found.append(calibrate(model, spec, RETRIEVED_SKIP, values=(0.2, 0.9), batch_size=16))
     assert found[0]["values"] == found[1]["values"] and found[0]["chosen"] == found[1]["chosen"]
