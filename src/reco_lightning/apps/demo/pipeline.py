@@ -392,7 +392,7 @@ def _demo_config(
         config["model"]["memory"] = str(layout.memory_seen)
         config["data"]["init_args"]["train"] = str(layout.fusion_train)
     chosen = PROTOCOLS[protocol]
-    if chosen.vote_weight is not None:  # every run and its test (calibration turns it off: calibrate_weight)
+    if chosen.vote_weight is not None:  # every run and its test (calibration scores the fusion alone)
         config["model"]["vote_weight"] = chosen.vote_weight
     return config
 
