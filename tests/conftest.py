@@ -44,3 +44,26 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     if os.environ.get("RECO_REQUIRE_AUTOFAISS") == "1" and report.skipped and "autofaiss" in item.keywords:
         report.outcome = "failed"
         report.longrepr = f"skipped in the autofaiss environment: {report.longrepr}"
+
+
+@pytest.fixture(scope="session")
+def tiny_reco(tiny_dir: Path):
+    """A builder of untrained RecoModules over the tiny memory (k 4, residual fusion, skip 0.5), seeded so
+    that the same settings give the same fusion weights; ``settings`` are RecoModule options."""
+    import torch
+
+    from reco_lightning.model import RecoModule
+
+    def build(**settings):
+        torch.manual_seed(0)
+        module = RecoModule(
+            backbone=str(tiny_dir / "clip"),
+            memory=str(tiny_dir / "memory"),
+            k=4,
+            fusion_config={"num_heads": 4, "residual": True, "retrieved_skip": 0.5},
+            **settings,
+        )
+        module.setup("test")
+        return module.eval()
+
+    return build

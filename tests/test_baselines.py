@@ -49,16 +49,8 @@ def test_choose_rules():
 
 
 @pytest.fixture(scope="module")
-def module(tiny_dir):
-    torch.manual_seed(0)
-    m = RecoModule(
-        backbone=str(tiny_dir / "clip"),
-        memory=str(tiny_dir / "memory"),
-        k=4,
-        fusion_config={"num_heads": 4, "residual": True, "retrieved_skip": 0.5},
-    )
-    m.setup("test")
-    return m.eval()
+def module(tiny_reco):
+    return tiny_reco()
 
 
 def _shapes(tiny_dir) -> ClassificationSet:

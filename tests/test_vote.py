@@ -11,7 +11,6 @@ from reco_lightning.baselines import lookup
 from reco_lightning.data.zeroshot import ImageFolderClassification, load_templates
 from reco_lightning.evaluation import ClassificationSet, RetrievalSet, ZeroShotEvaluation
 from reco_lightning.metrics import build_class_embeddings, class_embeddings_from_prompt_embeddings
-from reco_lightning.model import RecoModule
 from reco_lightning.pretrained import RecoConfig, refine_and_gate
 from reco_lightning.retrieval import Neighbours
 from reco_lightning.vote import MemoryVote
@@ -76,23 +75,9 @@ def test_class_embeddings_average_each_block_on_its_own():
     assert torch.equal(plain, F.normalize(F.normalize(first, dim=-1).mean(1), dim=-1))
 
 
-def _module(tiny_dir, **settings) -> RecoModule:
-    """An untrained RECO over the tiny memory (the same fusion weights for the same settings)."""
-    torch.manual_seed(0)
-    m = RecoModule(
-        backbone=str(tiny_dir / "clip"),
-        memory=str(tiny_dir / "memory"),
-        k=4,
-        fusion_config={"num_heads": 4, "residual": True, "retrieved_skip": 0.5},
-        **settings,
-    )
-    m.setup("test")
-    return m.eval()
-
-
 @pytest.fixture(scope="module")
-def module(tiny_dir):
-    return _module(tiny_dir, vote_weight=2.0, vote_whiten=0.01)
+def module(tiny_reco):
+    return tiny_reco(vote_weight=2.0, vote_whiten=0.01)
 
 
 def test_refine_votes_only_when_asked_and_the_control_votes_with_the_memory(module, tiny_dir):
@@ -122,7 +107,9 @@ def test_refine_votes_only_when_asked_and_the_control_votes_with_the_memory(modu
     assert out["v_bar"].shape == out["t_bar"].shape == (2, 32)
 
 
-def test_evaluation_reports_reco_with_the_vote_and_without_and_every_other_row_unchanged(module, tiny_dir):
+def test_evaluation_reports_reco_with_the_vote_and_without_and_every_other_row_unchanged(
+    module, tiny_dir, tiny_reco
+):
     """With a vote, ``reco`` is the fusion's score plus W x the whitened lookup's (against frozen prompts)
     over 1 + W, hand-computed; ``reco_without_vote`` is the fusion alone; clip and lookup (lifted into the
     two-block space) score as in a model without a vote; retrieval runs over the joined embeddings."""
@@ -137,7 +124,7 @@ def test_evaluation_reports_reco_with_the_vote_and_without_and_every_other_row_u
         batch_size=16,
     )
     rows = {(r.dataset, r.setting): r.metrics for r in evaluation.evaluate(module)[0].rows}
-    plain = _module(tiny_dir)
+    plain = tiny_reco()
     plain.load_state_dict(module.state_dict())
     unvoted = {
         (r.dataset, r.setting): r.metrics
@@ -168,7 +155,7 @@ def test_evaluation_reports_reco_with_the_vote_and_without_and_every_other_row_u
     assert {"image_to_text_R@1", "text_to_image_R@1"} <= set(rows["captions", "reco"])
 
 
-def test_calibrating_the_fusions_weight_scores_the_fusion_without_the_vote(tiny_dir):
+def test_calibrating_the_fusions_weight_scores_the_fusion_without_the_vote(tiny_dir, tiny_reco):
     """``reco calibrate``'s retrieved_skip sweep on a model with a vote scores its fusion alone: the same
     scores as the model without the vote (the vote's weight is chosen on its own)."""
     from reco_lightning.calibration import RETRIEVED_SKIP, calibrate
@@ -176,7 +163,7 @@ def test_calibrating_the_fusions_weight_scores_the_fusion_without_the_vote(tiny_
     spec = ClassificationSet("shapes", str(tiny_dir / "zeroshot"), templates="clip_generic")
     found = []
     for vote in (2.0, 0.0):
-        model = _module(tiny_dir, vote_weight=vote)
+        model = tiny_reco(vote_weight=vote)
         assert (model.retriever.vote is None) == (vote == 0.0)
         found.append(calibrate(model, spec, RETRIEVED_SKIP, values=(0.2, 0.9), batch_size=16))
     assert found[0]["values"] == found[1]["values"] and found[0]["chosen"] == found[1]["chosen"]
