@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers_zeroshot import shapes_by_hand
 from reco_lightning.baselines import lookup, mix, neighbour_mean
 from reco_lightning.calibration import calibrate, choose
 from reco_lightning.evaluation import ClassificationSet, ZeroShotEvaluation
@@ -59,7 +60,6 @@ def _shapes(tiny_dir) -> ClassificationSet:
 
 def test_lookup_and_mix_rows_use_the_models_neighbours(module, tiny_dir):
     """The report's baseline rows equal the baselines computed by hand from the same neighbours."""
-    from reco_lightning.data.zeroshot import ImageFolderClassification, load_templates
     from reco_lightning.metrics import build_class_embeddings, classification_metrics
 
     evaluation = ZeroShotEvaluation(
@@ -67,24 +67,20 @@ def test_lookup_and_mix_rows_use_the_models_neighbours(module, tiny_dir):
     )
     report, _ = evaluation.evaluate(module)
     rows = {r.setting: r.metrics for r in report.rows}
-    data = ImageFolderClassification(tiny_dir / "zeroshot")
-    images, labels = zip(*[data[i] for i in range(len(data))], strict=True)
-    clip = module.backbone
-    v = clip.encode_images(clip.preprocess_images(images))
-    templates = load_templates("clip_generic")
-    frozen = build_class_embeddings(data.classnames, templates, clip.encode_captions)
+    clip, shapes = module.backbone, shapes_by_hand(module.backbone, tiny_dir)
+    v = shapes.images
     guard = evaluation.leakage_threshold  # the report's image sides search with the leakage guard
     looked = lookup(module.neighbours(v, "image", leak_threshold=guard))
-    expected = classification_metrics(looked @ frozen.t(), torch.tensor(labels))
+    expected = classification_metrics(looked @ shapes.frozen_classes.t(), shapes.labels)
     assert rows["lookup"]["top1"] == pytest.approx(expected["top1"])
 
     def mixed_text(texts):
         t = clip.encode_captions(texts)
         return mix(t, module.neighbours(t, "text"), 0.7)
 
-    weights = build_class_embeddings(data.classnames, templates, mixed_text)
+    weights = build_class_embeddings(shapes.classnames, shapes.templates, mixed_text)
     mixed = mix(v, module.neighbours(v, "image", leak_threshold=guard), 0.7)
-    expected = classification_metrics(mixed @ weights.t(), torch.tensor(labels))
+    expected = classification_metrics(mixed @ weights.t(), shapes.labels)
     assert rows["mix"]["top1"] == pytest.approx(expected["top1"])
 
 
@@ -163,23 +159,18 @@ def test_whitened_lookup_row_is_the_lookup_through_the_memorys_caption_covarianc
     """``lookup_whitened``: each image's lookup (the guard's neighbours' caption mean) sent through
     :class:`MemoryWhitening` of the attached memory's captions at ``lookup_whiten``, against the frozen
     prompts; equal to the hand computation, and another answer than the plain lookup's."""
-    from reco_lightning.data.zeroshot import ImageFolderClassification, load_templates
-    from reco_lightning.metrics import build_class_embeddings, classification_metrics
+    from reco_lightning.metrics import classification_metrics
     from reco_lightning.whitening import MemoryWhitening
 
     evaluation = ZeroShotEvaluation(
         classification=[_shapes(tiny_dir)], settings=["lookup", "lookup_whitened"], lookup_whiten=0.01
     )
     rows = {r.setting: r.metrics for r in evaluation.evaluate(module)[0].rows}
-    data = ImageFolderClassification(tiny_dir / "zeroshot")
-    images, labels = zip(*[data[i] for i in range(len(data))], strict=True)
-    clip = module.backbone
-    v = clip.encode_images(clip.preprocess_images(images))
-    frozen = build_class_embeddings(data.classnames, load_templates("clip_generic"), clip.encode_captions)
-    looked = lookup(module.neighbours(v, "image", leak_threshold=evaluation.leakage_threshold))
+    shapes = shapes_by_hand(module.backbone, tiny_dir)
+    looked = lookup(module.neighbours(shapes.images, "image", leak_threshold=evaluation.leakage_threshold))
     whitened = MemoryWhitening.of_memory(module.retriever.memory, 0.01, "text")(looked)
     assert not torch.allclose(whitened, looked)
-    expected = classification_metrics(whitened @ frozen.t(), torch.tensor(labels))
+    expected = classification_metrics(whitened @ shapes.frozen_classes.t(), shapes.labels)
     assert rows["lookup_whitened"]["top1"] == pytest.approx(expected["top1"])
     assert rows["lookup_whitened"]["top5"] == pytest.approx(expected["top5"])
     assert rows["lookup_whitened"]["leak_images"] == rows["lookup"]["leak_images"]

@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers_zeroshot import shapes_by_hand
 from reco_lightning.baselines import lookup
-from reco_lightning.data.zeroshot import ImageFolderClassification, load_templates
+from reco_lightning.data.zeroshot import ImageFolderClassification
 from reco_lightning.evaluation import ClassificationSet, RetrievalSet, ZeroShotEvaluation
 from reco_lightning.metrics import build_class_embeddings, class_embeddings_from_prompt_embeddings
 from reco_lightning.pretrained import RecoConfig, refine_and_gate
@@ -136,20 +137,15 @@ def test_evaluation_reports_reco_with_the_vote_and_without_and_every_other_row_u
         assert rows["shapes", setting]["top1"] == pytest.approx(unvoted["shapes", setting]["top1"])
     assert rows["shapes", "reco_without_vote"]["top1"] == pytest.approx(unvoted["shapes", "reco"]["top1"])
 
-    data = ImageFolderClassification(tiny_dir / "zeroshot")
-    images, labels = zip(*[data[i] for i in range(len(data))], strict=True)
-    clip = module.backbone
-    v = clip.encode_images(clip.preprocess_images(images))
-    templates = load_templates("clip_generic")
-    frozen = build_class_embeddings(data.classnames, templates, clip.encode_captions)
+    clip, shapes = module.backbone, shapes_by_hand(module.backbone, tiny_dir)
     refined = build_class_embeddings(
-        data.classnames, templates, lambda p: module.refine(clip.encode_captions(p), "text")
+        shapes.classnames, shapes.templates, lambda p: module.refine(clip.encode_captions(p), "text")
     )
-    found = module.neighbours(v, "image", leak_threshold=evaluation.leakage_threshold)
-    fused = module.refine(v, "image", rows=found.rows)
+    found = module.neighbours(shapes.images, "image", leak_threshold=evaluation.leakage_threshold)
+    fused = module.refine(shapes.images, "image", rows=found.rows)
     whitened = MemoryWhitening.of_memory(module.retriever.memory, 0.01, "text")(lookup(found))
-    scores = (fused @ refined.t() + 2.0 * whitened @ frozen.t()) / 3.0
-    expected = classification_metrics(scores, torch.tensor(labels))
+    scores = (fused @ refined.t() + 2.0 * whitened @ shapes.frozen_classes.t()) / 3.0
+    expected = classification_metrics(scores, shapes.labels)
     assert rows["shapes", "reco"]["top1"] == pytest.approx(expected["top1"])
     assert rows["shapes", "reco"]["top5"] == pytest.approx(expected["top5"])
     assert {"image_to_text_R@1", "text_to_image_R@1"} <= set(rows["captions", "reco"])
