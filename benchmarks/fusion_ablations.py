@@ -371,6 +371,13 @@ ROWS: dict[str, Recipe] = {
         )
         for weight in (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
     },
+    # session 16: the vote's ridge chosen with the fusion (0.001 was the vote alone's choice)
+    **{
+        f"reco, whitened lookup mix 4.0, vote ridge {ridge}": replace(
+            Recipe(), lookup_mix=4.0, lookup_whiten=ridge
+        )
+        for ridge in (3e-4, 3e-3)
+    },
     # session 16: the vote read from more neighbours than the fusion's 10
     **{
         f"{name}, whitened lookup mix {weight}, vote k {k}": replace(base, lookup_mix=weight, lookup_k=k)
