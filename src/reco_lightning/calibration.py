@@ -70,15 +70,15 @@ def calibrate(
 
     The model keeps its memory and weights; ``fusion_config.retrieved_skip`` is set on both fusions for the
     sweep and left at the chosen value, scored on the fusion alone (a model with a vote, ``vote_weight``,
-    is scored without it: the vote adds to the fusion's answer, its weight is chosen on its own). Returns {"parameter", "values": {value: metric}, "clip": the
-    frozen model's metric, "rule", "metric", "tolerance", "chosen"}.
+    is scored without it: the vote adds to the fusion's answer, its weight is chosen on its own). Returns
+    {"parameter", "values": {value: metric}, "clip": the frozen model's metric, "rule", "metric",
+    "tolerance", "chosen"}.
     """
     if parameter not in PARAMETERS:
         raise ValueError(f"cannot calibrate {parameter!r}: choose from {sorted(PARAMETERS)}")
     setting = PARAMETERS[parameter]
     if setting == "reco" and model.require_retriever().vote is not None:
         setting = "reco_without_vote"  # the weight is the fusion's; the memory's vote adds to it afterwards
-    model.require_retriever()
 
     def score(setting: str, alpha: float = 1.0) -> float:
         evaluation = ZeroShotEvaluation(

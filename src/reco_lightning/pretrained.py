@@ -330,7 +330,8 @@ def refine_and_gate(
             return Refined(voter.lift(fused), gated)
         # the control with a vote: the fusion read nothing, the vote reads the memory
         neighbours = _neighbours(retriever, embeddings, modality, rows, exclude_ids, k, pair_images)
-        return Refined(_with_vote(voter, retriever, embeddings, modality, fused, neighbours), gated)
+        captions = _captions(retriever, embeddings, modality, neighbours)
+        return Refined(_with_vote(voter, embeddings, modality, fused, captions), gated)
     if retriever is None:
         raise RuntimeError(
             "no memory is attached, so nothing can be retrieved: set model.memory (in a config) to a memory "
@@ -340,14 +341,24 @@ def refine_and_gate(
     neighbours = _neighbours(retriever, embeddings, modality, rows, exclude_ids, k, pair_images)
     fused = fusion(embeddings, neighbours.embeddings, neighbours.mask)
     novel = gated_queries(retriever, embeddings, modality, neighbours)
-    if novel is not None and bool(novel.any()):
+    answering = novel is not None and bool(novel.any())
+    if not answering and voter is None:
+        return Refined(fused, novel)
+    captions = _captions(retriever, embeddings, modality, neighbours)  # once, for the answer and the vote
+    if answering:
         whitening = None if retriever.novelty is None else retriever.novelty.whitening
-        captions = _captions(retriever, embeddings, modality, neighbours)
         fused = novel_answer(
-            fused, embeddings, modality, neighbours.added, neighbours.mask, captions, novel, whitening
+            fused,
+            embeddings,
+            modality,
+            neighbours.added,
+            neighbours.mask,
+            captions.embeddings,
+            novel,
+            whitening,
         )
     if voter is not None:
-        fused = _with_vote(voter, retriever, embeddings, modality, fused, neighbours)
+        fused = _with_vote(voter, embeddings, modality, fused, captions)
     return Refined(fused, novel)
 
 
@@ -366,26 +377,23 @@ def _neighbours(
     return retriever(embeddings, modality, exclude_ids=exclude_ids, k=k, pair_images=pair_images)
 
 
-def _captions(retriever: Retriever, embeddings: Tensor, modality: Modality, neighbours: Neighbours) -> Tensor:
-    """[B, k, D] what the neighbours carry, as captions for image queries (an image's lookup reads them)."""
+def _captions(
+    retriever: Retriever, embeddings: Tensor, modality: Modality, neighbours: Neighbours
+) -> Neighbours:
+    """The neighbours as what they carry, captions for image queries (an image's lookup reads them)."""
     if modality == "image" and retriever.fusion == "uni":  # neighbours are images: the lookup needs captions
-        return retriever.gather(neighbours.rows, "text", embeddings.device).embeddings  # uni: text's own
-    return neighbours.embeddings
+        return retriever.gather(neighbours.rows, "text", embeddings.device)  # uni fusion: a text's own
+    return neighbours
 
 
 def _with_vote(
-    voter: MemoryVote,
-    retriever: Retriever,
-    embeddings: Tensor,
-    modality: Modality,
-    refined: Tensor,
-    neighbours: Neighbours,
+    voter: MemoryVote, embeddings: Tensor, modality: Modality, refined: Tensor, captions: Neighbours
 ) -> Tensor:
-    """[B, 2D]: ``refined`` joined by the vote block (an image's whitened lookup, a text's frozen self)."""
+    """[B, 2D]: ``refined`` joined by the vote block (an image's whitened lookup of its neighbours'
+    ``captions``, a text's frozen self)."""
     if modality == "text":
         return voter.join(refined, embeddings)
-    captions = _captions(retriever, embeddings, modality, neighbours)
-    return voter.join(refined, voter.image_block(captions, neighbours.mask))
+    return voter.join(refined, voter.image_block(captions.embeddings, captions.mask))
 
 
 def gated_queries(
