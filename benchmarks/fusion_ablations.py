@@ -69,6 +69,15 @@ unseen and all classes, and seen-only (seen images among the seen classes only);
   trained row's image logits plus W x the whitened lookup's (against the frozen prompts); ``..., whitened
   lookup mixed into the embedding W``: the image's embedding normalize(fused + W x whitened lookup), met
   by the fused prompts (what a model's encode_image could return).
+- session 17, the open protocol's last target: ``..., vote in training W`` (the loss meets the two-block
+  embeddings, the training images' vote from the training memory: the fusion learns what the vote gets
+  wrong), ``..., vote sharpness S`` / ``..., vote temperature T`` (the vote's captions weighted by a softmax
+  of their neighbours' search scores; training-free ``lookup[, whitened 0.001], k K, sharpness S`` and
+  ``lookup[, whitened 0.001], temperature T``), ``reco, prompts frozen, whitened lookup mix 4.0``, ``reco,
+  fusion whitened R, ...`` (the fused image through the covariance of the memory's captions as the text
+  fusion refines them) and the text side's own vote, ``prototypes, whitened R, k K`` (each class prompt's
+  k nearest captions' images, whitened, met by the frozen image; SuS-X's support sets over a caption
+  memory), alone and ``plus`` the whitened lookup.
 
 Reference rows that read the test classes' labels (not zero-shot; what the frozen image embeddings can
 give with supervision, so a bound on any fusion of them): ``k-NN label vote (labels)``, the majority
@@ -174,9 +183,21 @@ class Recipe:
     # > 0: the vote reads this many nearest memory images instead of the fusion's k (session 16: does a
     # wider vote carry more? the library's vote reads the fusion's k)
     lookup_k: int = 0
+    # > 0: the vote's neighbours weighted by a softmax of this x their search scores, not uniformly
+    # (session 17; Tip-Adapter's sharpness)
+    lookup_sharpness: float = 0.0
+    # > 0: the fusion's own score read through the covariance of the memory's captions as the text fusion
+    # refines them (5,000 drawn; ridge this fraction of its largest eigenvalue): the fused image is whitened
+    # before it meets the fused prompts, as the vote's caption mean is before it meets the frozen ones
+    fused_whiten: float = 0.0
     # "embedding": the image's embedding becomes normalize(fused + lookup_mix x whitened lookup), met by the
     # fused prompts (what an encode_image could return) instead of logits added against the frozen prompts
     lookup_mix_space: str = "logits"
+    # > 0: training's loss meets the vote too (session 17): each training image is ``[fused, sqrt(W) x vote]
+    # / sqrt(1 + W)`` (its vote from the training memory's neighbours it read, through that memory's caption
+    # whitening), each caption ``[fused, sqrt(W) x frozen] / sqrt(1 + W)``, frozen sides lifted, so the fusion
+    # learns what the vote gets wrong rather than what it already gives (test: ``lookup_mix``)
+    train_vote: float = 0.0
     k: int = 10
     batch_size: int = 256
     scores: str = ""  # "" (the demo's fusion), "tokens", "gate", "weighted" or "trust": see ScoredFusion
@@ -370,6 +391,50 @@ ROWS: dict[str, Recipe] = {
             (STRICT_GATED_NAME, STRICT_GATED),
         )
         for weight in (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+    },
+    # session 17: the vote in training's loss as at test (W), or only at test (the row without it)
+    **{
+        f"{name}, vote in training {weight}": replace(base, lookup_mix=weight, train_vote=weight)
+        for name, base, weights in (
+            ("reco", Recipe(), (1.0, 4.0)),
+            ("control", Recipe(mask=True), (4.0,)),
+            ("strict, calibrated on seen-only", replace(STRICT, skip_rule="keep-only"), (16.0,)),
+        )
+        for weight in weights
+    },
+    # session 17: the vote's neighbours weighted by their search scores (sharpness S)
+    **{
+        f"{name}, whitened lookup mix {weight}, vote sharpness {sharpness}": replace(
+            base, lookup_mix=weight, lookup_sharpness=sharpness
+        )
+        for name, base, weight in (
+            ("reco", Recipe(), 4.0),
+            ("control", Recipe(mask=True), 4.0),
+            ("strict, calibrated on seen-only", replace(STRICT, skip_rule="keep-only"), 16.0),
+        )
+        for sharpness in (100.0, 300.0)
+    },
+    # session 17: the class prompts left frozen beside the vote (a prompt's caption neighbours are
+    # another class's where the text tower collapses names: do its refined prompts cost the new classes?)
+    "reco, prompts frozen, whitened lookup mix 4.0": Recipe(text_side="frozen", lookup_mix=4.0),
+    # session 17: the fusion's score whitened too (by the fused captions' covariance, ridge R)
+    **{
+        f"reco, fusion whitened {ridge}, whitened lookup mix {weight}": Recipe(
+            fused_whiten=ridge, lookup_mix=weight
+        )
+        for ridge in (1e-3, 1e-2, 1e-1)
+        for weight in (0.0, 4.0)
+    },
+    # session 17: the vote's temperature (1 / sharpness: the library's ``vote_temperature``) beside its weight
+    **{
+        f"{name}, whitened lookup mix {weight}, vote temperature 0.003": replace(
+            base, lookup_mix=weight, lookup_sharpness=1 / 0.003
+        )
+        for name, base, weights in (
+            ("reco", Recipe(), (2.0, 4.0, 8.0)),
+            ("strict, calibrated on seen-only", replace(STRICT, skip_rule="keep-only"), (8.0, 16.0, 32.0)),
+        )
+        for weight in weights
     },
     # session 16: the vote's ridge chosen with the fusion (0.001 was the vote alone's choice)
     **{
@@ -643,6 +708,16 @@ def run(
         optimizer, partial(warmup_cosine, warmup_steps=10, total_steps=steps)
     )
     clusters = kmeans(unit(train_v), 32, seed) if recipe.pseudo_novel else None
+    vote = None  # the training memory's vote for each training image, from the rows it read
+    if recipe.train_vote:
+        captions = unit(mem_t[source])
+        vote = MemoryWhitening(captions, recipe.lookup_whiten)(unit(unit(mem_t)[image_rows].mean(1)))
+
+    def joined(first: torch.Tensor, block: torch.Tensor | None) -> torch.Tensor:
+        """``[first, sqrt(W) x block] / sqrt(1 + W)`` with W the training vote's weight; ``first`` without."""
+        if not recipe.train_vote:
+            return first
+        return torch.cat([first, block * recipe.train_vote**0.5], -1) / (1.0 + recipe.train_vote) ** 0.5
 
     def fuse(
         fusion: FusionTransformer, query: torch.Tensor, retrieved: torch.Tensor, scores: torch.Tensor
@@ -670,16 +745,20 @@ def run(
         for start in range(0, len(rows) - recipe.batch_size + 1, recipe.batch_size):
             batch = order[start : start + recipe.batch_size]
             v, t = train_v[batch], train_t[batch]
+            fused_v = fuse(
+                image_fusion, corrupted(v, novel[batch]), mem_t[image_rows[batch]], image_scores[batch]
+            )
+            fused_t = fuse(
+                text_fusion,
+                corrupted(t, novel[batch]) if recipe.corrupt_text else t,
+                mem_v[text_rows[batch]],
+                text_scores[batch],
+            )
             out = loss_fn(
-                v,
-                t,
-                fuse(image_fusion, corrupted(v, novel[batch]), mem_t[image_rows[batch]], image_scores[batch]),
-                fuse(
-                    text_fusion,
-                    corrupted(t, novel[batch]) if recipe.corrupt_text else t,
-                    mem_v[text_rows[batch]],
-                    text_scores[batch],
-                ),
+                joined(v, v),
+                joined(t, t),
+                joined(fused_v, None if vote is None else vote[batch]),
+                joined(fused_t, t),
             )
             optimizer.zero_grad()
             out["loss"].backward()
@@ -714,6 +793,12 @@ def run(
             novel = added_gate(recipe, found, added, unit(prompts), unit(mem_t), seed)
             refined = novel_answer(refined, prompts, "text", added[found], valid(found), mem_v[found], novel)
         classes = class_embeddings_from_prompt_embeddings(refined.view_as(data["prompts"]))
+        fused_whitening = None
+        if recipe.fused_whiten:  # the memory's captions as the text fusion refines them
+            sample = torch.randperm(len(mem_t), generator=torch.Generator().manual_seed(7))[:5000]
+            caption_rows, caption_scores = neighbours(unit(mem_t[sample]), unit(mem_t), recipe.k)
+            fused_captions = fuse(text_fusion, mem_t[sample], mem_v[caption_rows], caption_scores)
+            fused_whitening = MemoryWhitening(fused_captions, recipe.fused_whiten)
         results = {}
         for name in (split,) if isinstance(split, str) else split:
             v = data[f"{name}_v"]
@@ -756,12 +841,17 @@ def run(
                 results[name]["novelty_auroc"] = auroc(share, is_unseen)
             if recipe.lookup_mix and recipe.lookup_mix_space == "embedding":
                 fused = unit(fused + recipe.lookup_mix * whitened_answer(data, found, recipe.lookup_whiten))
-            logits = fused @ classes.t()
+            logits = (fused if fused_whitening is None else fused_whitening(fused)) @ classes.t()
             if recipe.lookup_mix and recipe.lookup_mix_space == "logits":
-                voters = (
-                    found if not recipe.lookup_k else neighbours(unit(v), unit(mem_v), recipe.lookup_k)[0]
+                voters, voter_scores = (
+                    (found, scores)
+                    if not recipe.lookup_k
+                    else neighbours(unit(v), unit(mem_v), recipe.lookup_k)
                 )
-                logits = logits + recipe.lookup_mix * whitened_lookup(data, voters, recipe.lookup_whiten)
+                weights = (recipe.lookup_sharpness * voter_scores).softmax(1)
+                logits = logits + recipe.lookup_mix * whitened_lookup(
+                    data, voters, recipe.lookup_whiten, weights
+                )
             results[name].update(top1(logits, data[f"{name}_y"], seen))
     return results[split] if isinstance(split, str) else results
 
@@ -901,6 +991,22 @@ def training_free(data: dict, seen: tuple[int, ...], split: str, side: str, k: i
         return top1(unit(image_mean) @ classes.t(), data[f"{split}_y"], seen)
     if side.startswith("lookup whitened"):
         return top1(whitened_lookup(data, image_rows, float(side.split()[-1])), data[f"{split}_y"], seen)
+    if side.startswith("weighted lookup"):  # "weighted lookup K SHARPNESS [plain]"
+        wide_k, sharpness = int(side.split()[2]), float(side.split()[3])
+        rows, scores = neighbours(unit(v), unit(data["mem_v"]), wide_k)
+        weights = (sharpness * scores).softmax(1)
+        if side.endswith("plain"):  # the lookup without the whitening
+            answer = unit((weights.unsqueeze(-1) * data["mem_t"][rows]).sum(1))
+            logits = answer @ class_embeddings_from_prompt_embeddings(data["prompts"]).t()
+        else:
+            logits = whitened_lookup(data, rows, 1e-3, weights)
+        return top1(logits, data[f"{split}_y"], seen)
+    if side.startswith("prototypes"):  # "prototypes RIDGE K [IMAGE_VOTE_WEIGHT]"
+        ridge, prototype_k, *weight = side.split()[1:]
+        logits = prototype_logits(data, v, float(ridge), int(prototype_k))
+        if weight:  # beside the image side's whitened lookup (ridge 0.001, the vote's)
+            logits = float(weight[0]) * logits + whitened_lookup(data, image_rows, 1e-3)
+        return top1(logits, data[f"{split}_y"], seen)
     alpha = 0.0 if side == "frozen" else calibrate_skip(data, seen, side.split()[1], k)
     text_rows, _ = neighbours(unit(prompts), unit(data["mem_t"]), k)
     refined = unit(prompts + alpha * data["mem_v"][text_rows].mean(1))
@@ -908,18 +1014,38 @@ def training_free(data: dict, seen: tuple[int, ...], split: str, side: str, k: i
     return {**top1(unit(v + alpha * image_mean) @ classes.t(), data[f"{split}_y"], seen), "skip": alpha}
 
 
-def whitened_lookup(data: dict, rows: torch.Tensor, ridge: float) -> torch.Tensor:
+def whitened_lookup(
+    data: dict, rows: torch.Tensor, ridge: float, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """[B, classes] logits of the images whose k nearest memory images are ``rows`` [B, k]: their captions'
     mean through the memory's caption covariance (``whitening.MemoryWhitening``, label-free) against the
     frozen class prompts (session 15: on the stand-in's collapsed text tower, the lookup's shared caption
-    directions outweigh the few that tell the classes apart)."""
-    return whitened_answer(data, rows, ridge) @ class_embeddings_from_prompt_embeddings(data["prompts"]).t()
+    directions outweigh the few that tell the classes apart); ``weights`` [B, k]: a weighted mean."""
+    answer = whitened_answer(data, rows, ridge, weights)
+    return answer @ class_embeddings_from_prompt_embeddings(data["prompts"]).t()
 
 
-def whitened_answer(data: dict, rows: torch.Tensor, ridge: float) -> torch.Tensor:
-    """[B, dim] unit rows: the caption mean of memory ``rows`` [B, k] through the memory's caption covariance."""
+def prototype_logits(data: dict, v: torch.Tensor, ridge: float, k: int) -> torch.Tensor:
+    """[B, classes] logits of images ``v``: the text side's vote (session 17; SuS-X's support sets over a
+    caption memory). Each class prompt's k nearest memory captions give their images' mean through the
+    memory's image covariance (ridge ``ridge``), averaged over the prompts into a class prototype, which the
+    frozen image meets."""
+    prompts = data["prompts"].reshape(-1, data["mem_t"].shape[1])
+    rows, _ = neighbours(unit(prompts), unit(data["mem_t"]), k)
+    images = unit(data["mem_v"])
+    answers = MemoryWhitening(images, ridge)(unit(images[rows].mean(1)))
+    return unit(v) @ class_embeddings_from_prompt_embeddings(answers.view_as(data["prompts"])).t()
+
+
+def whitened_answer(
+    data: dict, rows: torch.Tensor, ridge: float, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[B, dim] unit rows: the caption mean of memory ``rows`` [B, k] (weighted by ``weights`` [B, k]
+    summing to 1, else uniform) through the memory's caption covariance."""
     captions = unit(data["mem_t"])
-    return MemoryWhitening(captions, ridge)(unit(captions[rows].mean(1)))
+    if weights is None:
+        weights = torch.full(rows.shape, 1.0 / rows.shape[1])
+    return MemoryWhitening(captions, ridge)(unit((weights.unsqueeze(-1) * captions[rows]).sum(1)))
 
 
 def top1(logits: torch.Tensor, labels: torch.Tensor, seen: tuple[int, ...]) -> dict[str, float]:
@@ -977,6 +1103,29 @@ TRAINING_FREE = {
     "mix, strict rule on seen-only": "mix keep-only",
     "mix, open rule, weights to 10": "mix wide-max",
     **{f"lookup, whitened {ridge}": f"lookup whitened {ridge}" for ridge in (1e-3, 3e-3, 1e-2)},
+    # session 17: the vote's neighbours weighted by a softmax of their search scores (Tip-Adapter's
+    # sharpness) instead of uniformly, over the fusion's 10 or more neighbours
+    **{
+        f"lookup, whitened 0.001, k {k}, sharpness {sharpness}": f"weighted lookup {k} {sharpness}"
+        for k in (3, 5, 10, 40)
+        for sharpness in (0, 10, 30, 100, 300, 1000)
+    },
+    **{f"lookup, temperature {t}": f"weighted lookup 10 {1 / t} plain" for t in (0.01, 0.003, 0.001)},
+    **{f"lookup, whitened 0.001, temperature {t}": f"weighted lookup 10 {1 / t}" for t in (0.003,)},
+    # session 17: the text side's vote, class prototypes from the prompts' neighbours' images
+    **{
+        f"prototypes, whitened {ridge}, k {k}": f"prototypes {ridge} {k}"
+        for ridge in (1e-3, 1e-2, 1e-1)
+        for k in (10, 50, 200)
+    },
+    **{
+        f"lookup, whitened 0.001, plus prototypes {weight}, whitened {ridge}, k {k}": (
+            f"prototypes {ridge} {k} {weight}"
+        )
+        for ridge in (1e-3, 1e-2, 1e-1)
+        for k in (50, 200)
+        for weight in (0.5, 1.0, 2.0)
+    },
 }
 METRICS = ("seen", "seen_only", "unseen", "all")
 

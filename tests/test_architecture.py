@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
         "hashing",
         "console",
     ),  # foundation: no torch models, no Lightning
-    ("encoders", "fusion", "losses", "metrics", "tiny_clip", "memory"),  # components
+    ("encoders", "fusion", "losses", "metrics", "pooling", "tiny_clip", "memory"),  # components
     # memory + embeddings -> neighbours (and what is new in them, the memory's whitening of answers, its vote)
     ("retrieval", "baselines", "novelty", "whitening", "vote"),
     ("data",),  # sources -> shards/records -> stream -> collate -> datamodule; feature cache reader
@@ -41,7 +41,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("apps",),  # the demo, the tiny setup, the `reco` script: on top, imported by nothing below
 ]
 NO_LIGHTNING = ("errors", "console", "types", "atomic", "arrays", "optim", "hashing", "encoders", "fusion", "losses", "metrics",
-                "memory", "retrieval", "baselines", "novelty", "whitening", "vote", "model_card", "pretrained",
+                "pooling", "memory", "retrieval", "baselines", "novelty", "whitening", "vote", "model_card", "pretrained",
                 "export")  # fmt: skip
 
 

@@ -114,6 +114,15 @@ def test_strict_protocol_config_trains_on_seen_pairs_and_memory(tmp_path: Path):
     open_config = yaml.safe_load(run_config(layout).read_text())
     assert open_config["model"]["memory"] == str(layout.memory_all)
     assert open_config["model"]["vote_weight"] == 4.0 and "known_memory" not in open_config["model"]
+    for each in (
+        config,
+        open_config,
+    ):  # both weigh the vote's neighbours, the lookups as the vote (session 17)
+        assert each["model"]["vote_temperature"] == 0.003
+        evaluation = next(
+            c for c in each["trainer"]["callbacks"] if c["class_path"].endswith("ZeroShotEvaluation")
+        )
+        assert evaluation["init_args"]["lookup_temperature"] == 0.003
     assert open_config["data"]["init_args"]["train"] == str(layout.memory_pairs)
 
 

@@ -1,6 +1,7 @@
 """The memory's vote (reco_lightning.vote): two-block embeddings whose cosine is the fusion's score plus W
 times the whitened lookup's, through the inference model, the evaluation and the classifier, never training."""
 
+import dataclasses
 import math
 
 import pytest
@@ -50,6 +51,20 @@ def test_image_block_is_the_whitened_mean_of_the_valid_neighbours_captions():
     assert torch.equal(block[2], torch.zeros(8)), "no valid neighbour: no vote"
 
 
+def test_a_vote_temperature_weighs_each_neighbours_caption_by_a_softmax_of_its_score():
+    vote = MemoryVote(_vote().whitening, 3.0, temperature=0.1)
+    captions, scores = _unit(2, 4, 8, seed=7), torch.tensor([[0.9, 0.7, 0.5, 0.0], [0.2, 0.1, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, True, False], [False] * 4])
+    block = vote.image_block(captions, mask, scores)
+    weights = torch.softmax(scores[0, :3] / 0.1, 0)
+    mean = (weights.unsqueeze(1) * captions[0, :3]).sum(0, keepdim=True)
+    assert torch.allclose(block[:1], vote.whitening(F.normalize(mean, dim=-1)), atol=1e-6)
+    assert not torch.allclose(block[:1], _vote().image_block(captions, mask)[:1], atol=1e-3)
+    assert torch.equal(block[1], torch.zeros(8)), "no valid neighbour: no vote"
+    with pytest.raises(ValueError, match="pass scores"):
+        vote.image_block(captions, mask)
+
+
 def test_bad_weights_and_blocks_are_refused_in_one_line():
     with pytest.raises(ValueError, match="vote weight must be > 0"):
         MemoryVote(_vote().whitening, 0.0)
@@ -57,6 +72,10 @@ def test_bad_weights_and_blocks_are_refused_in_one_line():
         RecoConfig(vote_weight=-1.0)
     with pytest.raises(ValueError, match="vote_whiten is a ridge > 0"):
         RecoConfig(vote_whiten=0.0)
+    with pytest.raises(ValueError, match="vote_temperature is a temperature > 0 or None"):
+        RecoConfig(vote_temperature=0.0)
+    with pytest.raises(ValueError, match="vote temperature must be > 0"):
+        MemoryVote(_vote().whitening, 1.0, temperature=-1.0)
     with pytest.raises(ValueError, match="blocks=3 must divide the embedding dim 8"):
         class_embeddings_from_prompt_embeddings(_unit(2, 3, 8), blocks=3)
 
@@ -106,6 +125,24 @@ def test_refine_votes_only_when_asked_and_the_control_votes_with_the_memory(modu
     assert empty.shape == (0, 64)
     out = module({"image_emb": v[:2], "text_emb": t})  # training's forward: no vote
     assert out["v_bar"].shape == out["t_bar"].shape == (2, 32)
+
+
+def test_a_voting_model_weighs_the_neighbours_by_their_exact_search_scores(tiny_reco, tiny_dir):
+    """``vote_temperature``: the vote is the whitened similarity-weighted lookup (the evaluation's lookup
+    with that temperature), its scores recomputed from the memory for rows found elsewhere, equal to the
+    exact search's own."""
+    module = tiny_reco(vote_weight=2.0, vote_whiten=0.01, vote_temperature=0.05)
+    clip = module.backbone
+    images = ImageFolderClassification(tiny_dir / "zeroshot")
+    v = clip.encode_images(clip.preprocess_images([images[i][0] for i in range(6)]))
+    found: Neighbours = module.neighbours(v, "image")
+    exact = module.retriever.scores_of(v, "image", found.rows)
+    assert torch.allclose(exact, found.scores, atol=1e-3)  # the index's scores (fp16 rows), to rounding
+    voted = module.refine_and_gate(v, "image", rows=found.rows, vote=True).embeddings
+    whitening = MemoryWhitening.of_memory(module.retriever.memory, 0.01, "text")
+    weighted = whitening(lookup(dataclasses.replace(found, scores=exact), 0.05))
+    assert torch.allclose(voted[:, 32:], math.sqrt(2.0 / 3.0) * weighted, atol=1e-5)
+    assert not torch.allclose(weighted, whitening(lookup(found)), atol=1e-3)
 
 
 def test_evaluation_reports_reco_with_the_vote_and_without_and_every_other_row_unchanged(

@@ -17,10 +17,10 @@ The zero-shot evaluation's ``lookup_whitened`` row is :func:`lookup` through the
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from reco_lightning.pooling import pooled
 from reco_lightning.retrieval import Neighbours
 
 __all__ = ["lookup", "mix", "neighbour_mean"]
@@ -29,17 +29,7 @@ __all__ = ["lookup", "mix", "neighbour_mean"]
 def neighbour_mean(neighbours: Neighbours, temperature: float | None = None) -> Tensor:
     """[B, D] average of the valid neighbours' embeddings: uniform, or softmax(score / temperature)
     weighted (Tip-Adapter's sharpness); zeros for a query without valid neighbours."""
-    mask = neighbours.mask.to(neighbours.embeddings.dtype)
-    if temperature is None:
-        weights = mask
-    else:
-        if temperature <= 0:
-            raise ValueError(f"lookup temperature must be > 0 (None = plain mean), got {temperature}")
-        logits = neighbours.scores.to(neighbours.embeddings.dtype) / temperature
-        weights = torch.softmax(logits.masked_fill(~neighbours.mask, float("-inf")), dim=1)
-        weights = torch.nan_to_num(weights) * mask  # rows with no valid neighbour: all zero
-    total = weights.sum(1, keepdim=True).clamp(min=1e-12)
-    return (weights.unsqueeze(-1) * neighbours.embeddings).sum(1) / total
+    return pooled(neighbours.embeddings, neighbours.mask, neighbours.scores, temperature)
 
 
 def lookup(neighbours: Neighbours, temperature: float | None = None) -> Tensor:

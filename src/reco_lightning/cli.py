@@ -105,6 +105,7 @@ INFERENCE_SETTINGS = (
     "refine_text",
     "vote_weight",  # the memory's vote: no trained weights, chosen per deployment (reco_lightning.vote)
     "vote_whiten",
+    "vote_temperature",
 )
 
 

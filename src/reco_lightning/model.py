@@ -53,7 +53,7 @@ class RecoModule(pl.LightningModule):
             after training. ``None`` means it is attached in code with :meth:`set_memory`.
         memory_search_params, memory_device, k, search, fusion, fusion_config, refine_image, refine_text,
             mask_retrieved, known_memory, novelty_threshold, novelty_share_quantile, novelty_gap,
-            novelty_whiten, vote_weight, vote_whiten: the inference settings, documented once in
+            novelty_whiten, vote_weight, vote_whiten, vote_temperature: the inference settings, documented once in
             :class:`~reco_lightning.pretrained.RecoConfig` (their defaults are its).
         near_duplicate_threshold: training excludes memory items at least this similar to the pair.
         near_duplicate_of: "image" (compare candidates' images with the pair's image, for both sides) or
@@ -97,6 +97,7 @@ class RecoModule(pl.LightningModule):
         novelty_whiten: float | None = D.novelty_whiten,
         vote_weight: float = D.vote_weight,
         vote_whiten: float = D.vote_whiten,
+        vote_temperature: float | None = D.vote_temperature,
     ) -> None:
         super().__init__()
         fusion_config, loss_config = FusionConfig.coerce(fusion_config), LossConfig.coerce(loss_config)

@@ -92,11 +92,14 @@ def model_card(config: Mapping[str, Any], report: Mapping[str, Any] | None = Non
             )
         )
     if config.get("vote_weight"):
+        temperature = config.get("vote_temperature")
+        weighting = "a plain mean" if temperature is None else f"softmax(cosine / {temperature}) weights"
         settings.append(
             (
                 "memory's vote",
                 f"on: refined embeddings carry the whitened k-NN lookup of the neighbours' captions (ridge "
-                f"{config.get('vote_whiten')}) as a second block, weight {config['vote_weight']} (vote_weight): "
+                f"{config.get('vote_whiten')}, {weighting}) as a second block, weight {config['vote_weight']} "
+                "(vote_weight): "
                 f"refined embeddings have dim {2 * int(backbone.get('dim') or 0)}, twice the backbone's; "
                 "`vote_weight=0` turns it off",
             )

@@ -546,10 +546,15 @@ def _novelty_plan(hparams: Any, retriever: Any) -> dict[str, Any] | None:
 
 
 def _vote_plan(retriever: Any) -> dict[str, float] | None:
-    """The memory's vote (its weight and ridge: they set what the refined rows are and their width), part
-    of what a resume must match; None without a vote."""
+    """The memory's vote (its weight, ridge and temperature: they set what the refined rows are and their
+    width), part of what a resume must match; None without a vote."""
     vote = getattr(retriever, "vote", None)
-    return None if vote is None else {"weight": vote.weight, "whiten": vote.whitening.ridge}
+    if vote is None:
+        return None
+    plan = {"weight": vote.weight, "whiten": vote.whitening.ridge}
+    if vote.temperature is not None:  # absent for a plain mean: manifests written before it still match
+        plan["temperature"] = vote.temperature
+    return plan
 
 
 def _gated_columns(plan: dict[str, Any]) -> list[str]:

@@ -141,6 +141,10 @@ class RecoConfig:
             protocols set it from their validation split (docs/results.md); tune it on held-out data.
         vote_whiten: the vote's whitening ridge (a fraction of the caption covariance's largest eigenvalue;
             0.001 on the demo's validation split, as the evaluation's ``lookup_whiten``).
+        vote_temperature: None (the default): the vote averages the neighbours' captions uniformly; T > 0:
+            with ``softmax(cosine / T)`` weights, the cosine of the image with each neighbour it was searched
+            against (recomputed exactly from the memory, whatever the index). The demo sets 0.003, chosen
+            on its validation split (docs/results.md, session 17).
     """
 
     k: int = 10
@@ -159,6 +163,7 @@ class RecoConfig:
     novelty_whiten: float | None = None
     vote_weight: float = 0.0
     vote_whiten: float = 1e-3
+    vote_temperature: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fusion_config", FusionConfig.coerce(self.fusion_config))
@@ -183,6 +188,10 @@ class RecoConfig:
             raise ValueError(f"vote_weight is a weight >= 0 (0: no vote), got {self.vote_weight}")
         if not float(self.vote_whiten) > 0.0:
             raise ValueError(f"vote_whiten is a ridge > 0, got {self.vote_whiten}")
+        if self.vote_temperature is not None and not float(self.vote_temperature) > 0.0:
+            raise ValueError(
+                f"vote_temperature is a temperature > 0 or None (a plain mean), got {self.vote_temperature}"
+            )
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RecoConfig:
@@ -241,7 +250,7 @@ def open_retriever(
         novelty = NoveltyGate(~known, config.novelty_threshold, gap, share, whitening)
     vote = None
     if config.vote_weight > 0:
-        vote = MemoryVote.of_memory(memory, config.vote_weight, config.vote_whiten)
+        vote = MemoryVote.of_memory(memory, config.vote_weight, config.vote_whiten, config.vote_temperature)
     return Retriever(
         memory,
         k=config.k,
@@ -331,7 +340,7 @@ def refine_and_gate(
         # the control with a vote: the fusion read nothing, the vote reads the memory
         neighbours = _neighbours(retriever, embeddings, modality, rows, exclude_ids, k, pair_images)
         captions = _captions(retriever, embeddings, modality, neighbours)
-        return Refined(_with_vote(voter, embeddings, modality, fused, captions), gated)
+        return Refined(_with_vote(voter, retriever, embeddings, modality, fused, captions), gated)
     if retriever is None:
         raise RuntimeError(
             "no memory is attached, so nothing can be retrieved: set model.memory (in a config) to a memory "
@@ -358,7 +367,7 @@ def refine_and_gate(
             whitening,
         )
     if voter is not None:
-        fused = _with_vote(voter, embeddings, modality, fused, captions)
+        fused = _with_vote(voter, retriever, embeddings, modality, fused, captions)
     return Refined(fused, novel)
 
 
@@ -387,13 +396,21 @@ def _captions(
 
 
 def _with_vote(
-    voter: MemoryVote, embeddings: Tensor, modality: Modality, refined: Tensor, captions: Neighbours
+    voter: MemoryVote,
+    retriever: Retriever,
+    embeddings: Tensor,
+    modality: Modality,
+    refined: Tensor,
+    captions: Neighbours,
 ) -> Tensor:
     """[B, 2D]: ``refined`` joined by the vote block (an image's whitened lookup of its neighbours'
-    ``captions``, a text's frozen self)."""
+    ``captions``, weighted by their exact search scores under a vote temperature; a text's frozen self)."""
     if modality == "text":
         return voter.join(refined, embeddings)
-    return voter.join(refined, voter.image_block(captions.embeddings, captions.mask))
+    scores = None
+    if voter.temperature is not None:  # rows may come from a cache or a shared search: scores recomputed
+        scores = retriever.scores_of(embeddings, modality, captions.rows)
+    return voter.join(refined, voter.image_block(captions.embeddings, captions.mask, scores))
 
 
 def gated_queries(

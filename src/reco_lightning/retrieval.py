@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from reco_lightning.memory.store import MemoryStore
@@ -262,6 +263,20 @@ class Retriever:
         near = np.einsum("bkd,bd->bk", same, ref) > threshold
         dropped = (valid & near).sum(axis=1).astype(np.int64)
         return scores, rows, valid & ~near, dropped
+
+    @torch.no_grad()
+    def scores_of(self, queries: Tensor, modality: Modality, rows: Tensor) -> Tensor:
+        """[B, k] cosine of each query with the memory items it is searched against at ``rows`` [B, k]
+        (0 where -1): exact whatever the index approximates, and for rows found anywhere (a feature cache,
+        a search shared between settings)."""
+        rows_np = rows.detach().cpu().numpy()
+        valid = rows_np >= 0
+        searched = self.memory.embeddings(self.searched_modality(modality))
+        items = np.asarray(searched[np.where(valid, rows_np, 0).ravel()], dtype=np.float32)
+        items = torch.from_numpy(items.reshape(*rows_np.shape, self.memory.dim)).to(queries.device)
+        query = F.normalize(queries.float(), dim=-1)
+        scores = torch.einsum("bkd,bd->bk", F.normalize(items, dim=-1), query)
+        return scores * torch.from_numpy(valid).to(queries.device)
 
     def gather(
         self,

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from reco_lightning.memory.store import MemoryStore
+from reco_lightning.pooling import pooled
 from reco_lightning.whitening import MemoryWhitening
 
 __all__ = ["MemoryVote"]
@@ -38,24 +39,31 @@ class MemoryVote:
     Args:
         whitening: the memory's caption whitening (:meth:`of_memory` builds it).
         weight: W, the vote's weight against the fusion's score (> 0).
+        temperature: None: the neighbours' captions are averaged uniformly; T > 0: with ``softmax(score /
+            T)`` weights, so nearer neighbours count more (Tip-Adapter's sharpness).
     """
 
-    def __init__(self, whitening: MemoryWhitening, weight: float) -> None:
+    def __init__(self, whitening: MemoryWhitening, weight: float, temperature: float | None = None) -> None:
         if not weight > 0:
             raise ValueError(f"a vote weight must be > 0 (0 turns the vote off), got {weight}")
+        if temperature is not None and not temperature > 0:
+            raise ValueError(f"a vote temperature must be > 0 (None: a plain mean), got {temperature}")
         self.whitening, self.weight = whitening, float(weight)
+        self.temperature = None if temperature is None else float(temperature)
 
     @classmethod
-    def of_memory(cls, memory: MemoryStore, weight: float, ridge: float) -> MemoryVote:
+    def of_memory(
+        cls, memory: MemoryStore, weight: float, ridge: float, temperature: float | None = None
+    ) -> MemoryVote:
         """The vote of ``memory``: its captions' whitening with ``ridge`` (a fraction of the largest
-        eigenvalue), weighted ``weight``."""
-        return cls(MemoryWhitening.of_memory(memory, ridge, "text"), weight)
+        eigenvalue), weighted ``weight``, its neighbours weighted by ``temperature``."""
+        return cls(MemoryWhitening.of_memory(memory, ridge, "text"), weight, temperature)
 
-    def image_block(self, captions: Tensor, mask: Tensor) -> Tensor:
-        """[B, D] unit rows: the mean of each image's valid neighbour ``captions`` [B, k, D] (``mask``
-        [B, k]) through the whitening; the lookup's vote. A query with no valid neighbour gets zeros."""
-        weights = mask.to(captions.dtype).unsqueeze(-1)
-        mean = (weights * captions).sum(1) / weights.sum(1).clamp(min=1e-12)
+    def image_block(self, captions: Tensor, mask: Tensor, scores: Tensor | None = None) -> Tensor:
+        """[B, D] unit rows: the average of each image's valid neighbour ``captions`` [B, k, D] (``mask``
+        [B, k]; with a temperature weighted by their search ``scores`` [B, k]) through the whitening; the
+        lookup's vote. A query with no valid neighbour gets zeros."""
+        mean = pooled(captions, mask, scores, self.temperature)
         voted = self.whitening(F.normalize(mean, dim=-1))
         return voted * mask.any(1, keepdim=True).to(voted.dtype)
 
@@ -71,4 +79,6 @@ class MemoryVote:
         return self.join(frozen, frozen)
 
     def __repr__(self) -> str:
-        return f"MemoryVote(weight={self.weight}, ridge={self.whitening.ridge})"
+        return (
+            f"MemoryVote(weight={self.weight}, ridge={self.whitening.ridge}, temperature={self.temperature})"
+        )
