@@ -306,6 +306,14 @@ def test_a_vote_doubles_the_refined_dimension_and_reaches_the_classifier_export_
     )
     assert RecoModel.from_pretrained(saved, **kwargs).embedding_dim == 64
     assert RecoModel.from_pretrained(saved, **kwargs, vote_weight=0.0).embedding_dim == 32
+    sharper = RecoModel.from_pretrained(saved, **kwargs, vote_temperature=0.01)  # a run-level setting
+    assert sharper.vote.temperature == 0.01
+    assert not torch.allclose(sharper.encode_image(images)[:, 32:], joined[:, 32:], atol=1e-3)
+    torch.testing.assert_close(
+        sharper.encode_image(images)[:, :32], joined[:, :32]
+    )  # the fusion's block kept
+    card = (sharper.save_pretrained(tmp_path / "sharper") / "README.md").read_text()
+    assert "softmax(cosine / 0.01) weights" in card
 
 
 def test_wrong_backbone_memory_or_files_are_refused_in_one_line(project, tiny_dir, other_backbone, tmp_path):
