@@ -436,6 +436,17 @@ ROWS: dict[str, Recipe] = {
         )
         for weight in weights
     },
+    # session 17: a longer or wider fusion beside the sharper vote (the open protocol's last target)
+    **{
+        f"reco, {label}, whitened lookup mix 4.0, vote temperature 0.003": Recipe(
+            lookup_mix=4.0, lookup_sharpness=1 / 0.003, **change
+        )
+        for label, change in (
+            ("10 epochs", {"epochs": 10}),
+            ("k 20", {"k": 20}),
+            ("k 20, vote k 10", {"k": 20, "lookup_k": 10}),
+        )
+    },
     # session 16: the vote's ridge chosen with the fusion (0.001 was the vote alone's choice)
     **{
         f"reco, whitened lookup mix 4.0, vote ridge {ridge}": replace(
