@@ -120,6 +120,7 @@ from reco_lightning.memory.store import MemoryStore
 from reco_lightning.metrics import build_prompts, class_embeddings_from_prompt_embeddings
 from reco_lightning.novelty import added_share, novel_answer, novel_queries
 from reco_lightning.optim import warmup_cosine
+from reco_lightning.pooling import pooled
 from reco_lightning.whitening import MemoryWhitening
 
 
@@ -859,9 +860,8 @@ def run(
                     if not recipe.lookup_k
                     else neighbours(unit(v), unit(mem_v), recipe.lookup_k)
                 )
-                weights = (recipe.lookup_sharpness * voter_scores).softmax(1)
                 logits = logits + recipe.lookup_mix * whitened_lookup(
-                    data, voters, recipe.lookup_whiten, weights
+                    data, voters, recipe.lookup_whiten, voter_scores, recipe.lookup_sharpness
                 )
             results[name].update(top1(logits, data[f"{name}_y"], seen))
     return results[split] if isinstance(split, str) else results
@@ -1005,12 +1005,11 @@ def training_free(data: dict, seen: tuple[int, ...], split: str, side: str, k: i
     if side.startswith("weighted lookup"):  # "weighted lookup K SHARPNESS [plain]"
         wide_k, sharpness = int(side.split()[2]), float(side.split()[3])
         rows, scores = neighbours(unit(v), unit(data["mem_v"]), wide_k)
-        weights = (sharpness * scores).softmax(1)
         if side.endswith("plain"):  # the lookup without the whitening
-            answer = unit((weights.unsqueeze(-1) * data["mem_t"][rows]).sum(1))
+            answer = unit(neighbour_average(data["mem_t"][rows], scores, sharpness))
             logits = answer @ class_embeddings_from_prompt_embeddings(data["prompts"]).t()
         else:
-            logits = whitened_lookup(data, rows, 1e-3, weights)
+            logits = whitened_lookup(data, rows, 1e-3, scores, sharpness)
         return top1(logits, data[f"{split}_y"], seen)
     if side.startswith("prototypes"):  # "prototypes RIDGE K [IMAGE_VOTE_WEIGHT]"
         ridge, prototype_k, *weight = side.split()[1:]
@@ -1026,13 +1025,18 @@ def training_free(data: dict, seen: tuple[int, ...], split: str, side: str, k: i
 
 
 def whitened_lookup(
-    data: dict, rows: torch.Tensor, ridge: float, weights: torch.Tensor | None = None
+    data: dict,
+    rows: torch.Tensor,
+    ridge: float,
+    scores: torch.Tensor | None = None,
+    sharpness: float = 0.0,
 ) -> torch.Tensor:
     """[B, classes] logits of the images whose k nearest memory images are ``rows`` [B, k]: their captions'
     mean through the memory's caption covariance (``whitening.MemoryWhitening``, label-free) against the
     frozen class prompts (session 15: on the stand-in's collapsed text tower, the lookup's shared caption
-    directions outweigh the few that tell the classes apart); ``weights`` [B, k]: a weighted mean."""
-    answer = whitened_answer(data, rows, ridge, weights)
+    directions outweigh the few that tell the classes apart); ``sharpness`` > 0: weighted by their
+    search ``scores`` (:func:`neighbour_average`)."""
+    answer = whitened_answer(data, rows, ridge, scores, sharpness)
     return answer @ class_embeddings_from_prompt_embeddings(data["prompts"]).t()
 
 
@@ -1049,14 +1053,27 @@ def prototype_logits(data: dict, v: torch.Tensor, ridge: float, k: int) -> torch
 
 
 def whitened_answer(
-    data: dict, rows: torch.Tensor, ridge: float, weights: torch.Tensor | None = None
+    data: dict,
+    rows: torch.Tensor,
+    ridge: float,
+    scores: torch.Tensor | None = None,
+    sharpness: float = 0.0,
 ) -> torch.Tensor:
-    """[B, dim] unit rows: the caption mean of memory ``rows`` [B, k] (weighted by ``weights`` [B, k]
-    summing to 1, else uniform) through the memory's caption covariance."""
+    """[B, dim] unit rows: the caption mean of memory ``rows`` [B, k] (:func:`neighbour_average`) through
+    the memory's caption covariance."""
     captions = unit(data["mem_t"])
-    if weights is None:
-        weights = torch.full(rows.shape, 1.0 / rows.shape[1])
-    return MemoryWhitening(captions, ridge)(unit((weights.unsqueeze(-1) * captions[rows]).sum(1)))
+    return MemoryWhitening(captions, ridge)(unit(neighbour_average(captions[rows], scores, sharpness)))
+
+
+def neighbour_average(
+    items: torch.Tensor, scores: torch.Tensor | None = None, sharpness: float = 0.0
+) -> torch.Tensor:
+    """[B, D]: the mean of each query's k neighbour ``items`` [B, k, D], or with ``sharpness`` S > 0 the
+    library's weighted average (``reco_lightning.pooling.pooled``, temperature 1 / S: the vote's
+    ``vote_temperature``) by their search ``scores`` [B, k]."""
+    if not sharpness:
+        return items.mean(1)
+    return pooled(items, torch.ones(items.shape[:2], dtype=torch.bool), scores, 1.0 / sharpness)
 
 
 def top1(logits: torch.Tensor, labels: torch.Tensor, seen: tuple[int, ...]) -> dict[str, float]:
